@@ -1,0 +1,8 @@
+"""Test-wide settings: catch silent broadcasting, keep runs on CPU and deterministic."""
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
