@@ -1,0 +1,99 @@
+"""Conventions shared by every experiment script.
+
+Flags: --workdir, --config (an ml_collections config file; --config.field=value overrides), and the
+shortcuts --data, --tokenizer, --vocab_size, --seed, --tfds_data_dir, which override the config fields of
+the same names. Flags flow into the config, the config into the model and the training loop; nothing
+flows back. User mistakes end with one line `error: ...` and exit status 2.
+"""
+
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from llm_math.errors import UsageError
+
+_CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, results, figures.")
+DATA = flags.DEFINE_string("data", None, "'synthetic', 'text:PATH[,PATH...]' or 'tfds:NAME[/CONFIG]'.")
+TOKENIZER = flags.DEFINE_enum("tokenizer", None, ["char", "byte", "sentencepiece"], "Tokenizer.")
+VOCAB_SIZE = flags.DEFINE_integer("vocab_size", None, "SentencePiece vocabulary size.")
+SEED = flags.DEFINE_integer("seed", None, "Seed of initialization, data order and synthetic data.")
+TFDS_DATA_DIR = flags.DEFINE_string("tfds_data_dir", None, "A prepared tensorflow-datasets data_dir.")
+
+# Config fields that may change when a run is resumed (they do not change what was trained so far).
+RESUMABLE_FIELDS = {"num_steps", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints",
+                    "eval_batch_size", "mesh"}
+
+
+def define_config(default_file: str):
+  """Defines --config with a default file from experiments/configs/."""
+  return config_flags.DEFINE_config_file(
+      "config", os.path.join(_CONFIG_DIR, default_file), "Config file (ml_collections).",
+      lock_config=True)
+
+
+def config_from_flags(config_flag):
+  """The config with the shortcut flags applied."""
+  config = config_flag.value
+  with config.unlocked():
+    for flag, field in ((DATA, "data"), (TOKENIZER, "tokenizer"), (VOCAB_SIZE, "vocab_size"),
+                        (SEED, "seed"), (TFDS_DATA_DIR, "tfds_data_dir")):
+      if flag.value is not None:
+        config[field] = flag.value
+  if config.tokenizer == "sentencepiece" and not config.vocab_size:
+    raise UsageError("--tokenizer=sentencepiece needs --vocab_size (e.g. 1000)")
+  return config
+
+
+def prepare_workdir(config) -> str:
+  """Creates --workdir, checks that it is writable, and saves (or checks) the config in it."""
+  workdir = WORKDIR.value
+  if not workdir:
+    raise UsageError("--workdir is required: the directory for checkpoints and results")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_test")
+    with open(probe, "w", encoding="utf-8") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise UsageError(f"--workdir={workdir}: not a writable directory ({e.strerror})") from None
+  path = os.path.join(workdir, "config.json")
+  current = json.loads(config.to_json_best_effort())
+  has_checkpoints = os.path.isdir(os.path.join(workdir, "checkpoints")) and os.listdir(
+      os.path.join(workdir, "checkpoints"))
+  if has_checkpoints and os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)
+    for key in sorted(set(saved) | set(current)):
+      if key not in RESUMABLE_FIELDS and saved.get(key) != current.get(key):
+        raise UsageError(
+            f"--workdir={workdir} holds a run with a different config ({key}: {saved.get(key)!r} "
+            f"there, {current.get(key)!r} now); use a new --workdir to start another run")
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(current, f, indent=2)
+  return workdir
+
+
+def run(main):
+  """app.run(main), turning user mistakes into one-line errors and NaN losses into a clean stop."""
+  from llm_math.train import NonFiniteLossError  # pylint: disable=g-import-not-at-top
+
+  def wrapped(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    try:
+      return main(argv)
+    except UsageError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+    except NonFiniteLossError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(3)
+
+  app.run(wrapped)

@@ -1,0 +1,237 @@
+"""A decoder-only Transformer language model in flax linen.
+
+    x_BxTxD = embed(tokens_BxT) (+ learned or sinusoidal positions)
+    for each block:  x = x + Attn(LN(x));  x = x + FFN(LN(x))        (pre-LayerNorm)
+    logits_BxTxV = LN(x) @ W_out                                       (W_out = E^T when tied)
+
+    Attn(x) = concat_h softmax(Q_h K_h^T / sqrt(d_k) + M) V_h  W_O,   M = -inf above the diagonal
+    FFN(x)  = act(x W_1 + b_1) W_2 + b_2,                          act = ReLU (max(0, .)) or GELU
+
+Every kernel carries logical axis names ('vocab', 'embed', 'heads', 'kv', 'mlp') so that a list of
+logical-to-mesh rules (see `llm_math.sharding`) decides how parameters are laid out on a device mesh.
+`dtype` is the compute dtype and `param_dtype` the storage dtype; LayerNorm, the attention softmax and the
+logits used by the loss are always computed in float32.
+
+Attention probabilities are exposed on demand: each attention layer `sow`s its `[B, H, T, T]`
+probabilities into the 'intermediates' collection, which costs nothing unless the caller applies the
+model with `mutable=['intermediates']`.
+
+With `causal=False` the model attends in both directions (for the spectral analysis of attention).
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+POS_ENCODINGS = ("learned", "sinusoidal", "rotary")
+ACTIVATIONS = ("relu", "gelu")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Static hyper-parameters of the Transformer (built from the experiment config)."""
+  vocab_size: int
+  max_len: int  # Longest sequence the model is applied to (the context length T).
+  num_layers: int = 2
+  num_heads: int = 4
+  d_model: int = 64
+  d_ff: int = 256
+  dropout_rate: float = 0.0
+  pos_encoding: str = "learned"
+  activation: str = "gelu"
+  tie_embeddings: bool = False
+  causal: bool = True
+  use_bias: bool = True
+  init_std: float = 0.02
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    if self.d_model % self.num_heads:
+      raise ValueError(f"d_model={self.d_model} must be divisible by num_heads={self.num_heads}")
+    if self.pos_encoding not in POS_ENCODINGS:
+      raise ValueError(f"pos_encoding={self.pos_encoding!r}: expected one of {POS_ENCODINGS}")
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f"activation={self.activation!r}: expected one of {ACTIVATIONS}")
+    if self.pos_encoding == "rotary" and self.head_dim % 2:
+      raise ValueError(f"rotary positions need an even head_dim, got {self.head_dim}")
+    for name in ("vocab_size", "max_len", "num_layers", "num_heads", "d_model", "d_ff"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+
+def _dense_init(std: float, axes: tuple[str, ...]):
+  return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+def _zeros(axes: tuple[str, ...]):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def sinusoidal_positions(length: int, d_model: int) -> jax.Array:
+  """The fixed encoding of Vaswani et al.: PE[t, 2i] = sin(t / 10000^(2i/d)), PE[t, 2i+1] = cos(...)."""
+  t_T1 = jnp.arange(length, dtype=jnp.float32)[:, None]
+  inv_freq = jnp.exp(-math.log(10000.0) * jnp.arange(0, d_model, 2, dtype=jnp.float32) / d_model)
+  angles_TxF = t_T1 * inv_freq[None, :]
+  pe = jnp.zeros((length, d_model), jnp.float32)
+  pe = pe.at[:, 0::2].set(jnp.sin(angles_TxF))
+  return pe.at[:, 1::2].set(jnp.cos(angles_TxF[:, : d_model // 2]))
+
+
+def apply_rotary(x_BxTxHxK: jax.Array, positions_BxT: jax.Array) -> jax.Array:
+  """Rotary position embedding (Su et al. 2021): rotate feature pairs (i, i + K/2) by angle t * theta_i."""
+  half = x_BxTxHxK.shape[-1] // 2
+  theta = 10000.0 ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles_BxTxF = positions_BxT[..., None].astype(jnp.float32) * theta
+  sin = jnp.sin(angles_BxTxF)[:, :, None, :]
+  cos = jnp.cos(angles_BxTxF)[:, :, None, :]
+  x1, x2 = x_BxTxHxK[..., :half].astype(jnp.float32), x_BxTxHxK[..., half:].astype(jnp.float32)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxHxK.dtype)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm computed in float32 whatever the compute dtype, with logically named parameters."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    y = nn.LayerNorm(
+        epsilon=1e-5, dtype=jnp.float32, param_dtype=cfg.param_dtype,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+        bias_init=_zeros(("embed",)), name="norm")(x.astype(jnp.float32))
+    return y.astype(cfg.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+  """Multi-head softmax(QK^T / sqrt(d_k)) V attention; causal unless config.causal is False."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, deterministic: bool):
+    cfg = self.config
+    std_out = cfg.init_std / math.sqrt(2 * cfg.num_layers)  # GPT-2: scale residual projections.
+    qkv = lambda name: nn.DenseGeneral(
+        features=(cfg.num_heads, cfg.head_dim), use_bias=cfg.use_bias, dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype, kernel_init=_dense_init(cfg.init_std, ("embed", "heads", "kv")),
+        bias_init=_zeros(("heads", "kv")), name=name)(x_BxTxD)
+    q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = qkv("query"), qkv("key"), qkv("value")
+    if cfg.pos_encoding == "rotary":
+      q_BxTxHxK = apply_rotary(q_BxTxHxK, positions_BxT)
+      k_BxTxHxK = apply_rotary(k_BxTxHxK, positions_BxT)
+
+    scale = 1.0 / math.sqrt(cfg.head_dim)
+    logits_BxHxTxS = jnp.einsum(
+        "bthk,bshk->bhts", q_BxTxHxK, k_BxTxHxK, preferred_element_type=jnp.float32) * scale
+    if cfg.causal:
+      t = x_BxTxD.shape[1]
+      mask_TxS = jnp.tril(jnp.ones((t, t), dtype=bool))
+      logits_BxHxTxS = jnp.where(mask_TxS[None, None], logits_BxHxTxS, jnp.finfo(jnp.float32).min)
+    probs_BxHxTxS = jax.nn.softmax(logits_BxHxTxS, axis=-1)
+    self.sow("intermediates", "attention_probs", probs_BxHxTxS)
+    probs_BxHxTxS = nn.Dropout(cfg.dropout_rate)(probs_BxHxTxS, deterministic=deterministic)
+
+    out_BxTxHxK = jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS.astype(cfg.dtype), v_BxTxHxK)
+    return nn.DenseGeneral(
+        features=cfg.d_model, axis=(-2, -1), use_bias=cfg.use_bias, dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype, kernel_init=_dense_init(std_out, ("heads", "kv", "embed")),
+        bias_init=_zeros(("embed",)), name="out")(out_BxTxHxK)
+
+
+class FeedForward(nn.Module):
+  """FFN(x) = act(x W_1 + b_1) W_2 + b_2 with act = ReLU or GELU."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD):
+    cfg = self.config
+    std_out = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+    h_BxTxF = nn.Dense(
+        cfg.d_ff, use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        kernel_init=_dense_init(cfg.init_std, ("embed", "mlp")), bias_init=_zeros(("mlp",)),
+        name="fc_in")(x_BxTxD)
+    h_BxTxF = nn.relu(h_BxTxF) if cfg.activation == "relu" else nn.gelu(h_BxTxF, approximate=False)
+    return nn.Dense(
+        cfg.d_model, use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        kernel_init=_dense_init(std_out, ("mlp", "embed")), bias_init=_zeros(("embed",)),
+        name="fc_out")(h_BxTxF)
+
+
+class Block(nn.Module):
+  """Pre-LayerNorm residual block: x + Attn(LN(x)), then + FFN(LN(x))."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, deterministic: bool):
+    cfg = self.config
+    drop = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
+    x_BxTxD = x_BxTxD + drop(CausalSelfAttention(cfg, name="attn")(
+        LayerNorm(cfg, name="ln_attn")(x_BxTxD), positions_BxT, deterministic))
+    x_BxTxD = x_BxTxD + drop(FeedForward(cfg, name="mlp")(LayerNorm(cfg, name="ln_mlp")(x_BxTxD)))
+    return x_BxTxD
+
+
+class Transformer(nn.Module):
+  """Decoder-only Transformer: tokens_BxT (int) -> logits_BxTxV (float32)."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxT, deterministic: bool = True):
+    cfg = self.config
+    b, t = tokens_BxT.shape
+    if t > cfg.max_len:
+      raise ValueError(f"sequence length {t} exceeds the model's max_len={cfg.max_len}")
+    embed = nn.Embed(
+        cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        embedding_init=_dense_init(cfg.init_std, ("vocab", "embed")), name="token_embed")
+    x_BxTxD = embed(tokens_BxT)
+    positions_BxT = jnp.broadcast_to(jnp.arange(t)[None, :], (b, t))
+    if cfg.pos_encoding == "learned":
+      x_BxTxD += nn.Embed(
+          cfg.max_len, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+          embedding_init=_dense_init(cfg.init_std, (None, "embed")), name="pos_embed")(positions_BxT)
+    elif cfg.pos_encoding == "sinusoidal":
+      x_BxTxD += sinusoidal_positions(t, cfg.d_model)[None].astype(cfg.dtype)
+    x_BxTxD = nn.Dropout(cfg.dropout_rate)(x_BxTxD, deterministic=deterministic)
+
+    for i in range(cfg.num_layers):
+      x_BxTxD = Block(cfg, name=f"block_{i}")(x_BxTxD, positions_BxT, deterministic)
+
+    x_BxTxD = LayerNorm(cfg, name="ln_final")(x_BxTxD)
+    if cfg.tie_embeddings:
+      return embed.attend(x_BxTxD).astype(jnp.float32)
+    return nn.Dense(
+        cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        kernel_init=_dense_init(cfg.init_std, ("embed", "vocab")), name="lm_head")(
+            x_BxTxD).astype(jnp.float32)
+
+
+def attention_probs(intermediates) -> jax.Array:
+  """Stacks the sown attention probabilities of every layer: -> a_LxBxHxTxT (float32).
+
+  Use with `_, state = model.apply(variables, tokens, mutable=['intermediates'])` and pass
+  `state['intermediates']`.
+  """
+  layers = sorted((k for k in intermediates if k.startswith("block_")), key=lambda k: int(k[6:]))
+  return jnp.stack([intermediates[k]["attn"]["attention_probs"][0] for k in layers])
+
+
+def cross_entropy(logits_BxTxV, targets_BxT, weights_BxT=None):
+  """Mean negative log-likelihood in nats over weighted target tokens, and the weight total.
+
+  Returns (sum of weighted NLL, sum of weights) so callers can average across batches exactly.
+  """
+  logprobs = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
+  nll_BxT = -jnp.take_along_axis(logprobs, targets_BxT[..., None], axis=-1)[..., 0]
+  if weights_BxT is None:
+    weights_BxT = jnp.ones_like(nll_BxT)
+  return jnp.sum(nll_BxT * weights_BxT), jnp.sum(weights_BxT)

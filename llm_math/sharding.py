@@ -1,0 +1,70 @@
+"""Device meshes and logical-axis sharding rules.
+
+The mesh has three named axes: 'data' (replicas, each on its slice of the batch), 'fsdp' (the batch is
+split too, and parameters are sharded along their 'embed' axis) and 'tensor' (heads / MLP width / vocab
+split across devices). Model code names logical axes only ('batch', 'embed', 'heads', ...); the rules
+below, which live in the config, map them to mesh axes.
+"""
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from llm_math.errors import UsageError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axis (or axes, or None = replicated). First match wins.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("kv", None),
+    ("length", None),
+)
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+  """'data:-1,fsdp:2,tensor:1' -> {'data': -1, 'fsdp': 2, 'tensor': 1} (missing axes are 1)."""
+  shape = {axis: 1 for axis in MESH_AXES}
+  for item in filter(None, (s.strip() for s in spec.split(","))):
+    name, _, size = item.partition(":")
+    if name not in MESH_AXES or not size.lstrip("-").isdigit():
+      raise UsageError(f"--mesh={spec!r}: expected 'data:N,fsdp:N,tensor:N' with axes {MESH_AXES}")
+    shape[name] = int(size)
+  return shape
+
+
+def make_mesh(shape: dict[str, int] | str = "data:-1", devices=None) -> Mesh:
+  """A mesh over `devices` (default: all) with axes (data, fsdp, tensor); one size may be -1 (the rest)."""
+  if isinstance(shape, str):
+    shape = parse_mesh(shape)
+  devices = jax.devices() if devices is None else devices
+  sizes = [shape.get(axis, 1) for axis in MESH_AXES]
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise UsageError(f"mesh {shape}: sizes must be positive, with at most one -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if len(devices) % known:
+      raise UsageError(f"mesh {shape}: {len(devices)} devices are not divisible by {known}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise UsageError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                     f"have {len(devices)}")
+  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
+  """Sharding of a [batch, length] array: batch over the axes the 'batch' rule names."""
+  batch_axes = dict(rules).get("batch")
+  return NamedSharding(mesh, P(batch_axes, None))
+
+
+def data_parallel_size(mesh: Mesh, rules=DEFAULT_RULES) -> int:
+  axes = dict(rules).get("batch") or ()
+  axes = (axes,) if isinstance(axes, str) else axes
+  return math.prod(mesh.shape[a] for a in axes)
