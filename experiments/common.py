@@ -31,15 +31,30 @@ RESUMABLE_FIELDS = {"num_steps", "eval_every", "log_every", "checkpoint_every", 
 
 
 def define_config(default_file: str):
-  """Defines --config with a default file from experiments/configs/."""
-  return config_flags.DEFINE_config_file(
-      "config", os.path.join(_CONFIG_DIR, default_file), "Config file (ml_collections).",
-      lock_config=True)
+  """Defines --config with a default file from experiments/configs/.
+
+  ml_collections reads `--config.field=value` overrides while the flag is defined, so a mistake in
+  one (an unknown field) surfaces here, at import time, and ends the program with one line.
+  """
+  try:
+    return config_flags.DEFINE_config_file(
+        "config", os.path.join(_CONFIG_DIR, default_file), "Config file (ml_collections).",
+        lock_config=True)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    detail = " ".join(str(e).replace("\\n", " ").replace("\\'", "").strip("'\" ").split())
+    print(f"error: a --config.* override names no field of the config: {detail}", file=sys.stderr)
+    sys.exit(2)
 
 
 def config_from_flags(config_flag):
   """The config with the shortcut flags applied."""
-  config = config_flag.value
+  try:
+    config = config_flag.value
+    config.get("data")  # The file loads lazily: touch it here so a bad file fails here.
+  except (OSError, SyntaxError, AttributeError, ImportError) as e:
+    reason = next((l.strip() for l in str(e).splitlines() if "Errno" in l), str(e).splitlines()[0])
+    raise UsageError(f"--config={flags.FLAGS['config'].config_filename}: cannot load this config "
+                     f"file ({reason})") from None
   with config.unlocked():
     for flag, field in ((DATA, "data"), (TOKENIZER, "tokenizer"), (VOCAB_SIZE, "vocab_size"),
                         (SEED, "seed"), (TFDS_DATA_DIR, "tfds_data_dir")):
@@ -96,4 +111,12 @@ def run(main):
       print(f"error: {e}", file=sys.stderr)
       sys.exit(3)
 
-  app.run(wrapped)
+  def parse_flags(argv):
+    try:
+      return flags.FLAGS(argv)
+    except Exception as e:  # pylint: disable=broad-except
+      message = str(e).strip().splitlines()
+      print(f"error: {message[0] if message else type(e).__name__}", file=sys.stderr)
+      sys.exit(2)
+
+  app.run(wrapped, flags_parser=parse_flags)

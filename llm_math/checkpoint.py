@@ -8,7 +8,6 @@ of (seed, step). Restoring goes straight into the target sharding (the abstract 
 
 import os
 
-import jax
 import orbax.checkpoint as ocp
 
 from llm_math.errors import UsageError
@@ -27,33 +26,14 @@ def save(mngr: ocp.CheckpointManager, step: int, state, wait: bool = False):
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state):
-  """Restores `step` into the shapes, dtypes and shardings of `abstract_state` (ShapeDtypeStructs)."""
-  saved = mngr.item_metadata(step)
-  saved_params = saved.get("params") if hasattr(saved, "get") else getattr(saved, "params", None)
-  saved_shapes = _shapes(saved_params)
-  wanted_shapes = _shapes(abstract_state.params)
-  if saved_shapes is not None and saved_shapes != wanted_shapes:
-    diff = next((k for k in sorted(set(saved_shapes) | set(wanted_shapes))
-                 if saved_shapes.get(k) != wanted_shapes.get(k)), "?")
-    raise UsageError(
-        f"checkpoint step {step} in {mngr.directory} was written by a different model: {diff} has "
-        f"shape {saved_shapes.get(diff)} there, {wanted_shapes.get(diff)} in this config; use a new "
-        "--workdir or the config that wrote it")
-  return mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+  """Restores `step` into the shapes, dtypes and shardings of `abstract_state` (ShapeDtypeStructs).
 
-
-def _shapes(tree):
-  """{'/'-joined path: shape} of the array leaves of a state or of its saved metadata."""
-  if tree is None:
-    return None
+  A checkpoint written by a model of another shape or structure is a UsageError naming the mismatch.
+  """
   try:
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  except Exception:  # pylint: disable=broad-except
-    return None
-  out = {}
-  for path, leaf in flat:
-    shape = getattr(leaf, "shape", None)
-    if shape is not None:
-      key = "/".join(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path)
-      out[key] = tuple(shape)
-  return out
+    return mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+  except (ValueError, KeyError, TypeError) as e:
+    detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise UsageError(
+        f"checkpoint step {step} in {mngr.directory} was written by a different model ({detail}); "
+        "use a new --workdir or the config that wrote it") from None

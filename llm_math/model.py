@@ -90,7 +90,7 @@ def apply_rotary(x_BxTxHxK: jax.Array, positions_BxT: jax.Array) -> jax.Array:
   """Rotary position embedding (Su et al. 2021): rotate feature pairs (i, i + K/2) by angle t * theta_i."""
   half = x_BxTxHxK.shape[-1] // 2
   theta = 10000.0 ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angles_BxTxF = positions_BxT[..., None].astype(jnp.float32) * theta
+  angles_BxTxF = positions_BxT[..., None].astype(jnp.float32) * theta[None, None, :]
   sin = jnp.sin(angles_BxTxF)[:, :, None, :]
   cos = jnp.cos(angles_BxTxF)[:, :, None, :]
   x1, x2 = x_BxTxHxK[..., :half].astype(jnp.float32), x_BxTxHxK[..., half:].astype(jnp.float32)

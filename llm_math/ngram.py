@@ -1,0 +1,340 @@
+"""Count-based n-gram language models over integer token ids (numpy only, vectorized).
+
+Two estimators of P(w | h), h the preceding `order - 1` tokens, V the vocabulary size:
+
+* Add-k (Lidstone), the classic estimator at the highest order:
+    P(w | h) = (c(h, w) + k) / (c(h) + k V),
+  c(h, w) the count of h followed by w in the training stream and c(h) = sum_w c(h, w) (a context never
+  seen gives the uniform 1/V).
+* Interpolated modified Kneser-Ney (Chen & Goodman 1998, section 3.5). For m = order, ..., 1, with h_m
+  the last m - 1 tokens of h:
+    P_m(w | h_m) = max(c_m(h_m, w) - D_m(c_m), 0) / c_m(h_m)  +  gamma_m(h_m) P_{m-1}(w | h_{m-1}),
+    gamma_m(h) = (D_m1 N1(h.) + D_m2 N2(h.) + D_m3+ N3+(h.)) / c_m(h),
+    P_0(w) = 1 / V,
+  where c_m is the raw count at the highest order and the continuation count
+  N1+(. h w) = |{v : c(v h w) > 0}| at lower orders, c_m(h) = sum_w c_m(h, w), and N_r(h.) is the number
+  of w with c_m(h, w) = r (N3+ : >= 3). A context with c_m(h) = 0 (never seen, or seen only at the very
+  start of the stream where no left extension exists) backs off entirely: P_m = P_{m-1}.
+  The discounts of each order come from that order's counts of counts n_r = |{(h, w) : c_m(h, w) = r}|:
+    Y = n1 / (n1 + 2 n2),  D_r = r - (r + 1) Y n_{r+1} / n_r   (r = 1, 2, 3; D_1 = Y).
+  Degenerate counts of counts (small corpora) are handled as: Y = 0.5 when n1 = 0; D_r = Y when n_r = 0;
+  and every D_r is clipped into [MIN_DISCOUNT, r], which keeps max(c - D, 0) = c - D >= 0 and gamma > 0
+  for every seen context, so every token gets a positive probability.
+
+Both distributions sum to one over the V tokens for every context.
+
+Storage is a reversed context trie: the id of a context (w_{-j}, ..., w_{-1}) of length j is its index in
+the sorted array of keys  id(w_{-j+1}, ..., w_{-1}) * V + w_{-j}, so the ids of all suffixes of a context
+come out of one chain of `searchsorted` calls, and an n-gram (h, w) is the key  id(h) * V + w. Fitting is
+O(order * N log N) with np.unique; scoring is O(order * T log N), both without Python loops over tokens.
+
+Context modes of `score` (positions are 0-based indices into the scored stream, every token is scored):
+* window=None: the stream is one sequence; token i is predicted from min(i, order - 1) preceding tokens.
+* window=W: the stream is cut into consecutive windows [0, W), [W, 2W), ...; the token at window position
+  j = i mod W is predicted from the min(j, order - 1) tokens before it inside its window (the first token
+  of a window gets the unigram / no-context distribution). This is what a causal model with context length
+  W sees when it scores non-overlapping windows of W targets and predicts the first one from nothing (e.g.
+  a BOS token). To mimic the other common convention (inputs x[0:W], targets x[1:W+1], so target j sees
+  j + 1 tokens), score windows of W + 1 tokens and drop each window's first position; `context_lengths`
+  gives the per-token context sizes for such masks.
+A model given fewer than order - 1 context tokens uses its own lower-order distribution: for Kneser-Ney
+the interpolated P_{j+1}(w | last j tokens) (continuation counts at its top level), for add-k the add-k
+estimator of order j + 1 (raw counts).
+"""
+import dataclasses
+from typing import Optional
+
+import numpy as np
+
+KNESER_NEY = "kneser_ney"
+ADD_K = "add_k"
+METHODS = (KNESER_NEY, ADD_K)
+MIN_DISCOUNT = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class NgramModel:
+  """A fitted n-gram model: P_m(w|h) = alpha_m(h, w) + gamma_m(h) * lower(w), lower = P_{m-1} (KN) or 1/V.
+
+  Attributes:
+    vocab_size: V.
+    order: n (the model conditions on n - 1 tokens).
+    method: "kneser_ney" or "add_k".
+    k: the add-k pseudo-count (unused by Kneser-Ney).
+    context_keys: [j] sorted int64 keys of the contexts of length j (j = 0..n-1; [0] = [0], the empty one).
+    ngram_keys: [m - 1] sorted int64 keys  context_id * V + w  of the m-grams seen (m = 1..n).
+    alpha: [m - 1] float64, the discounted own-order mass of each m-gram in ngram_keys[m - 1].
+    gamma: [m - 1] float64 per context id of length m - 1, the weight of the lower order (1 if unseen).
+    discounts: [m - 1] (D1, D2, D3+) of order m (Kneser-Ney; zeros for add-k).
+  """
+  vocab_size: int
+  order: int
+  method: str
+  k: float
+  context_keys: tuple
+  ngram_keys: tuple
+  alpha: tuple
+  gamma: tuple
+  discounts: tuple
+
+
+def _check_ids(ids, vocab_size: int, name: str) -> np.ndarray:
+  """Returns ids as a 1-D int64 array with values in [0, vocab_size), or raises ValueError."""
+  ids = np.asarray(ids)
+  if ids.ndim != 1 or not (np.issubdtype(ids.dtype, np.integer) or ids.size == 0):
+    raise ValueError(f"{name} must be a 1-D integer array, got shape {ids.shape} dtype {ids.dtype}")
+  ids = ids.astype(np.int64)
+  if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+    raise ValueError(f"{name} must lie in [0, vocab_size={vocab_size}), got [{ids.min()}, {ids.max()}]")
+  return ids
+
+
+def _lookup(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+  """Index of each key in sorted_keys, or -1 where absent (negative keys are always absent)."""
+  if sorted_keys.size == 0:
+    return np.full(keys.shape, -1, np.int64)
+  idx = np.minimum(np.searchsorted(sorted_keys, keys), sorted_keys.size - 1)
+  return np.where((sorted_keys[idx] == keys) & (keys >= 0), idx, -1)
+
+
+def kn_discounts(counts: np.ndarray) -> np.ndarray:
+  """Modified Kneser-Ney discounts (D1, D2, D3+) from the positive counts of one order.
+
+  Y = n1/(n1 + 2 n2), D_r = r - (r+1) Y n_{r+1}/n_r; Y = 0.5 if n1 = 0, D_r = Y if n_r = 0, then each D_r
+  is clipped into [MIN_DISCOUNT, r].
+
+  Args:
+    counts: integer counts c(h, w) of one order (zeros are ignored).
+
+  Returns:
+    float64 array (D1, D2, D3+).
+  """
+  counts = np.asarray(counts)
+  n = np.array([np.sum(counts == r) for r in range(1, 5)], np.float64)  # n1..n4
+  y = n[0] / (n[0] + 2.0 * n[1]) if n[0] > 0 else 0.5
+  d = np.array([r - (r + 1) * y * n[r] / n[r - 1] if n[r - 1] > 0 else y for r in (1, 2, 3)])
+  return np.clip(d, MIN_DISCOUNT, np.array([1.0, 2.0, 3.0]))
+
+
+def fit(train_ids, vocab_size: int, order: int, method: str = KNESER_NEY,
+        k: float = 1.0) -> NgramModel:
+  """Counts n-grams of `train_ids` (one stream) and returns the smoothed model.
+
+  Args:
+    train_ids: int array [N], token ids in [0, vocab_size).
+    vocab_size: V >= 1.
+    order: n >= 1 (context of n - 1 tokens).
+    method: "kneser_ney" (interpolated modified KN) or "add_k".
+    k: add-k pseudo-count, > 0.
+
+  Returns:
+    NgramModel.
+  """
+  if not isinstance(vocab_size, (int, np.integer)) or vocab_size < 1:
+    raise ValueError(f"vocab_size must be an integer >= 1, got {vocab_size!r}")
+  if not isinstance(order, (int, np.integer)) or order < 1:
+    raise ValueError(f"order must be an integer >= 1, got {order!r}")
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  if method == ADD_K and not (np.isfinite(k) and k > 0):
+    raise ValueError(f"k must be a finite number > 0 for add_k, got {k!r}")
+  x = _check_ids(train_ids, vocab_size, "train_ids")
+  n_tok = x.size
+  if n_tok < 1:
+    raise ValueError("train_ids must hold at least one token")
+  if float(n_tok + 1) * vocab_size >= 2.0**62:
+    raise ValueError(f"train_ids length * vocab_size must be < 2**62 for int64 keys, got "
+                     f"{n_tok} * {vocab_size}")
+  vocab_size, order = int(vocab_size), int(order)
+
+  # ctx_id[t]: id of the length-(m-1) context x[t-m+1:t] of target t (t >= m-1), -1 for t < m-1.
+  # Only the current length is kept, so memory stays O(N) whatever the order.
+  ctx_id = np.zeros(n_tok, np.int64)
+  context_keys, ngram_keys, raw_counts = [np.zeros(1, np.int64)], [], []
+  for m in range(1, order + 1):
+    if n_tok >= m:
+      uniq, cnt = np.unique(ctx_id[m - 1:] * vocab_size + x[m - 1:], return_counts=True)
+    else:
+      uniq, cnt = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    ngram_keys.append(uniq)
+    raw_counts.append(cnt.astype(np.int64))
+    if m == order:
+      break
+    # Extend every context one token to the left: key = id(suffix) * V + new leftmost token.
+    next_id = np.full(n_tok, -1, np.int64)
+    if n_tok > m:
+      uniq, inv = np.unique(ctx_id[m:] * vocab_size + x[:-m], return_inverse=True)
+      next_id[m:] = inv.reshape(-1)
+    else:
+      uniq = np.zeros(0, np.int64)
+    context_keys.append(uniq)
+    ctx_id = next_id
+
+  alpha, gamma, discounts = [], [], []
+  for m in range(1, order + 1):
+    keys = ngram_keys[m - 1]
+    n_ctx = context_keys[m - 1].size
+    ctx = keys // vocab_size
+    if method == ADD_K or m == order:
+      counts = raw_counts[m - 1]
+    else:
+      # Continuation counts: each distinct (m+1)-gram (v h w) adds one to the m-gram (h w).
+      up = ngram_keys[m]
+      parent = context_keys[m][up // vocab_size] // vocab_size
+      child = _lookup(keys, parent * vocab_size + up % vocab_size)
+      counts = np.bincount(child, minlength=keys.size).astype(np.int64)
+    total = np.bincount(ctx, weights=counts, minlength=n_ctx)
+    if method == ADD_K:
+      denom = total + k * vocab_size
+      alpha.append(counts / denom[ctx])
+      gamma.append(k * vocab_size / denom)
+      discounts.append(np.zeros(3))
+      continue
+    d = kn_discounts(counts)
+    d_of = np.concatenate([[0.0], d])[np.minimum(counts, 3)]
+    seen = total > 0
+    safe_total = np.where(seen, total, 1.0)
+    alpha.append((counts - d_of) / safe_total[ctx])
+    mass = np.bincount(ctx, weights=d_of, minlength=n_ctx)  # = D1 N1 + D2 N2 + D3 N3+
+    gamma.append(np.where(seen, mass / safe_total, 1.0))
+    discounts.append(d)
+
+  return NgramModel(vocab_size=vocab_size, order=order, method=method,
+                    k=float(k) if method == ADD_K else 0.0,
+                    context_keys=tuple(context_keys), ngram_keys=tuple(ngram_keys),
+                    alpha=tuple(alpha), gamma=tuple(gamma), discounts=tuple(discounts))
+
+
+def _context_chain(model: NgramModel, prev_tokens_CxB: np.ndarray, n_ctx_B: np.ndarray) -> np.ndarray:
+  """Context ids of every length: row j is the id of the last j tokens, -1 if unseen or unavailable.
+
+  Args:
+    model: fitted model.
+    prev_tokens_CxB: row j - 1 holds the token j positions back (j = 1..C), any value where unavailable.
+    n_ctx_B: number of usable context tokens of each column, in [0, C].
+
+  Returns:
+    int64 [order, B].
+  """
+  n_b = n_ctx_B.shape[0]
+  ids = np.full((model.order, n_b), -1, np.int64)
+  ids[0] = 0
+  for j in range(1, model.order):
+    ok = (n_ctx_B >= j) & (ids[j - 1] >= 0)
+    keys = np.where(ok, ids[j - 1] * model.vocab_size + prev_tokens_CxB[j - 1], -1)
+    ids[j] = _lookup(model.context_keys[j], keys)
+  return ids
+
+
+def _top_orders(model: NgramModel, n_ctx_B: np.ndarray) -> np.ndarray:
+  """The order used for each prediction: min(n_ctx, order - 1) + 1."""
+  return np.minimum(n_ctx_B, model.order - 1) + 1
+
+
+def _target_probs(model: NgramModel, ctx_ids_OxB: np.ndarray, n_ctx_B: np.ndarray,
+                  targets_B: np.ndarray) -> np.ndarray:
+  """P(target | context) for each column, float64 [B]."""
+  v = model.vocab_size
+  top = _top_orders(model, n_ctx_B)
+  p = np.full(targets_B.shape, 1.0 / v)
+  first = 1 if model.method == KNESER_NEY else int(top.min(initial=model.order))
+  for m in range(first, model.order + 1):
+    use = top >= m if model.method == KNESER_NEY else top == m
+    ctx = ctx_ids_OxB[m - 1]
+    known = use & (ctx >= 0)
+    idx = _lookup(model.ngram_keys[m - 1], np.where(known, ctx * v + targets_B, -1))
+    a = np.where(idx >= 0, model.alpha[m - 1][np.maximum(idx, 0)], 0.0)
+    g = model.gamma[m - 1][np.maximum(ctx, 0)] if model.gamma[m - 1].size else np.ones_like(p)
+    lower = p if model.method == KNESER_NEY else np.full_like(p, 1.0 / v)
+    p = np.where(known, a + g * lower, np.where(use, lower, p))
+  return p
+
+
+def context_lengths(num_tokens: int, order: int, window: Optional[int] = None) -> np.ndarray:
+  """Number of context tokens `score` gives each of num_tokens positions: min(i or i mod W, order - 1)."""
+  if window is not None and (not isinstance(window, (int, np.integer)) or window < 1):
+    raise ValueError(f"window must be None or an integer >= 1, got {window!r}")
+  pos = np.arange(num_tokens, dtype=np.int64)
+  if window is not None:
+    pos = pos % window
+  return np.minimum(pos, order - 1)
+
+
+def score(model: NgramModel, ids, window: Optional[int] = None) -> np.ndarray:
+  """Per-token negative log-likelihood (nats) of a stream; every token is scored.
+
+  Token i is predicted from the min(c_i, order - 1) tokens before it, c_i = i (window=None) or
+  c_i = i mod W (window=W: consecutive windows of W tokens, no context crosses a window boundary).
+
+  Args:
+    model: fitted model.
+    ids: int array [T] in [0, V).
+    window: None or W >= 1.
+
+  Returns:
+    float64 [T], -ln P(ids[i] | context_i).
+  """
+  x = _check_ids(ids, model.vocab_size, "ids")
+  n_ctx = context_lengths(x.size, model.order, window)
+  prev = np.zeros((max(model.order - 1, 1), x.size), np.int64)
+  for j in range(1, model.order):
+    prev[j - 1, j:] = x[:-j] if x.size > j else prev[j - 1, j:]
+  ctx_ids = _context_chain(model, prev, n_ctx)
+  return -np.log(_target_probs(model, ctx_ids, n_ctx, x))
+
+
+def _split_contexts(model: NgramModel, contexts_BxC) -> tuple:
+  """Validates left-padded contexts; returns (prev_tokens_CxB, n_ctx_B)."""
+  c = np.asarray(contexts_BxC)
+  if c.ndim != 2 or not (np.issubdtype(c.dtype, np.integer) or c.size == 0):
+    raise ValueError(f"contexts_BxC must be a 2-D integer array, got shape {c.shape} dtype {c.dtype}")
+  c = c.astype(np.int64)
+  if c.size and c.max() >= model.vocab_size:
+    raise ValueError(f"contexts_BxC tokens must be < vocab_size={model.vocab_size}, got {c.max()}")
+  present = c >= 0
+  # Number of trailing tokens >= 0; padding (< 0) must sit on the left.
+  n_ctx = present.sum(axis=1)
+  if np.any(present[:, ::-1].cumprod(axis=1).sum(axis=1) != n_ctx):
+    raise ValueError("contexts_BxC padding (negative entries) must be on the left of each row")
+  width = max(model.order - 1, 1)
+  prev = np.zeros((width, c.shape[0]), np.int64)
+  for j in range(1, min(width, c.shape[1]) + 1):
+    prev[j - 1] = np.maximum(c[:, -j], 0)
+  return prev, np.minimum(n_ctx, model.order - 1)
+
+
+def conditional_distribution(model: NgramModel, contexts_BxC) -> np.ndarray:
+  """Full next-token distributions P(. | context) for a batch of contexts.
+
+  Args:
+    model: fitted model.
+    contexts_BxC: int array [B, C]; row b is a context, oldest token first; negative entries are left
+      padding (so rows may hold fewer than C tokens). Only the last order - 1 tokens are used.
+
+  Returns:
+    float64 [B, V], rows sum to one.
+  """
+  v = model.vocab_size
+  prev, n_ctx = _split_contexts(model, contexts_BxC)
+  n_b = n_ctx.shape[0]
+  ctx_ids = _context_chain(model, prev, n_ctx)
+  top = _top_orders(model, n_ctx)
+  p_BxV = np.full((n_b, v), 1.0 / v)
+  for m in range(1, model.order + 1):
+    use = top >= m if model.method == KNESER_NEY else top == m
+    ctx = ctx_ids[m - 1]
+    known = use & (ctx >= 0)
+    keys = model.ngram_keys[m - 1]
+    g = np.where(known, model.gamma[m - 1][np.maximum(ctx, 0)] if model.gamma[m - 1].size else 1.0, 1.0)
+    if model.method == ADD_K:
+      p_BxV = np.where(use[:, None], 1.0 / v, p_BxV)
+    p_BxV = p_BxV * g[:, None]
+    # Scatter alpha of the m-grams of each known context: a contiguous range of the sorted keys.
+    lo = np.where(known, np.searchsorted(keys, np.maximum(ctx, 0) * v), 0)
+    hi = np.where(known, np.searchsorted(keys, (np.maximum(ctx, 0) + 1) * v), 0)
+    lengths = hi - lo
+    rows = np.repeat(np.arange(n_b), lengths)
+    starts = np.repeat(lo - (np.cumsum(lengths) - lengths), lengths)
+    entries = np.arange(rows.size) + starts
+    p_BxV[rows, keys[entries] % v] += model.alpha[m - 1][entries]  # (row, w) pairs are distinct
+  return p_BxV

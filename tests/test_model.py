@@ -1,0 +1,132 @@
+"""The Transformer: causality, attention probabilities, positions, logical axes, FLOP count."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llm_math import flops
+from llm_math import model as model_lib
+
+T = 12
+
+
+def _init(**kw):
+  cfg = model_lib.ModelConfig(**{**dict(vocab_size=T, max_len=T, num_layers=2, num_heads=2,
+                                        d_model=16, d_ff=32), **kw})
+  m = model_lib.Transformer(cfg)
+  params = nn.meta.unbox(m.init(jax.random.PRNGKey(0), jnp.zeros((1, T), jnp.int32)))["params"]
+  return m, params
+
+
+def _input_gradient_norms(m, params, t):
+  """|d logits[t] / d input[s]| for s = 0..T-1.
+
+  Position s reads embedding row s (tokens = 0..T-1, each once), so the gradient with respect to
+  row s of the (untied) embedding table is the gradient with respect to the input at position s.
+  """
+  tokens = jnp.arange(T)[None, :]
+
+  def out(embedding):
+    p = {**params, "token_embed": {"embedding": embedding}}
+    return jnp.sum(m.apply({"params": p}, tokens)[0, t] ** 2)
+
+  g_TxD = jax.grad(out)(params["token_embed"]["embedding"])
+  return np.abs(np.asarray(g_TxD)).sum(axis=1)
+
+
+@pytest.mark.parametrize("pos", model_lib.POS_ENCODINGS)
+def test_causality_through_gradients(pos):
+  m, params = _init(pos_encoding=pos)
+  for t in (0, 5, T - 1):
+    norms = _input_gradient_norms(m, params, t)
+    np.testing.assert_array_equal(norms[t + 1:], 0.0)
+    assert np.all(norms[: t + 1] > 0.0), (t, norms)
+
+
+def test_bidirectional_sees_the_future():
+  m, params = _init(causal=False)
+  norms = _input_gradient_norms(m, params, 0)
+  assert np.all(norms > 0.0)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_rows_sum_to_one(causal):
+  m, params = _init(causal=causal, num_layers=3)
+  tokens = jax.random.randint(jax.random.PRNGKey(2), (4, T), 0, T)
+  logits, state = m.apply({"params": params}, tokens, mutable=["intermediates"])
+  a = np.asarray(model_lib.attention_probs(state["intermediates"]))
+  assert a.shape == (3, 4, 2, T, T)
+  np.testing.assert_allclose(a.sum(-1), 1.0, atol=1e-6)
+  assert np.all(a >= 0)
+  upper = np.triu(np.ones((T, T), bool), k=1)
+  if causal:
+    np.testing.assert_array_equal(a[..., upper], 0.0)
+  else:
+    assert np.all(a[..., upper] > 0)
+  # Asking for the probabilities does not change the logits.
+  np.testing.assert_allclose(logits, m.apply({"params": params}, tokens), rtol=1e-6)
+
+
+def test_every_kernel_has_logical_axis_names():
+  cfg = model_lib.ModelConfig(vocab_size=T, max_len=T, num_layers=1, num_heads=2, d_model=16, d_ff=32)
+  boxed = model_lib.Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, T), jnp.int32))
+  specs = nn.get_partition_spec(boxed)["params"]
+  flat = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, tuple))[0]
+  names = {jax.tree_util.keystr(k): tuple(v) for k, v in flat}
+  assert names["['block_0']['attn']['query']['kernel']"] == ("embed", "heads", "kv")
+  assert names["['block_0']['attn']['out']['kernel']"] == ("heads", "kv", "embed")
+  assert names["['block_0']['mlp']['fc_in']['kernel']"] == ("embed", "mlp")
+  assert names["['token_embed']['embedding']"] == ("vocab", "embed")
+  assert names["['lm_head']['kernel']"] == ("embed", "vocab")
+  assert all(len(v) >= 1 for v in names.values()), names
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_param_count_and_flops_formula(tie):
+  cfg = model_lib.ModelConfig(vocab_size=50, max_len=T, num_layers=2, num_heads=4, d_model=32,
+                              d_ff=128, tie_embeddings=tie)
+  _, params = (model_lib.Transformer(cfg), nn.meta.unbox(model_lib.Transformer(cfg).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, T), jnp.int32)))["params"])
+  d, f, v, l = 32, 128, 50, 2
+  per_block = 4 * d * d + 4 * d + 2 * d * f + f + d + 2 * 2 * d  # attn + mlp + 2 LayerNorms
+  expected = v * d + T * d + l * per_block + 2 * d + (0 if tie else d * v)
+  assert flops.count_params(params) == expected
+  n_matmul = expected - T * d - (0 if tie else v * d)  # lookups excluded; the head counted once
+  assert flops.flops_per_token(cfg, expected) == 6 * n_matmul + 12 * l * T * d
+  assert flops.flops_per_token(cfg, expected, causal_attention_flops_halved=True) == (
+      6 * n_matmul + 6 * l * T * d)
+
+
+def test_dtype_bfloat16_keeps_fp32_params_and_logits():
+  m, params = _init(dtype=jnp.bfloat16)
+  assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
+  logits = m.apply({"params": params}, jnp.zeros((1, T), jnp.int32))
+  assert logits.dtype == jnp.float32
+  m32, _ = _init()
+  np.testing.assert_allclose(logits, m32.apply({"params": params}, jnp.zeros((1, T), jnp.int32)),
+                             atol=0.05)
+
+
+def test_sinusoidal_positions_closed_form():
+  pe = np.asarray(model_lib.sinusoidal_positions(7, 8))
+  t, i = 5, 2
+  np.testing.assert_allclose(pe[t, 2 * i], np.sin(t / 10000 ** (2 * i / 8)), rtol=1e-5)
+  np.testing.assert_allclose(pe[t, 2 * i + 1], np.cos(t / 10000 ** (2 * i / 8)), rtol=1e-5)
+
+
+def test_rotary_scores_depend_only_on_relative_position():
+  key_q, key_k = jax.random.split(jax.random.PRNGKey(3))
+  q = jax.random.normal(key_q, (1, 1, 1, 8))
+  k = jax.random.normal(key_k, (1, 1, 1, 8))
+  score = lambda tq, tk: float(jnp.sum(model_lib.apply_rotary(q, jnp.array([[tq]]))
+                                       * model_lib.apply_rotary(k, jnp.array([[tk]]))))
+  np.testing.assert_allclose(score(7, 3), score(14, 10), rtol=1e-4)
+  assert abs(score(7, 3) - score(7, 5)) > 1e-4
+
+
+def test_bad_model_config_is_a_clear_error():
+  with pytest.raises(ValueError, match="divisible by num_heads"):
+    model_lib.ModelConfig(vocab_size=5, max_len=4, d_model=10, num_heads=3)
+  with pytest.raises(ValueError, match="pos_encoding"):
+    model_lib.ModelConfig(vocab_size=5, max_len=4, pos_encoding="alibi")

@@ -1,0 +1,97 @@
+"""Training: the loss falls, resume is exact, NaN stops cleanly, checkpoints refuse other shapes."""
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from llm_math import checkpoint
+from llm_math import train as train_lib
+from llm_math.errors import UsageError
+
+from tests import helpers
+
+
+def _quiet(*_):
+  pass
+
+
+def test_short_run_loss_falls(tmp_path):
+  config = helpers.tiny_config(num_steps=40, learning_rate=1e-2, eval_every=20, checkpoint_every=40)
+  result = train_lib.train(config, helpers.tiny_dataset(config), str(tmp_path), log=_quiet)
+  steps, losses = zip(*result.val_curve)
+  assert steps == (0, 20, 40)
+  assert losses[0] > np.log(32) - 0.2  # ~uniform at init
+  assert losses[-1] < losses[0] - 0.4
+  records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  train_records = [r for r in records if "loss" in r]
+  assert {"step", "loss", "ppl", "lr", "grad_norm", "tokens_per_s"} <= set(train_records[0])
+  assert train_records[-1]["loss"] < train_records[0]["loss"]
+  assert result.params > 0 and result.flops_per_token > 6 * result.params * 0.5
+
+
+def _params_of(result):
+  return jax.tree_util.tree_leaves(jax.device_get(result.state.params))
+
+
+def test_interrupted_run_resumes_exactly(tmp_path):
+  """SIGINT mid-run saves a checkpoint; rerunning continues to bit-identical parameters and metrics."""
+  config = helpers.tiny_config(num_steps=12, checkpoint_every=4, log_every=1, eval_every=6)
+  dataset = helpers.tiny_dataset(config)
+  full = train_lib.train(config, dataset, str(tmp_path / "full"), log=_quiet)
+
+  def interrupt_at_step_7(line):
+    if line.startswith("step      7 | loss"):
+      os.kill(os.getpid(), signal.SIGINT)
+
+  part_dir = str(tmp_path / "part")
+  first = train_lib.train(config, dataset, part_dir, log=interrupt_at_step_7)
+  assert first.interrupted and first.final_step == 7
+  assert checkpoint.manager(part_dir).latest_step() == 7
+  resumed = train_lib.train(config, dataset, part_dir, log=_quiet)
+  assert not resumed.interrupted and resumed.final_step == 12
+  for a, b in zip(_params_of(full), _params_of(resumed)):
+    np.testing.assert_array_equal(a, b)
+  assert resumed.val_curve == full.val_curve
+  strip = lambda r: {k: v for k, v in r.items() if k != "tokens_per_s"}
+  read = lambda d: [strip(json.loads(l)) for l in open(os.path.join(d, "metrics.jsonl"))]
+  assert read(part_dir) == read(str(tmp_path / "full"))
+
+
+def test_nan_loss_stops_cleanly_and_keeps_last_good_checkpoint(tmp_path):
+  config = helpers.tiny_config(num_steps=30, learning_rate=1e32, warmup_steps=0, grad_clip=0.0,
+                               checkpoint_every=1, log_every=1)
+  dataset = helpers.tiny_dataset(config)
+  with pytest.raises(train_lib.NonFiniteLossError, match="training loss is (nan|inf)"):
+    train_lib.train(config, dataset, str(tmp_path), log=_quiet)
+  mngr = checkpoint.manager(str(tmp_path))
+  for step in mngr.all_steps():
+    params = mngr.restore(step)["params"]
+    assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(params))
+
+
+def test_restoring_into_a_different_model_is_a_clear_error(tmp_path):
+  config = helpers.tiny_config(num_steps=4, checkpoint_every=4)
+  dataset = helpers.tiny_dataset(config)
+  train_lib.train(config, dataset, str(tmp_path), log=_quiet)
+  wider = helpers.tiny_config(num_steps=8, checkpoint_every=4)
+  wider.model.d_model = 48
+  with pytest.raises(UsageError, match="written by a different model"):
+    train_lib.train(wider, dataset, str(tmp_path), log=_quiet)
+
+
+def test_batch_not_divisible_by_data_parallel_devices_is_a_clear_error(tmp_path):
+  config = helpers.tiny_config(batch_size=3, mesh=f"data:{len(jax.devices())}")
+  if len(jax.devices()) == 1:
+    pytest.skip("needs several devices")
+  with pytest.raises(UsageError, match="not divisible"):
+    train_lib.train(config, helpers.tiny_dataset(config), str(tmp_path), log=_quiet)
+
+
+def test_bad_dtype_is_a_clear_error(tmp_path):
+  config = helpers.tiny_config()
+  config.model.dtype = "float8"
+  with pytest.raises(UsageError, match="--config.model.dtype='float8'"):
+    train_lib.train(config, helpers.tiny_dataset(config), str(tmp_path), log=_quiet)
