@@ -37,3 +37,17 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state):
     raise UsageError(
         f"checkpoint step {step} in {mngr.directory} was written by a different model ({detail}); "
         "use a new --workdir or the config that wrote it") from None
+
+
+def load_params(workdir: str, step: int | None = None):
+  """(params, step) of a training run's checkpoint (default: the latest), as host arrays."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise UsageError(f"--workdir={workdir}: no checkpoints/ directory (train a model there first)")
+  mngr = manager(workdir)
+  step = mngr.latest_step() if step is None else step
+  if step is None or step not in mngr.all_steps():
+    raise UsageError(f"--workdir={workdir}: no checkpoint at step {step}; have {mngr.all_steps()}")
+  restored = mngr.restore(step, args=ocp.args.StandardRestore())
+  mngr.close()
+  return restored["params"], step

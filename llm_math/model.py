@@ -46,6 +46,12 @@ class ModelConfig:
   tie_embeddings: bool = False
   causal: bool = True
   use_bias: bool = True
+  # Architecture switches for ablations (rank collapse): skip connections, the MLP, LayerNorm.
+  residual: bool = True
+  mlp: bool = True
+  layernorm: bool = True
+  # Autoregressive decoding with a key/value cache of max_len positions (see `llm_math.generate`).
+  decode: bool = False
   init_std: float = 0.02
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -105,8 +111,10 @@ class LayerNorm(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg = self.config
+    if not cfg.layernorm:
+      return x
     y = nn.LayerNorm(
-        epsilon=1e-5, dtype=jnp.float32, param_dtype=cfg.param_dtype,
+        epsilon=1e-5, dtype=jnp.float32, param_dtype=cfg.param_dtype, use_bias=cfg.use_bias,
         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
         bias_init=_zeros(("embed",)), name="norm")(x.astype(jnp.float32))
     return y.astype(cfg.dtype)
@@ -129,13 +137,17 @@ class CausalSelfAttention(nn.Module):
       q_BxTxHxK = apply_rotary(q_BxTxHxK, positions_BxT)
       k_BxTxHxK = apply_rotary(k_BxTxHxK, positions_BxT)
 
+    if cfg.decode:
+      k_BxTxHxK, v_BxTxHxK = self._append_to_cache(k_BxTxHxK, v_BxTxHxK)
     scale = 1.0 / math.sqrt(cfg.head_dim)
     logits_BxHxTxS = jnp.einsum(
         "bthk,bshk->bhts", q_BxTxHxK, k_BxTxHxK, preferred_element_type=jnp.float32) * scale
-    if cfg.causal:
-      t = x_BxTxD.shape[1]
-      mask_TxS = jnp.tril(jnp.ones((t, t), dtype=bool))
-      logits_BxHxTxS = jnp.where(mask_TxS[None, None], logits_BxHxTxS, jnp.finfo(jnp.float32).min)
+    if cfg.causal or cfg.decode:
+      # Key s is visible to the query at position t when s <= t (in decode mode keys are cache slots).
+      key_pos_S = jnp.arange(k_BxTxHxK.shape[1])
+      query_pos_BxT = positions_BxT if cfg.decode else jnp.arange(x_BxTxD.shape[1])[None, :]
+      mask_BxTxS = key_pos_S[None, None, :] <= query_pos_BxT[:, :, None]
+      logits_BxHxTxS = jnp.where(mask_BxTxS[:, None], logits_BxHxTxS, jnp.finfo(jnp.float32).min)
     probs_BxHxTxS = jax.nn.softmax(logits_BxHxTxS, axis=-1)
     self.sow("intermediates", "attention_probs", probs_BxHxTxS)
     probs_BxHxTxS = nn.Dropout(cfg.dropout_rate)(probs_BxHxTxS, deterministic=deterministic)
@@ -145,6 +157,22 @@ class CausalSelfAttention(nn.Module):
         features=cfg.d_model, axis=(-2, -1), use_bias=cfg.use_bias, dtype=cfg.dtype,
         param_dtype=cfg.param_dtype, kernel_init=_dense_init(std_out, ("heads", "kv", "embed")),
         bias_init=_zeros(("embed",)), name="out")(out_BxTxHxK)
+
+  def _append_to_cache(self, k_BxTxHxK, v_BxTxHxK):
+    """Writes this step's keys/values at the cache index; returns the whole cache [B, max_len, H, K]."""
+    b, t, h, d = k_BxTxHxK.shape
+    shape = (b, self.config.max_len, h, d)
+    initialized = self.has_variable("cache", "cached_key")  # model.init only creates the cache.
+    cached_k = self.variable("cache", "cached_key", jnp.zeros, shape, k_BxTxHxK.dtype)
+    cached_v = self.variable("cache", "cached_value", jnp.zeros, shape, v_BxTxHxK.dtype)
+    index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+    if not initialized:
+      return k_BxTxHxK, v_BxTxHxK
+    i = index.value
+    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BxTxHxK, (0, i, 0, 0))
+    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BxTxHxK, (0, i, 0, 0))
+    index.value = i + t
+    return cached_k.value, cached_v.value
 
 
 class FeedForward(nn.Module):
@@ -167,16 +195,25 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-LayerNorm residual block: x + Attn(LN(x)), then + FFN(LN(x))."""
+  """Pre-LayerNorm residual block: x + Attn(LN(x)), then + FFN(LN(x)).
+
+  With config.residual=False the skip connections are dropped (x = Attn(LN(x)), x = FFN(LN(x))), with
+  config.mlp=False the FFN sub-layer is, so pure attention is residual=mlp=layernorm=False.
+  Each block sows its output residual stream as 'intermediates'/'residual' (free unless asked for).
+  """
   config: ModelConfig
 
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, deterministic: bool):
     cfg = self.config
     drop = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
-    x_BxTxD = x_BxTxD + drop(CausalSelfAttention(cfg, name="attn")(
+    skip = (lambda x: x) if cfg.residual else jnp.zeros_like
+    x_BxTxD = skip(x_BxTxD) + drop(CausalSelfAttention(cfg, name="attn")(
         LayerNorm(cfg, name="ln_attn")(x_BxTxD), positions_BxT, deterministic))
-    x_BxTxD = x_BxTxD + drop(FeedForward(cfg, name="mlp")(LayerNorm(cfg, name="ln_mlp")(x_BxTxD)))
+    if cfg.mlp:
+      x_BxTxD = skip(x_BxTxD) + drop(FeedForward(cfg, name="mlp")(
+          LayerNorm(cfg, name="ln_mlp")(x_BxTxD)))
+    self.sow("intermediates", "residual", x_BxTxD)
     return x_BxTxD
 
 
@@ -185,7 +222,8 @@ class Transformer(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxT, deterministic: bool = True):
+  def __call__(self, tokens_BxT, deterministic: bool = True, positions_BxT=None):
+    """`positions_BxT` (default 0..T-1) are the tokens' absolute positions; decoding passes them."""
     cfg = self.config
     b, t = tokens_BxT.shape
     if t > cfg.max_len:
@@ -194,13 +232,14 @@ class Transformer(nn.Module):
         cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
         embedding_init=_dense_init(cfg.init_std, ("vocab", "embed")), name="token_embed")
     x_BxTxD = embed(tokens_BxT)
-    positions_BxT = jnp.broadcast_to(jnp.arange(t)[None, :], (b, t))
+    if positions_BxT is None:
+      positions_BxT = jnp.broadcast_to(jnp.arange(t)[None, :], (b, t))
     if cfg.pos_encoding == "learned":
       x_BxTxD += nn.Embed(
           cfg.max_len, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
           embedding_init=_dense_init(cfg.init_std, (None, "embed")), name="pos_embed")(positions_BxT)
     elif cfg.pos_encoding == "sinusoidal":
-      x_BxTxD += sinusoidal_positions(t, cfg.d_model)[None].astype(cfg.dtype)
+      x_BxTxD += sinusoidal_positions(cfg.max_len, cfg.d_model)[positions_BxT].astype(cfg.dtype)
     x_BxTxD = nn.Dropout(cfg.dropout_rate)(x_BxTxD, deterministic=deterministic)
 
     for i in range(cfg.num_layers):
@@ -215,14 +254,23 @@ class Transformer(nn.Module):
             x_BxTxD).astype(jnp.float32)
 
 
+def _per_layer(intermediates):
+  layers = sorted((k for k in intermediates if k.startswith("block_")), key=lambda k: int(k[6:]))
+  return [intermediates[k] for k in layers]
+
+
 def attention_probs(intermediates) -> jax.Array:
   """Stacks the sown attention probabilities of every layer: -> a_LxBxHxTxT (float32).
 
   Use with `_, state = model.apply(variables, tokens, mutable=['intermediates'])` and pass
   `state['intermediates']`.
   """
-  layers = sorted((k for k in intermediates if k.startswith("block_")), key=lambda k: int(k[6:]))
-  return jnp.stack([intermediates[k]["attn"]["attention_probs"][0] for k in layers])
+  return jnp.stack([layer["attn"]["attention_probs"][0] for layer in _per_layer(intermediates)])
+
+
+def residual_streams(intermediates) -> jax.Array:
+  """Stacks every block's output residual stream: -> x_LxBxTxD."""
+  return jnp.stack([layer["residual"][0] for layer in _per_layer(intermediates)])
 
 
 def cross_entropy(logits_BxTxV, targets_BxT, weights_BxT=None):

@@ -28,6 +28,7 @@ from llm_math import data as data_lib
 from llm_math import flops as flops_lib
 from llm_math import model as model_lib
 from llm_math import sharding
+from llm_math import tokenizers
 from llm_math.errors import UsageError
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -311,3 +312,34 @@ def train(config, dataset: data_lib.Dataset, workdir: str, windows=None, log=pri
   return TrainResult(state=state, final_step=int(jax.device_get(state.step)), val_curve=val_curve,
                      params=n_params, flops_per_token=fpt, tokens_per_second=tokens_per_second,
                      interrupted=bool(interrupted))
+
+
+@dataclasses.dataclass
+class TrainedModel:
+  """A finished (or checkpointed) run: its config, model, parameters and tokenizer."""
+  config: object  # ml_collections.ConfigDict
+  model_config: model_lib.ModelConfig
+  params: dict
+  tokenizer: object
+  step: int
+
+  @property
+  def model(self) -> model_lib.Transformer:
+    return model_lib.Transformer(self.model_config)
+
+
+def load_trained(workdir: str, step: int | None = None) -> TrainedModel:
+  """Loads the config, tokenizer and checkpointed parameters that a training run left in `workdir`."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise UsageError(f"--workdir={workdir}: no config.json (not a training run's workdir)")
+  with open(path, encoding="utf-8") as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  params, step = checkpoint.load_params(workdir, step)
+  vocab_size = params["token_embed"]["embedding"].shape[0]
+  if config.data == "synthetic":
+    tokenizer = data_lib.SyntheticTokenizer(vocab_size)
+  else:
+    tokenizer = tokenizers.load(workdir)
+  return TrainedModel(config, model_config(config, vocab_size), params, tokenizer, step)

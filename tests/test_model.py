@@ -130,3 +130,32 @@ def test_bad_model_config_is_a_clear_error():
     model_lib.ModelConfig(vocab_size=5, max_len=4, d_model=10, num_heads=3)
   with pytest.raises(ValueError, match="pos_encoding"):
     model_lib.ModelConfig(vocab_size=5, max_len=4, pos_encoding="alibi")
+
+
+@pytest.mark.parametrize("pos", model_lib.POS_ENCODINGS)
+def test_decode_with_cache_matches_full_forward(pos):
+  """Prefill 5 tokens, then feed one token at a time: logits equal the uncached model's."""
+  m, params = _init(pos_encoding=pos)
+  tokens = jax.random.randint(jax.random.PRNGKey(4), (2, T), 0, T)
+  full = m.apply({"params": params}, tokens)
+  dec = model_lib.Transformer(m.config.__class__(**{**m.config.__dict__, "decode": True}))
+  cache = dec.init(jax.random.PRNGKey(0), tokens)["cache"]
+  pos_BxT = jnp.broadcast_to(jnp.arange(T)[None], (2, T))
+  logits, state = dec.apply({"params": params, "cache": cache}, tokens[:, :5],
+                            positions_BxT=pos_BxT[:, :5], mutable=["cache"])
+  outs = [logits]
+  for t in range(5, T):
+    logits, state = dec.apply({"params": params, "cache": state["cache"]}, tokens[:, t:t + 1],
+                              positions_BxT=pos_BxT[:, t:t + 1], mutable=["cache"])
+    outs.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=2e-5)
+
+
+@pytest.mark.parametrize("residual,mlp", [(False, False), (True, False), (False, True)])
+def test_ablated_blocks_have_the_expected_parameters(residual, mlp):
+  m, params = _init(residual=residual, mlp=mlp, layernorm=False)
+  block = params["block_0"]
+  assert ("mlp" in block) == mlp and "ln_attn" not in block
+  tokens = jnp.arange(T)[None]
+  _, state = m.apply({"params": params}, tokens, mutable=["intermediates"])
+  assert model_lib.residual_streams(state["intermediates"]).shape == (2, 1, T, 16)

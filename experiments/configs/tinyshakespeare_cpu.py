@@ -1,7 +1,8 @@
 """nanoGPT's CPU recipe on tiny shakespeare, character level (its README: val loss 1.88 nats).
 
-4 layers, 4 heads, d_model 128, context 64, batch 12, 2000 steps, lr 1e-3 cosine to 1e-4 after 100
-warmup steps, AdamW betas (0.9, 0.99), weight decay 0.1, no dropout.
+4 layers, 4 heads, d_model 128 (tied embeddings, no biases, GELU MLP of width 4d, as nanoGPT's
+defaults), context 64, batch 12, 2000 steps, lr 1e-3 cosine to 1e-4 after 100 warmup steps, AdamW
+betas (0.9, 0.99), weight decay 0.1, no dropout.
 
   python -m experiments.perplexity --config=experiments/configs/tinyshakespeare_cpu.py \
       --data=text:../shared/data/tinyshakespeare.txt --workdir=/tmp/shakespeare_cpu
@@ -14,7 +15,7 @@ def get_config():
   c.data = "text:../shared/data/tinyshakespeare.txt"
   c.tokenizer = "char"
   c.model.update(num_layers=4, num_heads=4, d_model=128, d_ff=512, dropout_rate=0.0,
-                 pos_encoding="learned", activation="gelu", tie_embeddings=True)
+                 pos_encoding="learned", activation="gelu", tie_embeddings=True, use_bias=False)
   c.seq_len = 64
   c.batch_size = 12
   c.num_steps = 2000
