@@ -24,6 +24,7 @@ TOKENIZER = flags.DEFINE_enum("tokenizer", None, ["char", "byte", "sentencepiece
 VOCAB_SIZE = flags.DEFINE_integer("vocab_size", None, "SentencePiece vocabulary size.")
 SEED = flags.DEFINE_integer("seed", None, "Seed of initialization, data order and synthetic data.")
 TFDS_DATA_DIR = flags.DEFINE_string("tfds_data_dir", None, "A prepared tensorflow-datasets data_dir.")
+MESH = flags.DEFINE_string("mesh", None, "Device mesh, e.g. 'data:-1,fsdp:1,tensor:1' (-1 = the rest).")
 
 # Config fields that may change when a run is resumed (they do not change what was trained so far).
 RESUMABLE_FIELDS = {"num_steps", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints",
@@ -57,7 +58,7 @@ def config_from_flags(config_flag):
                      f"file ({reason})") from None
   with config.unlocked():
     for flag, field in ((DATA, "data"), (TOKENIZER, "tokenizer"), (VOCAB_SIZE, "vocab_size"),
-                        (SEED, "seed"), (TFDS_DATA_DIR, "tfds_data_dir")):
+                        (SEED, "seed"), (TFDS_DATA_DIR, "tfds_data_dir"), (MESH, "mesh")):
       if flag.value is not None:
         config[field] = flag.value
   if config.tokenizer == "sentencepiece" and not config.vocab_size:
@@ -72,7 +73,7 @@ def prepare_workdir(config) -> str:
     raise UsageError("--workdir is required: the directory for checkpoints and results")
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
+    probe = os.path.join(workdir, f".write_test.{os.getpid()}")
     with open(probe, "w", encoding="utf-8") as f:
       f.write("ok")
     os.remove(probe)
@@ -90,9 +91,16 @@ def prepare_workdir(config) -> str:
         raise UsageError(
             f"--workdir={workdir} holds a run with a different config ({key}: {saved.get(key)!r} "
             f"there, {current.get(key)!r} now); use a new --workdir to start another run")
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(current, f, indent=2)
+  if is_primary():
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(current, f, indent=2)
   return workdir
+
+
+def is_primary() -> bool:
+  """Only process 0 writes results, tables and figures."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_index() == 0
 
 
 def run(main):
@@ -103,6 +111,8 @@ def run(main):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
+      from llm_math import sharding  # pylint: disable=g-import-not-at-top
+      sharding.initialize_distributed()
       return main(argv)
     except UsageError as e:
       print(f"error: {e}", file=sys.stderr)

@@ -17,6 +17,7 @@ import os
 import sys
 import time
 
+import jax
 import numpy as np
 
 from experiments import common
@@ -103,12 +104,15 @@ def main(argv):
   data_lib.check_fits(dataset, config.seq_len)
   print(f"data: {dataset.description}; vocabulary {dataset.vocab_size}; "
         f"{len(dataset.train_ids):,} training / {len(dataset.val_ids):,} validation tokens")
+  print(f"devices: {jax.device_count()} {jax.devices()[0].platform} in {jax.process_count()} "
+        f"process(es), this is process {jax.process_index()}; mesh {config.mesh}")
   windows = train_lib.validation_windows(config, dataset)
   records = baseline_records(dataset, windows)
   for r in records:
     print(f"  {r['name']:48s} {r['val_nll_nats']:.4f} nats  ppl {r['val_ppl']:.3f}")
 
-  result = train_lib.train(config, dataset, workdir, windows=windows)
+  result = train_lib.train(config, dataset, workdir, windows=windows,
+                           log=print if common.is_primary() else lambda *_: None)
   if result.interrupted:
     sys.exit(130)
   scored = windows.weights_NxT > 0
@@ -131,10 +135,11 @@ def main(argv):
                                  "val_nll": [v for _, v in result.val_curve]}},
       "config": json.loads(config.to_json_best_effort()),
   }
-  write_results(workdir, results)
-  print(markdown_table(results))
-  print(f"wrote {os.path.join(workdir, 'results.json')}, results.md, perplexity.png "
-        f"({time.time() - start:.0f} s)")
+  if common.is_primary():
+    write_results(workdir, results)
+    print(markdown_table(results))
+    print(f"wrote {os.path.join(workdir, 'results.json')}, results.md, perplexity.png "
+          f"({time.time() - start:.0f} s)")
 
 
 if __name__ == "__main__":

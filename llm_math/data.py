@@ -10,7 +10,10 @@ resumed run sees exactly the batches an uninterrupted one would. Evaluation cove
 stream contiguously with fixed windows and says what context every scored token had.
 """
 
+import collections
+import concurrent.futures
 import dataclasses
+import itertools
 import os
 import socket
 
@@ -167,15 +170,32 @@ def check_fits(dataset: Dataset, seq_len: int):
           f"window plus a target ({seq_len + 1}); use a longer corpus or a smaller --config.seq_len")
 
 
-def train_batch(ids: np.ndarray, seq_len: int, batch_size: int, seed: int, step: int):
+def train_batch(ids: np.ndarray, seq_len: int, batch_size: int, seed: int, step: int,
+                rows: slice = slice(None)):
   """The training batch of `step`: random windows, a pure function of (seed, step).
 
-  Returns inputs_BxT and targets_BxT (targets are the inputs shifted by one token).
+  Returns inputs_BxT and targets_BxT (targets are the inputs shifted by one token). `rows` selects
+  this process's rows of the global batch (multi-host: each process builds only its slice).
   """
   rng = np.random.default_rng([seed, step])
-  starts_B = rng.integers(0, len(ids) - seq_len, size=batch_size)
+  starts_B = rng.integers(0, len(ids) - seq_len, size=batch_size)[rows]
   window_BxT1 = ids[starts_B[:, None] + np.arange(seq_len + 1)[None, :]]
   return window_BxT1[:, :-1], window_BxT1[:, 1:]
+
+
+def prefetch(make_batch, start: int, stop: int, depth: int = 2):
+  """Yields make_batch(step) for step in [start, stop), computed `depth` steps ahead on a thread.
+
+  Batch construction (numpy indexing, host-to-device copies) then overlaps the accelerator's step.
+  """
+  steps = iter(range(start, stop))
+  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+    pending = collections.deque(pool.submit(make_batch, s) for s in itertools.islice(steps, depth))
+    while pending:
+      batch = pending.popleft().result()
+      for s in itertools.islice(steps, 1):
+        pending.append(pool.submit(make_batch, s))
+      yield batch
 
 
 @dataclasses.dataclass

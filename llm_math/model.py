@@ -52,6 +52,10 @@ class ModelConfig:
   layernorm: bool = True
   # Autoregressive decoding with a key/value cache of max_len positions (see `llm_math.generate`).
   decode: bool = False
+  # 'explicit': softmax(QK^T/sqrt(d_k))V written out (attention probabilities can be sown);
+  # 'fused': jax.nn.dot_product_attention (cuDNN flash attention on GPUs where available).
+  attention_impl: str = "explicit"
+  remat: bool = False  # Recompute each block's activations in the backward pass (saves memory).
   init_std: float = 0.02
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -63,6 +67,8 @@ class ModelConfig:
       raise ValueError(f"pos_encoding={self.pos_encoding!r}: expected one of {POS_ENCODINGS}")
     if self.activation not in ACTIVATIONS:
       raise ValueError(f"activation={self.activation!r}: expected one of {ACTIVATIONS}")
+    if self.attention_impl not in ("explicit", "fused"):
+      raise ValueError(f"attention_impl={self.attention_impl!r}: expected 'explicit' or 'fused'")
     if self.pos_encoding == "rotary" and self.head_dim % 2:
       raise ValueError(f"rotary positions need an even head_dim, got {self.head_dim}")
     for name in ("vocab_size", "max_len", "num_layers", "num_heads", "d_model", "d_ff"):
@@ -76,6 +82,11 @@ class ModelConfig:
 
 def _dense_init(std: float, axes: tuple[str, ...]):
   return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+def _residual_std(config) -> float:
+  """GPT-2's init for projections into the residual stream: std / sqrt(2 * num_layers)."""
+  return config.init_std / math.sqrt(2 * config.num_layers)
 
 
 def _zeros(axes: tuple[str, ...]):
@@ -127,7 +138,6 @@ class CausalSelfAttention(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, deterministic: bool):
     cfg = self.config
-    std_out = cfg.init_std / math.sqrt(2 * cfg.num_layers)  # GPT-2: scale residual projections.
     qkv = lambda name: nn.DenseGeneral(
         features=(cfg.num_heads, cfg.head_dim), use_bias=cfg.use_bias, dtype=cfg.dtype,
         param_dtype=cfg.param_dtype, kernel_init=_dense_init(cfg.init_std, ("embed", "heads", "kv")),
@@ -140,6 +150,10 @@ class CausalSelfAttention(nn.Module):
     if cfg.decode:
       k_BxTxHxK, v_BxTxHxK = self._append_to_cache(k_BxTxHxK, v_BxTxHxK)
     scale = 1.0 / math.sqrt(cfg.head_dim)
+    if cfg.attention_impl == "fused" and not cfg.decode and (deterministic or not cfg.dropout_rate):
+      out_BxTxHxK = jax.nn.dot_product_attention(
+          q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, scale=scale, is_causal=cfg.causal)
+      return self._project_out(out_BxTxHxK)
     logits_BxHxTxS = jnp.einsum(
         "bthk,bshk->bhts", q_BxTxHxK, k_BxTxHxK, preferred_element_type=jnp.float32) * scale
     if cfg.causal or cfg.decode:
@@ -153,9 +167,14 @@ class CausalSelfAttention(nn.Module):
     probs_BxHxTxS = nn.Dropout(cfg.dropout_rate)(probs_BxHxTxS, deterministic=deterministic)
 
     out_BxTxHxK = jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS.astype(cfg.dtype), v_BxTxHxK)
+    return self._project_out(out_BxTxHxK)
+
+  def _project_out(self, out_BxTxHxK):
+    cfg = self.config
     return nn.DenseGeneral(
         features=cfg.d_model, axis=(-2, -1), use_bias=cfg.use_bias, dtype=cfg.dtype,
-        param_dtype=cfg.param_dtype, kernel_init=_dense_init(std_out, ("heads", "kv", "embed")),
+        param_dtype=cfg.param_dtype,
+        kernel_init=_dense_init(_residual_std(cfg), ("heads", "kv", "embed")),
         bias_init=_zeros(("embed",)), name="out")(out_BxTxHxK)
 
   def _append_to_cache(self, k_BxTxHxK, v_BxTxHxK):
@@ -182,7 +201,6 @@ class FeedForward(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD):
     cfg = self.config
-    std_out = cfg.init_std / math.sqrt(2 * cfg.num_layers)
     h_BxTxF = nn.Dense(
         cfg.d_ff, use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
         kernel_init=_dense_init(cfg.init_std, ("embed", "mlp")), bias_init=_zeros(("mlp",)),
@@ -190,7 +208,7 @@ class FeedForward(nn.Module):
     h_BxTxF = nn.relu(h_BxTxF) if cfg.activation == "relu" else nn.gelu(h_BxTxF, approximate=False)
     return nn.Dense(
         cfg.d_model, use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        kernel_init=_dense_init(std_out, ("mlp", "embed")), bias_init=_zeros(("embed",)),
+        kernel_init=_dense_init(_residual_std(cfg), ("mlp", "embed")), bias_init=_zeros(("embed",)),
         name="fc_out")(h_BxTxF)
 
 
@@ -202,10 +220,11 @@ class Block(nn.Module):
   Each block sows its output residual stream as 'intermediates'/'residual' (free unless asked for).
   """
   config: ModelConfig
+  deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, deterministic: bool):
-    cfg = self.config
+  def __call__(self, x_BxTxD, positions_BxT):
+    cfg, deterministic = self.config, self.deterministic
     drop = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
     skip = (lambda x: x) if cfg.residual else jnp.zeros_like
     x_BxTxD = skip(x_BxTxD) + drop(CausalSelfAttention(cfg, name="attn")(
@@ -242,8 +261,10 @@ class Transformer(nn.Module):
       x_BxTxD += sinusoidal_positions(cfg.max_len, cfg.d_model)[positions_BxT].astype(cfg.dtype)
     x_BxTxD = nn.Dropout(cfg.dropout_rate)(x_BxTxD, deterministic=deterministic)
 
+    block_cls = nn.remat(Block) if cfg.remat else Block
     for i in range(cfg.num_layers):
-      x_BxTxD = Block(cfg, name=f"block_{i}")(x_BxTxD, positions_BxT, deterministic)
+      x_BxTxD = block_cls(cfg, deterministic, name=f"block_{i}")(x_BxTxD, positions_BxT)
+      x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
 
     x_BxTxD = LayerNorm(cfg, name="ln_final")(x_BxTxD)
     if cfg.tie_embeddings:

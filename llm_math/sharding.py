@@ -7,6 +7,7 @@ below, which live in the config, map them to mesh axes.
 """
 
 import math
+import os
 
 import jax
 import numpy as np
@@ -68,3 +69,38 @@ def data_parallel_size(mesh: Mesh, rules=DEFAULT_RULES) -> int:
   axes = dict(rules).get("batch") or ()
   axes = (axes,) if isinstance(axes, str) else axes
   return math.prod(mesh.shape[a] for a in axes)
+
+
+def process_rows(global_batch: int, offset: int = 0) -> slice:
+  """The rows of a global batch that this process feeds (contiguous, in process order)."""
+  n = jax.process_count()
+  if global_batch % n:
+    raise UsageError(f"global batch {global_batch} is not divisible by {n} processes")
+  per_process = global_batch // n
+  start = offset + jax.process_index() * per_process
+  return slice(start, start + per_process)
+
+
+def global_batch(local_rows: np.ndarray, sharding_: NamedSharding) -> jax.Array:
+  """A global jax.Array from this process's rows (one process: a plain device_put)."""
+  if jax.process_count() == 1:
+    return jax.device_put(local_rows, sharding_)
+  return jax.make_array_from_process_local_data(sharding_, local_rows)
+
+
+def initialize_distributed():
+  """jax.distributed.initialize() when this is one of several processes, else nothing.
+
+  Cloud TPU VMs and SLURM/Open MPI clusters are detected by JAX itself; elsewhere (e.g. several
+  processes on localhost) set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+  CPU processes exchange collectives through gloo.
+  """
+  env = os.environ
+  if "JAX_COORDINATOR_ADDRESS" in env:
+    if env.get("JAX_PLATFORMS", "") == "cpu":
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+        num_processes=int(env["JAX_NUM_PROCESSES"]), process_id=int(env["JAX_PROCESS_ID"]))
+  elif env.get("TPU_WORKER_HOSTNAMES") or env.get("SLURM_NTASKS", "1") != "1":
+    jax.distributed.initialize()

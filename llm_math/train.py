@@ -84,17 +84,37 @@ def create_train_state(model: nn.Module, tx, mesh, rules, seq_len: int, rng):
   return state, state_sharding
 
 
-def train_step(state, inputs_BxT, targets_BxT, rng):
-  """One AdamW step on the mean next-token cross-entropy; returns (new_state, metrics)."""
-  dropout_rng = jax.random.fold_in(rng, state.step)
+def train_step(state, inputs_BxT, targets_BxT, rng, grad_accum_steps: int = 1):
+  """One AdamW step on the mean next-token cross-entropy; returns (new_state, metrics).
 
-  def loss_fn(params):
-    logits = state.apply_fn({"params": params}, inputs_BxT, deterministic=False,
+  With grad_accum_steps = M > 1 the batch is split into M micro-batches whose gradients are averaged
+  (a lax.scan, so memory holds one micro-batch's activations): the same update as one big batch.
+  """
+  step_rng = jax.random.fold_in(rng, state.step)
+
+  def loss_fn(params, x_BxT, y_BxT, dropout_rng):
+    logits = state.apply_fn({"params": params}, x_BxT, deterministic=False,
                             rngs={"dropout": dropout_rng})
-    nll_sum, count = model_lib.cross_entropy(logits, targets_BxT)
+    nll_sum, count = model_lib.cross_entropy(logits, y_BxT)
     return nll_sum / count
 
-  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  if grad_accum_steps == 1:
+    loss, grads = jax.value_and_grad(loss_fn)(state.params, inputs_BxT, targets_BxT, step_rng)
+  else:
+    b, t = inputs_BxT.shape
+    # Row r of micro-batch m is row r * M + m: each device keeps its own rows (no resharding).
+    split = lambda a: jnp.moveaxis(a.reshape(b // grad_accum_steps, grad_accum_steps, t), 1, 0)
+
+    def accumulate(carry, micro):
+      x_BxT, y_BxT, m = micro
+      loss, grads = jax.value_and_grad(loss_fn)(state.params, x_BxT, y_BxT,
+                                                jax.random.fold_in(step_rng, m))
+      return jax.tree_util.tree_map(jnp.add, carry, (loss, grads)), None
+
+    zeros = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, state.params))
+    (loss, grads), _ = jax.lax.scan(
+        accumulate, zeros, (split(inputs_BxT), split(targets_BxT), jnp.arange(grad_accum_steps)))
+    loss, grads = jax.tree_util.tree_map(lambda x: x / grad_accum_steps, (loss, grads))
   new_state = state.apply_gradients(grads=grads)
   metrics = {
       "loss": loss,
@@ -136,9 +156,11 @@ class Evaluator:
 
   def __call__(self, params) -> float:
     total, count = 0.0, 0.0
+    batch_sh = sharding.batch_sharding(self.mesh, self.rules)
     for i in range(0, len(self._inputs), self.batch_size):
-      s = slice(i, i + self.batch_size)
-      nll, n = self._step(params, self._inputs[s], self._targets[s], self._weights[s])
+      rows = sharding.process_rows(self.batch_size, offset=i)
+      nll, n = self._step(params, *(sharding.global_batch(x[rows], batch_sh)
+                                    for x in (self._inputs, self._targets, self._weights)))
       total += float(nll)
       count += float(n)
     return total / count
@@ -226,9 +248,11 @@ def train(config, dataset: data_lib.Dataset, workdir: str, windows=None, log=pri
   mesh = sharding.make_mesh(config.mesh)
   rules = tuple(tuple(r) for r in config.logical_axis_rules)
   dp = sharding.data_parallel_size(mesh, rules)
-  if config.batch_size % dp:
-    raise UsageError(f"--config.batch_size={config.batch_size} is not divisible by the "
-                     f"{dp} data-parallel devices of mesh {dict(mesh.shape)}")
+  accum = config.grad_accum_steps
+  if config.batch_size % (dp * accum):
+    raise UsageError(f"--config.batch_size={config.batch_size} is not divisible by the {dp} "
+                     f"data-parallel devices of mesh {dict(mesh.shape)} times "
+                     f"grad_accum_steps={accum}")
 
   tx = optimizer(config)
   schedule = learning_rate_schedule(config)
@@ -249,8 +273,14 @@ def train(config, dataset: data_lib.Dataset, workdir: str, windows=None, log=pri
   last_saved = start_step if start_step else None
 
   batch_sh = sharding.batch_sharding(mesh, rules)
-  step_fn = jax.jit(train_step, in_shardings=(state_sharding, batch_sh, batch_sh, None),
+  step_fn = jax.jit(functools.partial(train_step, grad_accum_steps=accum),
+                    in_shardings=(state_sharding, batch_sh, batch_sh, None),
                     out_shardings=(state_sharding, None), donate_argnums=0)
+  rows = sharding.process_rows(config.batch_size)
+  batches = data_lib.prefetch(
+      lambda step: tuple(sharding.global_batch(x, batch_sh) for x in data_lib.train_batch(
+          dataset.train_ids, config.seq_len, config.batch_size, config.seed, step, rows)),
+      start_step, config.num_steps)
   evaluator = Evaluator(windows or validation_windows(config, dataset), model.apply,
                         config.eval_batch_size, mesh, rules)
   writer = MetricsWriter(workdir, start_step)
@@ -275,8 +305,7 @@ def train(config, dataset: data_lib.Dataset, workdir: str, windows=None, log=pri
       if stop.received:
         interrupted = stop.received
         break
-      inputs, targets = data_lib.train_batch(
-          dataset.train_ids, config.seq_len, config.batch_size, config.seed, step)
+      inputs, targets = next(batches)
       state, metrics = step_fn(state, inputs, targets, dropout_rng)
       window_steps += 1
       done = step + 1

@@ -159,3 +159,17 @@ def test_ablated_blocks_have_the_expected_parameters(residual, mlp):
   tokens = jnp.arange(T)[None]
   _, state = m.apply({"params": params}, tokens, mutable=["intermediates"])
   assert model_lib.residual_streams(state["intermediates"]).shape == (2, 1, T, 16)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_fused_attention_and_remat_match_the_explicit_model(causal):
+  m, params = _init(causal=causal)
+  tokens = jax.random.randint(jax.random.PRNGKey(5), (2, T), 0, T)
+  ref = m.apply({"params": params}, tokens)
+  for kw in (dict(attention_impl="fused"), dict(remat=True)):
+    other = model_lib.Transformer(m.config.__class__(**{**m.config.__dict__, **kw}))
+    np.testing.assert_allclose(other.apply({"params": params}, tokens), ref, atol=2e-5)
+    loss = lambda p, mm: jnp.mean(mm.apply({"params": p}, tokens) ** 2)
+    g_ref, g = jax.grad(loss)(params, m), jax.grad(loss)(params, other)
+    for a, b in zip(jax.tree_util.tree_leaves(g_ref), jax.tree_util.tree_leaves(g)):
+      np.testing.assert_allclose(a, b, atol=2e-5)

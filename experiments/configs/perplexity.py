@@ -25,11 +25,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       num_layers=2, num_heads=4, d_model=64, d_ff=256, dropout_rate=0.0,
       pos_encoding="learned", activation="gelu", tie_embeddings=False, causal=True,
-      use_bias=True, init_std=0.02, dtype="float32", param_dtype="float32"))
+      use_bias=True, init_std=0.02, dtype="float32", param_dtype="float32",
+      attention_impl="explicit", remat=False))
   c.seq_len = 64
 
   # Optimization: AdamW, linear warmup then cosine decay to min_learning_rate.
-  c.batch_size = 32  # Global batch (sequences per step).
+  c.batch_size = 32  # Global batch (sequences per step, summed over all devices and processes).
+  c.grad_accum_steps = 1  # Split each batch into this many micro-batches (same update, less memory).
   c.num_steps = 1500
   c.learning_rate = 3e-3
   c.min_learning_rate = 3e-4

@@ -1,0 +1,136 @@
+"""Sharded training over meshes of 8 CPU devices, and 2 processes joined by jax.distributed.
+
+The multi-device cases need XLA_FLAGS=--xla_force_host_platform_device_count=8 before JAX starts, so
+`test_meshes_in_a_subprocess` computes single-device reference losses here and reruns this file in a
+child process with 8 devices, where the `needs_8_devices` tests compare against them.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from llm_math import checkpoint
+from llm_math import sharding
+from llm_math import train as train_lib
+from llm_math.errors import UsageError
+
+from tests import helpers
+
+REFERENCE = os.environ.get("LLM_MATH_SHARDING_REFERENCE")
+needs_8_devices = pytest.mark.skipif(
+    jax.device_count() < 8 or not REFERENCE, reason="runs in the 8-device child process")
+MESHES = ["data:8", "data:2,fsdp:2,tensor:2", "data:1,fsdp:2,tensor:4", "data:1,fsdp:1,tensor:8"]
+
+
+def _config(**kw):
+  c = helpers.tiny_config(num_steps=8, log_every=1, eval_every=4, checkpoint_every=4, batch_size=8,
+                          learning_rate=1e-2, **kw)
+  c.model.update(num_heads=8, d_model=32, d_ff=64)
+  return c
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+
+
+def test_parse_and_make_mesh_errors():
+  assert sharding.parse_mesh("data:-1,tensor:2") == {"data": -1, "fsdp": 1, "tensor": 2}
+  with pytest.raises(UsageError, match="expected 'data:N,fsdp:N,tensor:N'"):
+    sharding.parse_mesh("model:2")
+  with pytest.raises(UsageError, match="needs 3 devices"):
+    sharding.make_mesh("data:3", devices=jax.devices()[:1])
+  with pytest.raises(UsageError, match="at most one -1"):
+    sharding.make_mesh("data:-1,fsdp:-1")
+
+
+@pytest.mark.slow
+def test_meshes_in_a_subprocess(tmp_path):
+  """Single-device reference here; the 8-device comparisons in a child pytest process."""
+  if jax.device_count() != 1:
+    pytest.skip("the parent run is the single-device one")
+  config = _config()
+  dataset = helpers.tiny_dataset(config)
+  result = train_lib.train(config, dataset, str(tmp_path / "ref"), log=lambda *_: None)
+  reference = {"losses": _losses(tmp_path / "ref"), "val": [v for _, v in result.val_curve]}
+  ref_path = tmp_path / "reference.json"
+  ref_path.write_text(json.dumps(reference))
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "JAX_PLATFORMS": "cpu", "LLM_MATH_SHARDING_REFERENCE": str(ref_path)}
+  proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                         "-m", "not slow", __file__], cwd=helpers.REPO, env=env,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
+  assert "6 passed" in proc.stdout, proc.stdout[-2000:]
+
+
+@needs_8_devices
+@pytest.mark.parametrize("mesh", MESHES)
+def test_sharded_training_matches_one_device(tmp_path, mesh):
+  reference = json.loads(open(REFERENCE).read())
+  config = _config(mesh=mesh)
+  result = train_lib.train(config, helpers.tiny_dataset(config), str(tmp_path), log=lambda *_: None)
+  np.testing.assert_allclose(_losses(tmp_path), reference["losses"], rtol=2e-5)
+  np.testing.assert_allclose([v for _, v in result.val_curve], reference["val"], rtol=2e-5)
+  # Parameters are laid out as the logical-axis rules say.
+  params = result.state.params
+  shape = dict(sharding.make_mesh(mesh).shape)
+  name = lambda axis: axis if shape[axis] > 1 else None
+  expect = {
+      ("block_0", "mlp", "fc_in", "kernel"): P(name("fsdp"), name("tensor")),
+      ("block_0", "attn", "query", "kernel"): P(name("fsdp"), name("tensor"), None),
+      ("token_embed", "embedding"): P(name("tensor"), name("fsdp")),
+  }
+  for path, spec in expect.items():
+    leaf = params
+    for key in path:
+      leaf = leaf[key]
+    actual = tuple(a if (a and shape.get(a, 1) > 1) else None for a in leaf.sharding.spec)
+    actual += (None,) * (len(spec) - len(actual))
+    assert actual == tuple(spec), (mesh, path, leaf.sharding.spec)
+    assert len(leaf.sharding.device_set) == 8
+
+
+@needs_8_devices
+def test_checkpoint_restores_onto_another_mesh(tmp_path):
+  """Save at step 4 on a (2,2,2) mesh, resume on (1,2,4): the continuation equals the reference."""
+  reference = json.loads(open(REFERENCE).read())
+
+  def preempt_after_step_4(line):
+    if line.startswith("step      4 | loss"):
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  first = train_lib.train(_config(mesh=MESHES[1]), helpers.tiny_dataset(_config()), str(tmp_path),
+                          log=preempt_after_step_4)
+  assert first.interrupted and checkpoint.manager(str(tmp_path)).latest_step() == 4
+  result = train_lib.train(_config(mesh=MESHES[2]), helpers.tiny_dataset(_config()), str(tmp_path),
+                           log=lambda *_: None)
+  assert result.final_step == 8
+  np.testing.assert_allclose(_losses(tmp_path), reference["losses"], rtol=2e-5)
+  kernel = result.state.params["block_0"]["mlp"]["fc_in"]["kernel"]
+  assert kernel.sharding.mesh.shape["tensor"] == 4
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(tmp_path):
+  """launch/local_multiprocess.sh: 2 processes x 1 device == 1 process x 2 devices, loss for loss."""
+  args = helpers.TINY_OVERRIDES + ["--config.num_steps=8", "--config.log_every=1"]
+  env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+  multi = subprocess.run(
+      ["bash", "launch/local_multiprocess.sh", "perplexity", f"--workdir={tmp_path / 'multi'}"] + args,
+      cwd=helpers.REPO, env={**env, "NUM_PROCESSES": "2"}, capture_output=True, text=True,
+      timeout=600)
+  assert multi.returncode == 0, multi.stdout[-3000:] + multi.stderr[-3000:]
+  assert "2 cpu in 2 process(es)" in multi.stdout
+  single = subprocess.run(
+      ["bash", "launch/local.sh", "perplexity", f"--workdir={tmp_path / 'single'}"] + args,
+      cwd=helpers.REPO, env={**env, "DEVICES": "2"}, capture_output=True, text=True, timeout=600)
+  assert single.returncode == 0, single.stderr[-3000:]
+  np.testing.assert_allclose(_losses(tmp_path / "multi"), _losses(tmp_path / "single"), rtol=1e-6)
+  assert len(_losses(tmp_path / "multi")) == 8
