@@ -1,14 +1,22 @@
-r"""Perplexity of a Transformer LM against honest baselines and, on the synthetic source, the exact floor.
+r"""Perplexity of Transformer LMs against honest baselines and, on the synthetic source, the exact floor.
 
-PPL = exp(mean NLL). Every model and baseline is scored on the same validation tokens with the same
-context per token, and results say which (split, tokens scored, context).
+PPL = exp(mean NLL). Every model and baseline of a tokenizer is scored on the same validation tokens
+with the same context per token, and results say which (split, tokens scored, context). Bits per
+character put different tokenizers on one scale.
 
   python -m experiments.perplexity --workdir=/tmp/ppl                    # embedded synthetic source
   python -m experiments.perplexity --workdir=/tmp/shakespeare \
       --config=experiments/configs/tinyshakespeare_cpu.py --data=text:../shared/data/tinyshakespeare.txt
+  # n-gram table only, orders 1..8:
+  python -m experiments.perplexity --workdir=/tmp/ngrams --data=text:../shared/data/tinyshakespeare.txt \
+      --train_transformer=false --ngram_orders=1,2,3,4,5,6,7,8
+  # model-size sweep with a fitted power law L(N) = a N^-alpha + c:
+  python -m experiments.perplexity --workdir=/tmp/sizes --config=experiments/configs/size_sweep.py
 
-Writes to --workdir: results.json (one record per model or baseline, the evaluation protocol and the
-config), results.md (the table), perplexity.png, metrics.jsonl, checkpoints/.
+Sweeps: --model_sizes=64x2,128x4 (d_model x layers), --tokenizers=char,sentencepiece:1000 (each
+tokenizer gets its own baselines, n-grams and models). Writes to --workdir: results.json, results.md,
+figures (perplexity.png, ngram_orders.png, scaling.png), and per model metrics.jsonl + checkpoints/
+(in models/<tokenizer>/<size>/ when sweeping).
 """
 
 import json
@@ -17,129 +25,280 @@ import os
 import sys
 import time
 
+from absl import flags
 import jax
-import numpy as np
 
 from experiments import common
+from experiments import plot_perplexity
 from llm_math import data as data_lib
 from llm_math import information
-from llm_math import plotting
+from llm_math import ngram
+from llm_math import scaling_laws
 from llm_math import train as train_lib
+from llm_math.errors import UsageError
 
 _CONFIG = common.define_config("perplexity.py")
+NGRAM_ORDERS = flags.DEFINE_string("ngram_orders", None, "n-gram orders, e.g. '1,3,5,7'.")
+NGRAM_WINDOW = flags.DEFINE_integer(
+    "ngram_window", None, "Reset n-gram context every W tokens (0: the Transformer's windows).")
+TRAIN_TRANSFORMER = flags.DEFINE_bool("train_transformer", None, "Train the Transformer(s).")
+MODEL_SIZES = flags.DEFINE_string("model_sizes", None, "Model sizes 'DxL,...' (d_model x layers).")
+TOKENIZERS = flags.DEFINE_string(
+    "tokenizers", None, "Tokenizers to compare, e.g. 'char,sentencepiece:1000,sentencepiece:4000'.")
 
 
-def _record(name, kind, nll, n_tokens, n_chars, **extra):
-  return {"name": name, "kind": kind, "val_nll_nats": float(nll),
+def _apply_sweep_flags(config):
+  with config.unlocked():
+    for flag, field in ((NGRAM_ORDERS, "orders"), (NGRAM_WINDOW, "window")):
+      if flag.value is not None:
+        config.ngram[field] = flag.value
+    for flag, field in ((TRAIN_TRANSFORMER, "train_transformer"), (MODEL_SIZES, "model_sizes"),
+                        (TOKENIZERS, "tokenizers")):
+      if flag.value is not None:
+        config[field] = flag.value
+
+
+def _int_list(text: str, what: str) -> list[int]:
+  try:
+    values = [int(x) for x in str(text).split(",") if x.strip()]
+  except ValueError:
+    raise UsageError(f"--{what}={text!r}: expected comma-separated integers") from None
+  if any(v < 1 for v in values):
+    raise UsageError(f"--{what}={text!r}: values must be >= 1")
+  return values
+
+
+def parse_model_sizes(text: str) -> list[tuple[int, int]]:
+  """'64x2,128x4' -> [(64, 2), (128, 4)]; '' -> [] (the config's model)."""
+  sizes = []
+  for item in filter(None, (s.strip() for s in str(text).split(","))):
+    d, _, layers = item.partition("x")
+    if not (d.isdigit() and layers.isdigit() and int(d) > 0 and int(layers) > 0):
+      raise UsageError(f"--model_sizes={text!r}: expected 'DxL,...' such as '64x2,128x4'")
+    sizes.append((int(d), int(layers)))
+  return sizes
+
+
+def parse_tokenizers(text: str, default_kind: str, default_vocab: int) -> list[tuple[str, int]]:
+  """'char,sentencepiece:1000' -> [('char', 0), ('sentencepiece', 1000)]."""
+  if not text:
+    return [(default_kind, default_vocab)]
+  out = []
+  for item in filter(None, (s.strip() for s in text.split(","))):
+    kind, _, vocab = item.partition(":")
+    if vocab and not vocab.isdigit():
+      raise UsageError(f"--tokenizers={text!r}: expected KIND[:VOCAB_SIZE],...")
+    out.append((kind, int(vocab or 0)))
+  return out
+
+
+def _record(name, kind, nll, n_tokens, n_chars, tokenizer, **extra):
+  return {"name": name, "kind": kind, "tokenizer": tokenizer, "val_nll_nats": float(nll),
           "val_ppl": information.perplexity(nll), "bits_per_token": information.nats_to_bits(nll),
           "bits_per_char": information.bits_per_char(nll, n_tokens, n_chars), **extra}
 
 
-def baseline_records(dataset: data_lib.Dataset, windows: data_lib.EvalWindows) -> list[dict]:
-  """Uniform (PPL = |V|), add-one unigram, and for the synthetic source its exact floor."""
+def baseline_records(dataset, windows, tokenizer: str, ngram_config) -> list[dict]:
+  """Uniform (PPL = |V|), n-grams on the same tokens, and for the synthetic source its exact floor.
+
+  Each n-gram is scored twice: with each token's context capped as in the Transformer's evaluation
+  windows (equal terms), and with the full left context of the validation stream.
+  """
   scored = windows.weights_NxT > 0
-  targets = windows.targets_NxT[scored]
-  n_tokens = len(targets)
-  n_chars = int(dataset.tokenizer.char_lengths[targets].sum())
+  positions, contexts = windows.positions_NxT[scored], windows.context_NxT[scored]
+  n_tokens = len(positions)
+  n_chars = int(dataset.tokenizer.char_lengths[dataset.val_ids[positions]].sum())
   v = dataset.vocab_size
-  counts = np.bincount(dataset.train_ids, minlength=v) + 1.0
-  unigram_nll = float(-np.mean(np.log(counts[targets] / counts.sum())))
-  records = [
-      _record("uniform", "baseline", math.log(v), n_tokens, n_chars, params=0),
-      _record("unigram (add-one)", "baseline", unigram_nll, n_tokens, n_chars, params=v - 1),
-  ]
-  source = dataset.source
-  if source is not None:
-    floor = source.conditional_nll(dataset.val_ids, windows.positions_NxT[scored],
-                                   windows.context_NxT[scored]).mean()
-    records.append(_record("floor (true model, same context)", "floor", floor, n_tokens, n_chars,
-                           params=0))
-    records.append(_record("entropy_rate (true model, unlimited context)", "floor",
-                           source.entropy_rate(), n_tokens, n_chars, params=0))
+  rec = lambda name, kind, nll, **kw: _record(name, kind, nll, n_tokens, n_chars, tokenizer, **kw)
+  records = [rec("uniform", "baseline", math.log(v), params=0)]
+  unigram = ngram.fit(dataset.train_ids, v, 1, ngram.ADD_K, k=1.0)
+  records.append(rec("unigram (add-one)", "baseline",
+                     ngram.score_at(unigram, dataset.val_ids, positions, contexts).mean(),
+                     params=v - 1))
+  if ngram_config.window:
+    w = data_lib.eval_windows(dataset.val_ids, ngram_config.window)
+    positions_w, contexts_w = w.positions_NxT[w.weights_NxT > 0], w.context_NxT[w.weights_NxT > 0]
+    equal = f"context reset every {ngram_config.window}"
+  else:
+    positions_w, contexts_w, equal = positions, contexts, "Transformer's windows"
+  methods = [m for m in str(ngram_config.methods).split(",") if m]
+  for method in methods:
+    if method not in ngram.METHODS:
+      raise UsageError(f"--config.ngram.methods: {method!r} is not one of {ngram.METHODS}")
+    label = "KN" if method == ngram.KNESER_NEY else f"add-{ngram_config.add_k:g}"
+    for order in _int_list(ngram_config.orders, "ngram_orders"):
+      model = ngram.fit(dataset.train_ids, v, order, method, k=ngram_config.add_k)
+      table_size = int(sum(k.size for k in model.ngram_keys))
+      for context, pos, ctx in ((equal, positions_w, contexts_w),
+                                ("full left context", positions, positions)):
+        nll = ngram.score_at(model, dataset.val_ids, pos, ctx).mean()
+        records.append(rec(f"{label} {order}-gram ({context})", "ngram", nll, params=table_size,
+                           method=method, order=order,
+                           context="full" if context.startswith("full") else "equal"))
+  if dataset.source is not None:
+    records.append(rec("floor (true model, same context)", "floor",
+                       dataset.source.conditional_nll(dataset.val_ids, positions, contexts).mean(),
+                       params=0))
+    records.append(rec("entropy_rate (true model, unlimited context)", "floor",
+                       dataset.source.entropy_rate(), params=0))
   return records
 
 
+def _size_config(config, size):
+  if size is None:
+    return config
+  d_model, layers = size
+  heads = config.model.num_heads
+  if d_model % heads:
+    heads = max(h for h in range(1, heads + 1) if d_model % h == 0)
+  c = config.copy_and_resolve_references()
+  with c.unlocked():
+    c.model.update(d_model=d_model, num_layers=layers, num_heads=heads, d_ff=4 * d_model)
+  return c
+
+
+def train_models(config, dataset, windows, tokenizer, workdir, sweep) -> tuple[list, dict]:
+  """Trains one model per size; returns (records, curves)."""
+  scored = windows.weights_NxT > 0
+  n_tokens = int(scored.sum())
+  n_chars = int(dataset.tokenizer.char_lengths[windows.targets_NxT[scored]].sum())
+  sizes = parse_model_sizes(config.model_sizes) or [None]
+  records, curves = [], {}
+  log = print if common.is_primary() else lambda *_: None
+  for size in sizes:
+    cfg = _size_config(config, size)
+    name = "transformer" + (f" d{size[0]} L{size[1]}" if size else "")
+    if len(parse_tokenizers(config.tokenizers, "", 0)) > 1:
+      name += f" [{tokenizer}]"
+    run_dir = (os.path.join(workdir, "models", tokenizer.replace(":", "_"),
+                            f"d{cfg.model.d_model}_L{cfg.model.num_layers}") if sweep else workdir)
+    os.makedirs(run_dir, exist_ok=True)
+    log(f"--- {name}: {run_dir}")
+    start = time.time()
+    result = train_lib.train(cfg, dataset, run_dir, windows=windows, log=log)
+    if result.interrupted:
+      sys.exit(130)
+    train_tokens = result.final_step * cfg.batch_size * cfg.seq_len
+    records.append(_record(
+        name, "model", result.val_curve[-1][1], n_tokens, n_chars, tokenizer,
+        params=result.params, d_model=cfg.model.d_model, num_layers=cfg.model.num_layers,
+        flops_per_token=result.flops_per_token, train_steps=result.final_step,
+        train_tokens=train_tokens, train_flops=result.flops_per_token * train_tokens,
+        tokens_per_s=result.tokens_per_second, wall_time_s=time.time() - start))
+    curves[name] = {"step": [s for s, _ in result.val_curve],
+                    "val_nll": [v for _, v in result.val_curve], "tokenizer": tokenizer}
+  return records, curves
+
+
+def fit_scaling(records) -> dict:
+  """L(N) and L(C) power laws over the models of each tokenizer (needs >= 3 sizes)."""
+  fits = {}
+  for tokenizer in sorted({r["tokenizer"] for r in records if r["kind"] == "model"}):
+    models = [r for r in records if r["kind"] == "model" and r["tokenizer"] == tokenizer]
+    if len({r["params"] for r in models}) < 3:
+      continue
+    loss = [r["val_nll_nats"] for r in models]
+    fits[tokenizer] = {}
+    for axis, key in (("params", "params"), ("compute", "train_flops")):
+      f = scaling_laws.fit_power_law([r[key] for r in models], loss)
+      fits[tokenizer][axis] = {"a": f.a, "alpha": f.alpha, "c": f.c,
+                               "rms_log_residual": f.rms_log_residual}
+  return fits
+
+
 def markdown_table(results: dict) -> str:
-  floor = next((r["val_nll_nats"] for r in results["records"] if r["name"].startswith("floor")), None)
-  ev = results["evaluation"]
-  lines = [
-      f"# Perplexity: {results['data']}", "",
-      f"Measured on the {plotting.measurement_caption(ev)}; {ev['chars_scored']:,} characters.", "",
-      "| model | params | val NLL (nats/token) | perplexity | bits/token | bits/char |"
-      + (" NLL - floor |" if floor is not None else ""),
-      "|---|---:|---:|---:|---:|---:|" + ("---:|" if floor is not None else ""),
-  ]
+  lines = [f"# Perplexity: {results['data']}", ""]
+  for tokenizer, ev in results["evaluations"].items():
+    recs = [r for r in results["records"] if r["tokenizer"] == tokenizer]
+    floor = next((r["val_nll_nats"] for r in recs if r["name"].startswith("floor")), None)
+    lines += [f"## Tokenizer: {tokenizer} (|V| = {ev['vocab_size']})", "",
+              f"Measured on the {plot_perplexity.measurement_caption(ev)}; "
+              f"{ev['chars_scored']:,} characters.", "",
+              "| model | params | train FLOPs | val NLL (nats/token) | perplexity | bits/token | "
+              "bits/char |" + (" NLL - floor |" if floor is not None else ""),
+              "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if floor is not None else "")]
+    for r in recs:
+      flops_ = f"{r['train_flops']:.3g}" if "train_flops" in r else "-"
+      row = (f"| {r['name']} | {r['params']:,} | {flops_} | {r['val_nll_nats']:.4f} | "
+             f"{r['val_ppl']:.3f} | {r['bits_per_token']:.4f} | {r['bits_per_char']:.4f} |")
+      if floor is not None:
+        row += f" {r['val_nll_nats'] - floor:+.4f} |"
+      lines.append(row)
+    lines.append("")
+    for r in recs:
+      if r["kind"] == "model":
+        lines.append(f"- {r['name']}: {r['train_steps']} steps, {r['train_tokens']:,} training "
+                     f"tokens, {r['flops_per_token']:.3g} FLOPs/token (6N + 12LTd), "
+                     f"{r['tokens_per_s']:,.0f} tokens/s, {r['wall_time_s']:.0f} s wall.")
+    lines.append("")
+  best = {}
   for r in results["records"]:
-    row = (f"| {r['name']} | {r['params']:,} | {r['val_nll_nats']:.4f} | {r['val_ppl']:.3f} | "
-           f"{r['bits_per_token']:.4f} | {r['bits_per_char']:.4f} |")
-    if floor is not None:
-      row += f" {r['val_nll_nats'] - floor:+.4f} |"
-    lines.append(row)
-  for r in results["records"]:
-    if r["kind"] == "model":
-      lines += ["", f"{r['name']}: {r['train_steps']} steps, {r['train_tokens']:,} training tokens, "
-                f"{r['flops_per_token']:.3g} FLOPs/token (6N + 12LTd), {r['train_flops']:.3g} "
-                f"training FLOPs, {r['tokens_per_s']:,.0f} tokens/s, {r['wall_time_s']:.0f} s wall."]
+    if r["kind"] in ("ngram", "model", "baseline"):
+      key = "model" if r["kind"] == "model" else "ngram"
+      if key not in best or r["bits_per_char"] < best[key]["bits_per_char"]:
+        best[key] = r
+  if "model" in best and "ngram" in best:
+    m, n = best["model"], best["ngram"]
+    verdict = "beats" if m["bits_per_char"] < n["bits_per_char"] else "does not beat"
+    lines += [f"Best neural model ({m['name']}, {m['bits_per_char']:.4f} bits/char) {verdict} the best "
+              f"count-based model ({n['name']}, {n['bits_per_char']:.4f} bits/char).", ""]
+  for tokenizer, fit in results.get("power_law", {}).items():
+    p, c = fit["params"], fit["compute"]
+    lines += [f"Power law ({tokenizer}): L(N) = {p['a']:.3g} N^-{p['alpha']:.3f} + {p['c']:.3f} "
+              f"nats; L(C) = {c['a']:.3g} C^-{c['alpha']:.3f} + {c['c']:.3f} nats.", ""]
   return "\n".join(lines) + "\n"
-
-
-def write_results(workdir: str, results: dict):
-  with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=2)
-  with open(os.path.join(workdir, "results.md"), "w", encoding="utf-8") as f:
-    f.write(markdown_table(results))
-  plotting.plot_perplexity(results, os.path.join(workdir, "perplexity.png"))
 
 
 def main(argv):
   del argv
-  start = time.time()
   config = common.config_from_flags(_CONFIG)
+  _apply_sweep_flags(config)
   workdir = common.prepare_workdir(config)
-  dataset = data_lib.load(
-      config.data, tokenizer=config.tokenizer, vocab_size=config.vocab_size or None,
-      seed=config.seed, synthetic_config=config.synthetic,
-      tfds_data_dir=config.tfds_data_dir or None, max_chars=config.max_chars or None,
-      workdir=workdir)
-  data_lib.check_fits(dataset, config.seq_len)
-  print(f"data: {dataset.description}; vocabulary {dataset.vocab_size}; "
-        f"{len(dataset.train_ids):,} training / {len(dataset.val_ids):,} validation tokens")
-  print(f"devices: {jax.device_count()} {jax.devices()[0].platform} in {jax.process_count()} "
-        f"process(es), this is process {jax.process_index()}; mesh {config.mesh}")
-  windows = train_lib.validation_windows(config, dataset)
-  records = baseline_records(dataset, windows)
-  for r in records:
-    print(f"  {r['name']:48s} {r['val_nll_nats']:.4f} nats  ppl {r['val_ppl']:.3f}")
-
-  result = train_lib.train(config, dataset, workdir, windows=windows,
-                           log=print if common.is_primary() else lambda *_: None)
-  if result.interrupted:
-    sys.exit(130)
-  scored = windows.weights_NxT > 0
-  n_tokens = int(scored.sum())
-  n_chars = int(dataset.tokenizer.char_lengths[windows.targets_NxT[scored]].sum())
-  final_nll = result.val_curve[-1][1]
-  train_tokens = result.final_step * config.batch_size * config.seq_len
-  records.append(_record(
-      "transformer", "model", final_nll, n_tokens, n_chars, params=result.params,
-      flops_per_token=result.flops_per_token, train_steps=result.final_step,
-      train_tokens=train_tokens, train_flops=result.flops_per_token * train_tokens,
-      tokens_per_s=result.tokens_per_second, wall_time_s=time.time() - start))
-  results = {
-      "experiment": "perplexity",
-      "data": dataset.description,
-      "evaluation": {"split": "validation", **windows.describe(), "chars_scored": n_chars,
-                     "stride": config.eval_stride or config.seq_len, "seq_len": config.seq_len},
-      "records": records,
-      "curves": {"transformer": {"step": [s for s, _ in result.val_curve],
-                                 "val_nll": [v for _, v in result.val_curve]}},
-      "config": json.loads(config.to_json_best_effort()),
-  }
+  tokenizers = parse_tokenizers(config.tokenizers, config.tokenizer, config.vocab_size)
+  sweep = len(tokenizers) > 1 or len(parse_model_sizes(config.model_sizes)) > 1
+  results = {"experiment": "perplexity", "evaluations": {}, "records": [], "curves": {}}
+  for kind, vocab_size in tokenizers:
+    tokenizer = f"{kind}:{vocab_size}" if kind == "sentencepiece" else kind
+    tok_dir = os.path.join(workdir, "tokenizers", tokenizer.replace(":", "_")) if sweep else workdir
+    os.makedirs(tok_dir, exist_ok=True)
+    dataset = data_lib.load(
+        config.data, tokenizer=kind, vocab_size=vocab_size or None, seed=config.seed,
+        synthetic_config=config.synthetic, tfds_data_dir=config.tfds_data_dir or None,
+        max_chars=config.max_chars or None, workdir=tok_dir)
+    data_lib.check_fits(dataset, config.seq_len)
+    if dataset.source is not None:
+      tokenizer = "synthetic"
+    print(f"data: {dataset.description}; tokenizer {tokenizer}, vocabulary {dataset.vocab_size}; "
+          f"{len(dataset.train_ids):,} training / {len(dataset.val_ids):,} validation tokens")
+    print(f"devices: {jax.device_count()} {jax.devices()[0].platform} in {jax.process_count()} "
+          f"process(es), this is process {jax.process_index()}; mesh {config.mesh}")
+    windows = train_lib.validation_windows(config, dataset)
+    start = time.time()
+    records = baseline_records(dataset, windows, tokenizer, config.ngram)
+    for r in records:
+      print(f"  {r['name']:58s} {r['val_nll_nats']:.4f} nats  {r['bits_per_char']:.4f} bits/char")
+    print(f"  (baselines and n-grams: {time.time() - start:.1f} s)")
+    if config.train_transformer:
+      model_records, curves = train_models(config, dataset, windows, tokenizer, workdir, sweep)
+      records += model_records
+      results["curves"].update(curves)
+    scored = windows.weights_NxT > 0
+    results["evaluations"][tokenizer] = {
+        "split": "validation", **windows.describe(), "vocab_size": dataset.vocab_size,
+        "chars_scored": int(dataset.tokenizer.char_lengths[windows.targets_NxT[scored]].sum()),
+        "stride": config.eval_stride or config.seq_len, "seq_len": config.seq_len}
+    results["records"] += records
+    results["data"] = dataset.description.split(" (")[0] if sweep else dataset.description
+  results["power_law"] = fit_scaling(results["records"])
+  results["config"] = json.loads(config.to_json_best_effort())
   if common.is_primary():
-    write_results(workdir, results)
+    with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
+      json.dump(results, f, indent=2)
+    with open(os.path.join(workdir, "results.md"), "w", encoding="utf-8") as f:
+      f.write(markdown_table(results))
+    figures = plot_perplexity.plot_all(results, workdir)
     print(markdown_table(results))
-    print(f"wrote {os.path.join(workdir, 'results.json')}, results.md, perplexity.png "
-          f"({time.time() - start:.0f} s)")
+    print(f"wrote results.json, results.md, {', '.join(figures)} to {workdir}")
 
 
 if __name__ == "__main__":

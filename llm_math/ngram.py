@@ -275,12 +275,29 @@ def score(model: NgramModel, ids, window: Optional[int] = None) -> np.ndarray:
     float64 [T], -ln P(ids[i] | context_i).
   """
   x = _check_ids(ids, model.vocab_size, "ids")
-  n_ctx = context_lengths(x.size, model.order, window)
-  prev = np.zeros((max(model.order - 1, 1), x.size), np.int64)
+  return score_at(model, x, np.arange(x.size), context_lengths(x.size, model.order, window))
+
+
+def score_at(model: NgramModel, stream, positions, context_lengths_) -> np.ndarray:
+  """-ln P(stream[i] | the c_i tokens before i) for i in `positions`, c_i = `context_lengths_`.
+
+  The general form of `score`: it scores any set of stream positions, each with the context it is
+  allowed (capped at order - 1), e.g. exactly the targets and contexts of a Transformer's evaluation
+  windows (`llm_math.data.EvalWindows.positions_NxT` / `context_NxT`).
+  """
+  x = _check_ids(stream, model.vocab_size, "stream")
+  pos = np.asarray(positions, np.int64).reshape(-1)
+  ctx = np.asarray(context_lengths_, np.int64).reshape(-1)
+  if pos.shape != ctx.shape or (pos.size and (pos.min() < 0 or pos.max() >= x.size)):
+    raise ValueError("positions must index the stream and match context_lengths_ in size")
+  if pos.size and np.any(ctx > pos):
+    raise ValueError("a context length exceeds the number of tokens before its position")
+  n_ctx = np.minimum(ctx, model.order - 1)
+  prev = np.zeros((max(model.order - 1, 1), pos.size), np.int64)
   for j in range(1, model.order):
-    prev[j - 1, j:] = x[:-j] if x.size > j else prev[j - 1, j:]
+    prev[j - 1] = x[np.maximum(pos - j, 0)]
   ctx_ids = _context_chain(model, prev, n_ctx)
-  return -np.log(_target_probs(model, ctx_ids, n_ctx, x))
+  return -np.log(_target_probs(model, ctx_ids, n_ctx, x[pos]))
 
 
 def _split_contexts(model: NgramModel, contexts_BxC) -> tuple:

@@ -152,9 +152,11 @@ def build(kind: str, train_text: str, other_texts=(), vocab_size: int | None = N
   if kind == "byte":
     return ByteTokenizer()
   if kind == "sentencepiece":
-    if not vocab_size or vocab_size < 260:
-      raise UsageError(f"--vocab_size={vocab_size}: SentencePiece with byte fallback needs at least "
-                       "260 (256 bytes + newline + unk + a few merges)")
+    required = 256 + len(set(train_text)) + 2  # byte pieces, every character, unk and newline
+    if not vocab_size or vocab_size <= required:
+      raise UsageError(f"--vocab_size={vocab_size}: SentencePiece with byte fallback needs more than "
+                       f"{required} on this corpus (256 bytes + {len(set(train_text))} characters + "
+                       "unk + newline), plus room for merges")
     return SentencePieceTokenizer.train(train_text, vocab_size, model_type)
   raise UsageError(f"--tokenizer={kind!r}: expected one of {', '.join(KINDS)}")
 

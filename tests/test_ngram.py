@@ -288,3 +288,25 @@ def test_tiny_shakespeare_orders():
   assert nll[ngram.ADD_K, 8] > nll[ngram.ADD_K, 4] + 0.5  # add-k overfits long contexts
   assert nll[ngram.KNESER_NEY, 5] < nll[ngram.ADD_K, 4]
   assert 1.3 < nll[ngram.KNESER_NEY, 5] < 1.8  # well below uniform ln 65 = 4.17 nats
+
+
+@pytest.mark.parametrize("method", [ngram.KNESER_NEY, ngram.ADD_K])
+def test_score_at_matches_score_and_eval_windows(method):
+  """score_at on a Transformer's evaluation windows == score of each window as its own stream."""
+  from llm_math import data as data_lib  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  train = rng.integers(0, 7, 3000)
+  val = rng.integers(0, 7, 301)
+  model = ngram.fit(train, 7, 4, method)
+  np.testing.assert_allclose(
+      ngram.score_at(model, val, np.arange(301), ngram.context_lengths(301, 4)),
+      ngram.score(model, val))
+  w = data_lib.eval_windows(val, 16)
+  scored = w.weights_NxT > 0
+  nll = ngram.score_at(model, val, w.positions_NxT[scored], w.context_NxT[scored])
+  # Window n: inputs val[s:s+16], targets val[s+1:s+17]: score the 17 tokens, drop the first.
+  expected = []
+  for n, start in enumerate(w.positions_NxT[:, 0] - 1):
+    window_nll = ngram.score(model, val[start:start + 17])[1:]
+    expected.append(window_nll[scored[n]])
+  np.testing.assert_allclose(nll, np.concatenate(expected))

@@ -51,7 +51,7 @@ def test_sentencepiece_round_trip_save_load(tmp_path, model_type):
 def test_sentencepiece_vocab_too_large_is_a_clear_error():
   with pytest.raises(UsageError, match="--vocab_size=5000"):
     tokenizers.build("sentencepiece", "tiny corpus\n" * 5, vocab_size=5000)
-  with pytest.raises(UsageError, match="at least 260"):
+  with pytest.raises(UsageError, match="needs more than"):
     tokenizers.build("sentencepiece", TEXT, vocab_size=100)
 
 

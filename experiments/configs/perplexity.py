@@ -50,6 +50,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 64
   c.eval_max_tokens = 0  # Score at most this many validation tokens (0 = all).
 
+  # Baselines: n-gram LMs (orders, 'kneser_ney' and/or 'add_k' with constant add_k), scored on the
+  # Transformer's evaluation windows (window 0) or with context reset every `window` tokens, and
+  # always also with full left context.
+  c.ngram = ml_collections.ConfigDict(dict(
+      orders="1,2,3,5", methods="kneser_ney,add_k", add_k=0.1, window=0))
+  # Sweeps: train_transformer=False gives baselines only; model_sizes 'DxL,...' (d_model x layers,
+  # d_ff = 4 d); tokenizers 'char,sentencepiece:1000,...' ('' = the tokenizer field).
+  c.train_transformer = True
+  c.model_sizes = ""
+  c.tokenizers = ""
+
   c.log_every = 100
   c.checkpoint_every = 500
   c.keep_checkpoints = 2

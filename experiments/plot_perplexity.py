@@ -1,0 +1,171 @@
+r"""Figures of the perplexity experiment, drawn from results.json (no JAX).
+
+  python -m experiments.plot_perplexity --workdir=DIR
+
+perplexity.png   validation loss / perplexity over training against uniform, unigram, the best n-gram
+                 and (synthetic data) the floor, plus the excess over the floor on a log scale
+ngram_orders.png loss vs n-gram order (add-k and Kneser-Ney, equal and full context), Transformers as lines
+scaling.png      validation loss vs parameters and vs training compute, log axes, fitted power laws
+"""
+
+import json
+import math
+import os
+
+from absl import app
+from absl import flags
+import matplotlib.pyplot as plt
+import numpy as np
+
+from llm_math.plotting import measurement_caption, plain_log_ticks
+
+LN2 = math.log(2.0)
+_STYLES = {"uniform": ("tab:gray", ":"), "unigram": ("tab:orange", "--"),
+           "floor": ("black", "-"), "entropy_rate": ("black", "-.")}
+
+
+def _best_ngram(records, tokenizer):
+  grams = [r for r in records if r["kind"] == "ngram" and r["tokenizer"] == tokenizer
+           and r.get("context") == "equal"]
+  return min(grams, key=lambda r: r["val_nll_nats"]) if grams else None
+
+
+def plot_curves(results: dict, path: str):
+  """Validation loss and perplexity over training for the first tokenizer's models."""
+  tokenizer = next(iter(results["evaluations"]))
+  ev = results["evaluations"][tokenizer]
+  records = [r for r in results["records"] if r["tokenizer"] == tokenizer]
+  floor = next((r for r in records if r["name"].startswith("floor")), None)
+  fig, axes = plt.subplots(1, 3 if floor else 2, figsize=(17 if floor else 12, 4.8))
+  ax_nll, ax_ppl = axes[0], axes[1]
+  for name, curve in results["curves"].items():
+    if curve.get("tokenizer", tokenizer) != tokenizer:
+      continue
+    steps, nll = curve["step"], curve["val_nll"]
+    ax_nll.plot(steps, nll, marker="o", ms=3, label=name)
+    ax_ppl.plot(steps, np.exp(nll), marker="o", ms=3, label=name)
+    if floor:
+      axes[2].plot(steps, np.asarray(nll) - floor["val_nll_nats"], marker="o", ms=3, label=name)
+  lines = [r for r in records if r["kind"] in ("baseline", "floor")]
+  best = _best_ngram(records, tokenizer)
+  if best and best["order"] > 1:
+    lines.append(best)
+  for rec in lines:
+    color, style = _STYLES.get(rec["name"].split(" ")[0], ("tab:purple", "--"))
+    label = f"{rec['name']} ({rec['val_nll_nats']:.3f} nats)"
+    ax_nll.axhline(rec["val_nll_nats"], color=color, ls=style, lw=1.2, label=label)
+    ax_ppl.axhline(math.exp(rec["val_nll_nats"]), color=color, ls=style, lw=1.2, label=label)
+  ax_nll.set(xlabel="training step", ylabel="validation NLL (nats / token)", title="Validation loss")
+  ax_ppl.set(xlabel="training step", ylabel="validation perplexity exp(NLL)", yscale="log",
+             title="Validation perplexity (log scale)")
+  plain_log_ticks(ax_ppl.yaxis)
+  if floor:
+    axes[2].axhline(0.05, color="tab:red", ls=":", lw=1.2, label="0.05 nats")
+    axes[2].set(xlabel="training step", ylabel="validation NLL - floor (nats, log scale)",
+                yscale="log", title="Excess loss over the true model")
+    axes[2].legend(fontsize=8)
+  for ax in axes:
+    ax.grid(alpha=0.3, which="both")
+  ax_nll.legend(fontsize=7, loc="upper right")
+  fig.suptitle(f"{results['data']} [{tokenizer}]\n{measurement_caption(ev)}", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=130)
+  plt.close(fig)
+
+
+def plot_ngram_orders(results: dict, path: str):
+  """Bits per character vs n-gram order; Transformers and the floor as horizontal lines."""
+  fig, ax = plt.subplots(figsize=(8, 5))
+  for tokenizer in results["evaluations"]:
+    records = [r for r in results["records"] if r["tokenizer"] == tokenizer]
+    suffix = f" [{tokenizer}]" if len(results["evaluations"]) > 1 else ""
+    for method, marker in (("kneser_ney", "o"), ("add_k", "s")):
+      for context, style in (("equal", "-"), ("full", "--")):
+        pts = sorted((r["order"], r["bits_per_char"]) for r in records if r["kind"] == "ngram"
+                     and r["method"] == method and r["context"] == context)
+        if pts:
+          label = ("Kneser-Ney" if method == "kneser_ney" else "add-k") + (
+              ", same context as Transformer" if context == "equal" else ", full left context")
+          ax.plot(*zip(*pts), marker=marker, ls=style, label=label + suffix)
+    for r in records:
+      if r["kind"] in ("model", "floor") or r["name"] == "uniform":
+        ax.axhline(r["bits_per_char"], ls=":" if r["kind"] != "model" else "-.", lw=1.2,
+                   color="black" if r["kind"] == "floor" else None,
+                   label=f"{r['name']} ({r['bits_per_char']:.3f})")
+  ax.set(xlabel="n-gram order (context = order - 1 tokens)",
+         ylabel="validation bits per character (lower is better)",
+         title="Count-based n-gram models vs Transformers")
+  ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  ev = next(iter(results["evaluations"].values()))
+  fig.suptitle(f"{results['data']}\n{measurement_caption(ev)}", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=130)
+  plt.close(fig)
+
+
+def plot_scaling(results: dict, path: str):
+  """Validation loss vs parameters and vs training FLOPs with the fitted L = a x^-alpha + c."""
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+  for tokenizer in results["evaluations"]:
+    models = sorted((r for r in results["records"] if r["kind"] == "model"
+                     and r["tokenizer"] == tokenizer), key=lambda r: r["params"])
+    fit = results.get("power_law", {}).get(tokenizer)
+    for ax, key, axis in ((axes[0], "params", "params"), (axes[1], "train_flops", "compute")):
+      x = np.array([r[key] for r in models], float)
+      y = np.array([r["val_nll_nats"] for r in models])
+      ax.scatter(x, y, zorder=3, label=f"Transformers [{tokenizer}]")
+      if fit:
+        f = fit[axis]
+        grid = np.geomspace(x.min() / 1.5, x.max() * 1.5, 100)
+        ax.plot(grid, f["a"] * grid ** -f["alpha"] + f["c"], "--",
+                label=f"fit {f['a']:.3g} x^-{f['alpha']:.3f} + {f['c']:.3f}")
+        ax.axhline(f["c"], color="gray", ls=":", lw=1, label=f"fitted irreducible c = {f['c']:.3f}")
+      for r in results["records"]:
+        if r["tokenizer"] == tokenizer and r["name"].startswith("floor"):
+          ax.axhline(r["val_nll_nats"], color="black", lw=1.2, label=f"true floor {r['val_nll_nats']:.3f}")
+      best = _best_ngram(results["records"], tokenizer)
+      if best:
+        ax.axhline(best["val_nll_nats"], color="tab:purple", ls="--", lw=1,
+                   label=f"best n-gram: {best['name']} ({best['val_nll_nats']:.3f})")
+  axes[0].set(xscale="log", yscale="log", xlabel="parameters N",
+              ylabel="validation NLL (nats / token, log scale)", title="Loss vs model size")
+  axes[1].set(xscale="log", yscale="log", xlabel="training compute C (FLOPs, 6N + 12LTd per token)",
+              ylabel="validation NLL (nats / token, log scale)", title="Loss vs training compute")
+  for ax in axes:
+    plain_log_ticks(ax.yaxis)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+  ev = next(iter(results["evaluations"].values()))
+  fig.suptitle(f"{results['data']}\n{measurement_caption(ev)}", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=130)
+  plt.close(fig)
+
+
+def plot_all(results: dict, workdir: str) -> list[str]:
+  """Draws every figure the results support; returns their file names."""
+  drawn = []
+  if results["curves"]:
+    plot_curves(results, os.path.join(workdir, "perplexity.png"))
+    drawn.append("perplexity.png")
+  if any(r["kind"] == "ngram" for r in results["records"]):
+    plot_ngram_orders(results, os.path.join(workdir, "ngram_orders.png"))
+    drawn.append("ngram_orders.png")
+  if sum(r["kind"] == "model" for r in results["records"]) >= 2:
+    plot_scaling(results, os.path.join(workdir, "scaling.png"))
+    drawn.append("scaling.png")
+  return drawn
+
+
+def main(argv):
+  del argv
+  workdir = flags.FLAGS.workdir
+  with open(os.path.join(workdir, "results.json"), encoding="utf-8") as f:
+    print("wrote", ", ".join(plot_all(json.load(f), workdir)))
+
+
+if __name__ == "__main__":
+  flags.DEFINE_string("workdir", None, "A perplexity experiment's workdir.", required=True)
+  app.run(main)
