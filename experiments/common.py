@@ -12,6 +12,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from llm_math.errors import UsageError
@@ -110,6 +111,7 @@ def run(main):
   def wrapped(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
     try:
       from llm_math import sharding  # pylint: disable=g-import-not-at-top
       sharding.initialize_distributed()

@@ -34,6 +34,9 @@ from llm_math.errors import UsageError
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+_norm = optax.tree.norm if hasattr(optax, "tree") and hasattr(optax.tree, "norm") else optax.global_norm
+
+
 class NonFiniteLossError(RuntimeError):
   """The training loss became NaN or infinite."""
 
@@ -118,9 +121,9 @@ def train_step(state, inputs_BxT, targets_BxT, rng, grad_accum_steps: int = 1):
   new_state = state.apply_gradients(grads=grads)
   metrics = {
       "loss": loss,
-      "grad_norm": optax.global_norm(grads),
-      "param_norm": optax.global_norm(new_state.params),
-      "update_norm": optax.global_norm(
+      "grad_norm": _norm(grads),
+      "param_norm": _norm(new_state.params),
+      "update_norm": _norm(
           jax.tree_util.tree_map(jnp.subtract, new_state.params, state.params)),
   }
   return new_state, metrics
@@ -175,6 +178,11 @@ class TrainResult:
   flops_per_token: float
   tokens_per_second: float
   interrupted: bool = False
+
+
+def _use_mesh(mesh):
+  """Makes `mesh` the context mesh (for logical sharding constraints), on old and new JAX."""
+  return jax.set_mesh(mesh) if hasattr(jax, "set_mesh") else mesh
 
 
 class _StopSignals:
@@ -300,7 +308,7 @@ def train(config, dataset: data_lib.Dataset, workdir: str, windows=None, log=pri
   tokens_per_step = config.batch_size * config.seq_len
   window_start, window_steps, tokens_per_second = time.perf_counter(), 0, float("nan")
   interrupted = None
-  with _StopSignals() as stop, mesh:
+  with _StopSignals() as stop, _use_mesh(mesh):
     for step in range(start_step, config.num_steps):
       if stop.received:
         interrupted = stop.received

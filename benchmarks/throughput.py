@@ -1,0 +1,112 @@
+r"""Training throughput of the Transformer LM: tokens/s, step time, model TFLOP/s, MFU, peak memory.
+
+  python -m benchmarks.throughput --shape=nanogpt_cpu
+  python -m benchmarks.throughput --shape=gpt2_small --dtype=bfloat16 --attention_impl=fused
+
+MFU = (tokens/s x FLOPs per token) / (devices x peak FLOP/s), with FLOPs per token = 6N + 12 L T d
+(`llm_math.flops`: N = parameters in matmuls, the output head counted once; attention's T x T scores
+counted in full although a causal mask wastes half of them, as nanoGPT and PaLM count them). Peak
+FLOP/s is dense bf16 from the table in llm_math/flops.py, keyed by device kind; none on CPU, so no MFU
+there. Peak memory is the accelerator's peak bytes in use, or on CPU the process's peak resident size.
+The timed steps run the same jitted, donated, sharded train step as training, on random tokens.
+"""
+
+import resource
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.configs import perplexity as default_config
+from llm_math import flops as flops_lib
+from llm_math import model as model_lib
+from llm_math import sharding
+from llm_math import train as train_lib
+
+# name: (layers, d_model, heads, context, batch, vocab)
+SHAPES = {
+    "nanogpt_cpu": (4, 128, 4, 64, 12, 65),
+    "gpt2_small": (12, 768, 12, 1024, 12, 50304),
+    "gpt2_small_b32": (12, 768, 12, 1024, 32, 50304),
+    "synthetic_default": (2, 64, 4, 64, 32, 32),
+}
+
+SHAPE = flags.DEFINE_enum("shape", "nanogpt_cpu", list(SHAPES), "Named model/batch shape.")
+BATCH = flags.DEFINE_integer("batch_size", None, "Override the shape's global batch.")
+DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+ATTENTION = flags.DEFINE_enum("attention_impl", "explicit", ["explicit", "fused"], "Attention.")
+REMAT = flags.DEFINE_bool("remat", False, "Rematerialize blocks in the backward pass.")
+ACCUM = flags.DEFINE_integer("grad_accum_steps", 1, "Micro-batches per step.")
+STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after 3 warm-up steps).")
+MESH = flags.DEFINE_string("mesh", "data:-1", "Device mesh.")
+
+
+def benchmark_config():
+  layers, d, heads, t, batch, vocab = SHAPES[SHAPE.value]
+  c = default_config.get_config()
+  c.model.update(num_layers=layers, d_model=d, num_heads=heads, d_ff=4 * d, dtype=DTYPE.value,
+                 attention_impl=ATTENTION.value, remat=REMAT.value, tie_embeddings=True,
+                 use_bias=False)
+  c.seq_len, c.batch_size, c.mesh, c.grad_accum_steps = t, BATCH.value or batch, MESH.value, ACCUM.value
+  return c, vocab
+
+
+def peak_memory_bytes() -> tuple[int, str]:
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    return int(stats["peak_bytes_in_use"]), "device peak bytes in use"
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "host peak resident set"
+
+
+def main(argv):
+  del argv
+  config, vocab = benchmark_config()
+  mcfg = train_lib.model_config(config, vocab)
+  model = model_lib.Transformer(mcfg)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = tuple(tuple(r) for r in config.logical_axis_rules)
+  state, state_sh = train_lib.create_train_state(
+      model, train_lib.optimizer(config), mesh, rules, config.seq_len, jax.random.PRNGKey(0))
+  batch_sh = sharding.batch_sharding(mesh, rules)
+  step = jax.jit(lambda s, x, y, r: train_lib.train_step(s, x, y, r, config.grad_accum_steps),
+                 in_shardings=(state_sh, batch_sh, batch_sh, None), out_shardings=(state_sh, None),
+                 donate_argnums=0)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, vocab, (config.batch_size, config.seq_len + 1)).astype(np.int32)
+  x = jax.device_put(tokens[:, :-1], batch_sh)
+  y = jax.device_put(tokens[:, 1:], batch_sh)
+  key = jax.random.PRNGKey(1)
+  compile_start = time.perf_counter()
+  for _ in range(3):
+    state, metrics = step(state, x, y, key)
+  jax.block_until_ready(metrics["loss"])
+  warmup = time.perf_counter() - compile_start
+  start = time.perf_counter()
+  for _ in range(STEPS.value):
+    state, metrics = step(state, x, y, key)
+  jax.block_until_ready(metrics["loss"])
+  seconds = (time.perf_counter() - start) / STEPS.value
+
+  n_params = flops_lib.count_params(state.params)
+  fpt = flops_lib.flops_per_token(mcfg, n_params, config.seq_len)
+  tokens_per_s = config.batch_size * config.seq_len / seconds
+  peak = flops_lib.peak_flops_per_device()
+  mfu = flops_lib.mfu(tokens_per_s, fpt, jax.device_count(), peak)
+  memory, memory_kind = peak_memory_bytes()
+  print(f"shape {SHAPE.value}: {mcfg.num_layers} layers, d {mcfg.d_model}, {mcfg.num_heads} heads, "
+        f"context {config.seq_len}, batch {config.batch_size}, vocab {vocab}, {DTYPE.value}, "
+        f"attention {ATTENTION.value}, remat {REMAT.value}, grad_accum {ACCUM.value}")
+  print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; mesh {dict(mesh.shape)}")
+  print(f"params {n_params:,}; FLOPs/token {fpt:.4g} (6N + 12LTd)")
+  print(f"warm-up (compile + 3 steps) {warmup:.1f} s")
+  print(f"step time {seconds * 1e3:.2f} ms | {tokens_per_s:,.0f} tokens/s | "
+        f"{tokens_per_s * fpt / 1e12:.3f} model TFLOP/s | MFU "
+        + (f"{mfu:.1%} of {peak / 1e12:.0f} TFLOP/s per device" if mfu else "n/a (no peak for CPU)")
+        + f" | {memory / 2**20:,.0f} MiB {memory_kind} | final loss {float(metrics['loss']):.3f}")
+
+
+if __name__ == "__main__":
+  app.run(main)
