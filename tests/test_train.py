@@ -36,15 +36,17 @@ def _params_of(result):
   return jax.tree_util.tree_leaves(jax.device_get(result.state.params))
 
 
-def test_interrupted_run_resumes_exactly(tmp_path):
-  """SIGINT mid-run saves a checkpoint; rerunning continues to bit-identical parameters and metrics."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_run_resumes_exactly(tmp_path, signum):
+  """SIGINT (Ctrl-C) or SIGTERM (preemption) mid-run saves a checkpoint; rerunning continues to
+  bit-identical parameters and metrics."""
   config = helpers.tiny_config(num_steps=12, checkpoint_every=4, log_every=1, eval_every=6)
   dataset = helpers.tiny_dataset(config)
   full = train_lib.train(config, dataset, str(tmp_path / "full"), log=_quiet)
 
   def interrupt_at_step_7(line):
     if line.startswith("step      7 | loss"):
-      os.kill(os.getpid(), signal.SIGINT)
+      os.kill(os.getpid(), signum)
 
   part_dir = str(tmp_path / "part")
   first = train_lib.train(config, dataset, part_dir, log=interrupt_at_step_7)
