@@ -1,5 +1,9 @@
-"""Small configs and datasets shared by the tests."""
+"""Small configs, datasets and parameter trees shared by the tests."""
 import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 from experiments.configs import perplexity as default_config
 from llm_math import data as data_lib
@@ -39,3 +43,39 @@ def tiny_config(**overrides):
 
 def tiny_dataset(config):
   return data_lib.load("synthetic", seed=config.seed, synthetic_config=config.synthetic)
+
+
+def x64():
+  """Scoped float64 (jax.enable_x64 context manager on recent jax, jax.experimental before)."""
+  if hasattr(jax, "enable_x64"):
+    return jax.enable_x64(True)
+  from jax.experimental import enable_x64  # pylint: disable=g-import-not-at-top
+  return enable_x64()
+
+
+# Shapes of `transformer_params`: vocab, context, d_model, heads, head dim, MLP width.
+V, T, D, H, DH, F = 11, 8, 16, 2, 8, 32
+
+
+def transformer_params(seed=0, n_layers=2):
+  """A hand-built params tree with the project's Transformer layout (random values)."""
+  rng = np.random.default_rng(seed)
+  f = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  ln = lambda: {"scale": jnp.ones((D,)), "bias": jnp.zeros((D,))}
+  params = {"token_embed": {"embedding": f(V, D)}, "pos_embed": {"embedding": f(T, D)}}
+  for i in range(n_layers):
+    params[f"block_{i}"] = {
+        "ln_attn": ln(),
+        "attn": {
+            "query": {"kernel": f(D, H, DH), "bias": f(H, DH)},
+            "key": {"kernel": f(D, H, DH), "bias": f(H, DH)},
+            "value": {"kernel": f(D, H, DH), "bias": f(H, DH)},
+            "out": {"kernel": f(H, DH, D), "bias": f(D)},
+        },
+        "ln_mlp": ln(),
+        "mlp": {"fc_in": {"kernel": f(D, F), "bias": f(F)},
+                "fc_out": {"kernel": f(F, D), "bias": f(D)}},
+    }
+  params["ln_final"] = ln()
+  params["lm_head"] = {"kernel": f(D, V)}
+  return params

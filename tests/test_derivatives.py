@@ -10,12 +10,7 @@ import pytest
 from llm_math import derivatives as d
 
 
-def _x64():
-  """Scoped float64 (jax.enable_x64 context manager on recent jax, jax.experimental before)."""
-  if hasattr(jax, "enable_x64"):
-    return jax.enable_x64(True)
-  from jax.experimental import enable_x64  # pylint: disable=g-import-not-at-top
-  return enable_x64()
+from tests.helpers import x64 as _x64
 
 
 @pytest.fixture(autouse=True)

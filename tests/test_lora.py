@@ -9,31 +9,7 @@ import pytest
 from llm_math import compression as cp
 from llm_math import lora as lr
 
-V, T, D, H, DH, F = 11, 8, 16, 2, 8, 32
-
-
-def transformer_params(seed=0, n_layers=2):
-  """A hand-built params tree with the project's Transformer layout (random values)."""
-  rng = np.random.default_rng(seed)
-  f = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
-  ln = lambda: {"scale": jnp.ones((D,)), "bias": jnp.zeros((D,))}
-  params = {"token_embed": {"embedding": f(V, D)}, "pos_embed": {"embedding": f(T, D)}}
-  for i in range(n_layers):
-    params[f"block_{i}"] = {
-        "ln_attn": ln(),
-        "attn": {
-            "query": {"kernel": f(D, H, DH), "bias": f(H, DH)},
-            "key": {"kernel": f(D, H, DH), "bias": f(H, DH)},
-            "value": {"kernel": f(D, H, DH), "bias": f(H, DH)},
-            "out": {"kernel": f(H, DH, D), "bias": f(D)},
-        },
-        "ln_mlp": ln(),
-        "mlp": {"fc_in": {"kernel": f(D, F), "bias": f(F)},
-                "fc_out": {"kernel": f(F, D), "bias": f(D)}},
-    }
-  params["ln_final"] = ln()
-  params["lm_head"] = {"kernel": f(D, V)}
-  return params
+from tests.helpers import D, DH, F, H, T, V, transformer_params  # pylint: disable=unused-import
 
 
 class AttnLike(nn.Module):
