@@ -245,7 +245,11 @@ def markdown_table(results: dict) -> str:
   for tokenizer, fit in results.get("power_law", {}).items():
     p, c = fit["params"], fit["compute"]
     lines += [f"Power law ({tokenizer}): L(N) = {p['a']:.3g} N^-{p['alpha']:.3f} + {p['c']:.3f} "
-              f"nats; L(C) = {c['a']:.3g} C^-{c['alpha']:.3f} + {c['c']:.3f} nats.", ""]
+              f"nats; L(C) = {c['a']:.3g} C^-{c['alpha']:.3f} + {c['c']:.3f} nats."]
+    if p["c"] == 0.0:
+      lines.append("The fitted irreducible loss c sits at its bound 0: the points show no flattening "
+                   "over this range, so c is not identified and L(N) is a pure power law here.")
+    lines.append("")
   return "\n".join(lines) + "\n"
 
 
