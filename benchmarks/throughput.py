@@ -25,6 +25,7 @@ from llm_math import flops as flops_lib
 from llm_math import model as model_lib
 from llm_math import sharding
 from llm_math import train as train_lib
+from llm_math import xla_cpu
 
 # name: (layers, d_model, heads, context, batch, vocab)
 SHAPES = {
@@ -42,6 +43,8 @@ REMAT = flags.DEFINE_bool("remat", False, "Rematerialize blocks in the backward 
 ACCUM = flags.DEFINE_integer("grad_accum_steps", 1, "Micro-batches per step.")
 STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after 3 warm-up steps).")
 MESH = flags.DEFINE_string("mesh", "data:-1", "Device mesh.")
+TUNING = flags.DEFINE_bool("xla_cpu_tuning", True, "Apply llm_math.xla_cpu's XLA:CPU settings "
+                           "(where verified; see that module).")
 
 
 def benchmark_config():
@@ -63,6 +66,7 @@ def peak_memory_bytes() -> tuple[int, str]:
 
 def main(argv):
   del argv
+  tuned = xla_cpu.tune() if TUNING.value else False
   config, vocab = benchmark_config()
   mcfg = train_lib.model_config(config, vocab)
   model = model_lib.Transformer(mcfg)
@@ -84,9 +88,12 @@ def main(argv):
     state, metrics = step(state, x, y, key)
   jax.block_until_ready(metrics["loss"])
   warmup = time.perf_counter() - compile_start
+  sync_each_step = xla_cpu.await_each_step()
   start = time.perf_counter()
   for _ in range(STEPS.value):
     state, metrics = step(state, x, y, key)
+    if sync_each_step:
+      jax.block_until_ready(metrics["loss"])
   jax.block_until_ready(metrics["loss"])
   seconds = (time.perf_counter() - start) / STEPS.value
 
@@ -98,7 +105,8 @@ def main(argv):
   memory, memory_kind = peak_memory_bytes()
   print(f"shape {SHAPE.value}: {mcfg.num_layers} layers, d {mcfg.d_model}, {mcfg.num_heads} heads, "
         f"context {config.seq_len}, batch {config.batch_size}, vocab {vocab}, {DTYPE.value}, "
-        f"attention {ATTENTION.value}, remat {REMAT.value}, grad_accum {ACCUM.value}")
+        f"attention {ATTENTION.value}, remat {REMAT.value}, grad_accum {ACCUM.value}"
+        + (f", XLA:CPU {xla_cpu.FLAG}" if tuned else ""))
   print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; mesh {dict(mesh.shape)}")
   print(f"params {n_params:,}; FLOPs/token {fpt:.4g} (6N + 12LTd)")
   print(f"warm-up (compile + 3 steps) {warmup:.1f} s")

@@ -32,14 +32,15 @@ RESUMABLE_FIELDS = {"num_steps", "eval_every", "log_every", "checkpoint_every", 
                     "eval_batch_size", "mesh", "ngram", "train_transformer"}
 
 
-def define_config(default_file: str):
+def _define_config(default_file: str):
   """Defines --config with a default file from experiments/configs/.
 
-  ml_collections reads `--config.field=value` overrides while the flag is defined, so a mistake in
-  one (an unknown field) surfaces here, at import time, and ends the program with one line.
+  Defined when a script runs (in `run`), not when it is imported, so several experiment modules can
+  be imported in one process. ml_collections reads `--config.field=value` overrides while the flag is
+  defined, so a mistake in one (an unknown field) surfaces here and ends the program with one line.
   """
   try:
-    return config_flags.DEFINE_config_file(
+    config_flags.DEFINE_config_file(
         "config", os.path.join(_CONFIG_DIR, default_file), "Config file (ml_collections).",
         lock_config=True)
   except (AttributeError, KeyError, TypeError, ValueError) as e:
@@ -48,10 +49,10 @@ def define_config(default_file: str):
     sys.exit(2)
 
 
-def config_from_flags(config_flag):
-  """The config with the shortcut flags applied."""
+def config_from_flags():
+  """The --config file's config with the shortcut flags applied."""
   try:
-    config = config_flag.value
+    config = flags.FLAGS.config
     config.get("data")  # The file loads lazily: touch it here so a bad file fails here.
   except (OSError, SyntaxError, AttributeError, ImportError) as e:
     reason = next((l.strip() for l in str(e).splitlines() if "Errno" in l), str(e).splitlines()[0])
@@ -104,8 +105,14 @@ def is_primary() -> bool:
   return jax.process_index() == 0
 
 
-def run(main):
-  """app.run(main), turning user mistakes into one-line errors and NaN losses into a clean stop."""
+def run(main, config_file: str | None = None):
+  """app.run(main), turning user mistakes into one-line errors and NaN losses into a clean stop.
+
+  With `config_file` (a file in experiments/configs/) the script takes --config, read by
+  `config_from_flags()`.
+  """
+  if config_file:
+    _define_config(config_file)
   from llm_math.train import NonFiniteLossError  # pylint: disable=g-import-not-at-top
 
   def wrapped(argv):
@@ -114,6 +121,8 @@ def run(main):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
     try:
       from llm_math import sharding  # pylint: disable=g-import-not-at-top
+      from llm_math import xla_cpu  # pylint: disable=g-import-not-at-top
+      xla_cpu.tune()
       sharding.initialize_distributed()
       return main(argv)
     except UsageError as e:

@@ -37,7 +37,6 @@ from llm_math import scaling_laws
 from llm_math import train as train_lib
 from llm_math.errors import UsageError
 
-_CONFIG = common.define_config("perplexity.py")
 NGRAM_ORDERS = flags.DEFINE_string("ngram_orders", None, "n-gram orders, e.g. '1,3,5,7'.")
 NGRAM_WINDOW = flags.DEFINE_integer(
     "ngram_window", None, "Reset n-gram context every W tokens (0: the Transformer's windows).")
@@ -255,7 +254,7 @@ def markdown_table(results: dict) -> str:
 
 def main(argv):
   del argv
-  config = common.config_from_flags(_CONFIG)
+  config = common.config_from_flags()
   _apply_sweep_flags(config)
   workdir = common.prepare_workdir(config)
   tokenizers = parse_tokenizers(config.tokenizers, config.tokenizer, config.vocab_size)
@@ -306,4 +305,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  common.run(main)
+  common.run(main, "perplexity.py")

@@ -29,6 +29,7 @@ from llm_math import flops as flops_lib
 from llm_math import model as model_lib
 from llm_math import sharding
 from llm_math import tokenizers
+from llm_math import xla_cpu
 from llm_math.errors import UsageError
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -306,6 +307,7 @@ def train(config, dataset: data_lib.Dataset, workdir: str, windows=None, log=pri
   if start_step == 0:
     run_eval(0)
   tokens_per_step = config.batch_size * config.seq_len
+  await_each_step = xla_cpu.await_each_step()
   window_start, window_steps, tokens_per_second = time.perf_counter(), 0, float("nan")
   interrupted = None
   with _StopSignals() as stop, _use_mesh(mesh):
@@ -315,6 +317,8 @@ def train(config, dataset: data_lib.Dataset, workdir: str, windows=None, log=pri
         break
       inputs, targets = next(batches)
       state, metrics = step_fn(state, inputs, targets, dropout_rng)
+      if await_each_step:
+        jax.block_until_ready(metrics["loss"])
       window_steps += 1
       done = step + 1
       if done % config.log_every == 0 or done == config.num_steps:
