@@ -181,7 +181,7 @@ class TrainResult:
   interrupted: bool = False
 
 
-def _use_mesh(mesh):
+def use_mesh(mesh):
   """Makes `mesh` the context mesh (for logical sharding constraints), on old and new JAX."""
   return jax.set_mesh(mesh) if hasattr(jax, "set_mesh") else mesh
 
@@ -310,7 +310,7 @@ def train(config, dataset: data_lib.Dataset, workdir: str, windows=None, log=pri
   await_each_step = xla_cpu.await_each_step()
   window_start, window_steps, tokens_per_second = time.perf_counter(), 0, float("nan")
   interrupted = None
-  with _StopSignals() as stop, _use_mesh(mesh):
+  with _StopSignals() as stop, use_mesh(mesh):
     for step in range(start_step, config.num_steps):
       if stop.received:
         interrupted = stop.received
