@@ -17,7 +17,6 @@ import time
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from experiments.configs import perplexity as default_config

@@ -545,12 +545,7 @@ def run_experiment(config, workdir: str, log=print) -> dict:
   start = time.time()
   check_config(config)
   os.makedirs(workdir, exist_ok=True)
-  dataset = data_lib.load(
-      config.data, tokenizer=config.tokenizer, vocab_size=config.vocab_size or None,
-      seed=config.seed, synthetic_config=config.synthetic,
-      tfds_data_dir=config.tfds_data_dir or None, max_chars=config.max_chars or None,
-      workdir=workdir)
-  data_lib.check_fits(dataset, config.seq_len)
+  dataset = common.load_dataset(config, workdir)
   log(f"data: {dataset.description}; vocabulary {dataset.vocab_size}; "
       f"{len(dataset.train_ids):,} training / {len(dataset.val_ids):,} validation tokens")
   eval_sets, n_eval = evaluation_sets(config, dataset)

@@ -669,12 +669,7 @@ def markdown_report(results: dict) -> str:
 def run_experiment(config, workdir: str, log=print) -> dict:
   """The whole sweep on `config` (checked by `check_config`); writes results and figures to `workdir`."""
   start = time.time()
-  dataset = data_lib.load(
-      config.data, tokenizer=config.tokenizer, vocab_size=config.vocab_size or None,
-      seed=config.seed, synthetic_config=config.synthetic,
-      tfds_data_dir=config.tfds_data_dir or None, max_chars=config.max_chars or None,
-      workdir=workdir)
-  data_lib.check_fits(dataset, config.seq_len)
+  dataset = common.load_dataset(config, workdir)
   t = config.seq_len
   val_windows = data_lib.eval_windows(dataset.val_ids[:config.eval_tokens + 1], t)
   train_windows = data_lib.eval_windows(dataset.train_ids[:config.eval_tokens + 1], t)

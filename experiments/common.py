@@ -68,6 +68,21 @@ def config_from_flags():
   return config
 
 
+def load_dataset(config, workdir=None, tokenizer=None, vocab_size=None):
+  """The config's data source, tokenized (`tokenizer`/`vocab_size` override the config's) and checked
+  to hold at least one window of `config.seq_len` tokens in each split."""
+  from llm_math import data as data_lib  # pylint: disable=g-import-not-at-top
+
+  dataset = data_lib.load(
+      config.data, tokenizer=tokenizer or config.tokenizer,
+      vocab_size=(config.vocab_size if vocab_size is None else vocab_size) or None,
+      seed=config.seed, synthetic_config=config.synthetic,
+      tfds_data_dir=config.tfds_data_dir or None, max_chars=config.max_chars or None,
+      workdir=workdir)
+  data_lib.check_fits(dataset, config.seq_len)
+  return dataset
+
+
 def prepare_workdir(config) -> str:
   """Creates --workdir, checks that it is writable, and saves (or checks) the config in it."""
   workdir = WORKDIR.value

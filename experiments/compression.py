@@ -205,12 +205,7 @@ def _same_tokenizer(a, b) -> bool:
 
 
 def _load_dataset(config, workdir=None) -> data_lib.Dataset:
-  dataset = data_lib.load(
-      config.data, tokenizer=config.tokenizer, vocab_size=config.vocab_size or None,
-      seed=config.seed, synthetic_config=config.synthetic,
-      tfds_data_dir=config.tfds_data_dir or None, max_chars=config.max_chars or None,
-      workdir=workdir)
-  data_lib.check_fits(dataset, config.seq_len)
+  dataset = common.load_dataset(config, workdir)
   return dataset
 
 

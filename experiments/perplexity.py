@@ -264,11 +264,7 @@ def main(argv):
     tokenizer = f"{kind}:{vocab_size}" if kind == "sentencepiece" else kind
     tok_dir = os.path.join(workdir, "tokenizers", tokenizer.replace(":", "_")) if sweep else workdir
     os.makedirs(tok_dir, exist_ok=True)
-    dataset = data_lib.load(
-        config.data, tokenizer=kind, vocab_size=vocab_size or None, seed=config.seed,
-        synthetic_config=config.synthetic, tfds_data_dir=config.tfds_data_dir or None,
-        max_chars=config.max_chars or None, workdir=tok_dir)
-    data_lib.check_fits(dataset, config.seq_len)
+    dataset = common.load_dataset(config, tok_dir, tokenizer=kind, vocab_size=vocab_size)
     if dataset.source is not None:
       tokenizer = "synthetic"
     print(f"data: {dataset.description}; tokenizer {tokenizer}, vocabulary {dataset.vocab_size}; "

@@ -225,7 +225,7 @@ def plot_rank_collapse(results: dict, workdir: str) -> str:
   depth = rc["num_layers"]
   layers = np.arange(depth + 1)
   trained = any(r["trained"] for r in arch.values())
-  panels = [("init", f"causal, initialization")]
+  panels = [("init", "causal, initialization")]
   if trained:
     panels.append(("trained", f"causal, after {rc['num_steps']} training steps"))
   panels.append(("init_bidirectional", "same initial weights, no causal mask"))

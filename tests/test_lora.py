@@ -9,7 +9,7 @@ import pytest
 from llm_math import compression as cp
 from llm_math import lora as lr
 
-from tests.helpers import D, DH, F, H, T, V, transformer_params  # pylint: disable=unused-import
+from tests.helpers import D, DH, F, H, transformer_params
 
 
 class AttnLike(nn.Module):
