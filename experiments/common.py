@@ -96,22 +96,27 @@ def prepare_workdir(config) -> str:
     os.remove(probe)
   except OSError as e:
     raise UsageError(f"--workdir={workdir}: not a writable directory ({e.strerror})") from None
-  path = os.path.join(workdir, "config.json")
+  save_config(config, workdir, f"--workdir={workdir} holds a run", write=is_primary())
+  return workdir
+
+
+def save_config(config, directory: str, what: str, ignored=frozenset(), write: bool = True):
+  """Writes config.json in `directory` (if `write`), first refusing a config that differs from the
+  one its checkpoints were trained with (fields in RESUMABLE_FIELDS or `ignored` may differ)."""
+  path = os.path.join(directory, "config.json")
   current = json.loads(config.to_json_best_effort())
-  has_checkpoints = os.path.isdir(os.path.join(workdir, "checkpoints")) and os.listdir(
-      os.path.join(workdir, "checkpoints"))
-  if has_checkpoints and os.path.exists(path):
+  checkpoints = os.path.join(directory, "checkpoints")
+  if os.path.isdir(checkpoints) and os.listdir(checkpoints) and os.path.exists(path):
     with open(path, encoding="utf-8") as f:
       saved = json.load(f)
-    for key in sorted(set(saved) | set(current)):
-      if key not in RESUMABLE_FIELDS and saved.get(key) != current.get(key):
+    for key in sorted((set(saved) | set(current)) - RESUMABLE_FIELDS - set(ignored)):
+      if saved.get(key) != current.get(key):
         raise UsageError(
-            f"--workdir={workdir} holds a run with a different config ({key}: {saved.get(key)!r} "
-            f"there, {current.get(key)!r} now); use a new --workdir to start another run")
-  if is_primary():
+            f"{what} with a different config ({key}: {saved.get(key)!r} there, "
+            f"{current.get(key)!r} now); use a new --workdir to start another run")
+  if write:
     with open(path, "w", encoding="utf-8") as f:
       json.dump(current, f, indent=2)
-  return workdir
 
 
 def is_primary() -> bool:

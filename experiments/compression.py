@@ -228,21 +228,8 @@ def config_from_init_workdir(config, init_workdir: str):
 def _prepare_base_dir(config, base_dir: str):
   """Saves the base config in base_dir, refusing to resume a base model trained with another one."""
   os.makedirs(base_dir, exist_ok=True)
-  path = os.path.join(base_dir, "config.json")
-  current = json.loads(config.to_json_best_effort())
-  has_checkpoints = os.path.isdir(os.path.join(base_dir, "checkpoints")) and os.listdir(
-      os.path.join(base_dir, "checkpoints"))
-  if has_checkpoints and os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      saved = json.load(f)
-    ignored = set(_STUDY_FIELDS) | common.RESUMABLE_FIELDS
-    for key in sorted((set(saved) | set(current)) - ignored):
-      if saved.get(key) != current.get(key):
-        raise UsageError(
-            f"{base_dir} holds a base model trained with another config ({key}: "
-            f"{saved.get(key)!r} there, {current.get(key)!r} now); use a new --workdir")
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(current, f, indent=2)
+  common.save_config(config, base_dir, f"{base_dir} holds a base model trained",
+                     ignored=_STUDY_FIELDS)
 
 
 def prepare_base(config, workdir: str, log=print) -> Base:
