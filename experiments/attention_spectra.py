@@ -758,10 +758,7 @@ def markdown_report(results: dict) -> str:
 
 def write_results(workdir: str, results: dict, arrays: dict):
   np.savez_compressed(os.path.join(workdir, "spectra.npz"), **arrays)
-  with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=1, allow_nan=False)
-  with open(os.path.join(workdir, "results.md"), "w", encoding="utf-8") as f:
-    f.write(markdown_report(results))
+  common.write_results(workdir, results, markdown_report(results), allow_nan=False)
 
 
 def main(argv):

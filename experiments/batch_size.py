@@ -29,7 +29,6 @@ results.md, and the figures of experiments/plot_batch_size.py.
 
 import json
 import math
-import os
 import time
 from typing import Callable, NamedTuple
 
@@ -737,11 +736,8 @@ def run_experiment(config, workdir: str, log=print) -> dict:
       "config": json.loads(config.to_json_best_effort()),
   }
   results["figures"] = plot_batch_size.plot_all(results, workdir)
-  with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=1)
   report = markdown_report(results)
-  with open(os.path.join(workdir, "results.md"), "w", encoding="utf-8") as f:
-    f.write(report)
+  common.write_results(workdir, results, report)
   log(report)
   if fit:
     log(f"B_crit (fit) = {fit['b_crit']:.1f}   B_simple (measured) = "

@@ -119,6 +119,14 @@ def save_config(config, directory: str, what: str, ignored=frozenset(), write: b
       json.dump(current, f, indent=2)
 
 
+def write_results(directory: str, results: dict, report: str, allow_nan: bool = True):
+  """Writes results.json (the machine-readable record) and results.md (the report) in `directory`."""
+  with open(os.path.join(directory, "results.json"), "w", encoding="utf-8") as f:
+    json.dump(results, f, indent=1, allow_nan=allow_nan)
+  with open(os.path.join(directory, "results.md"), "w", encoding="utf-8") as f:
+    f.write(report)
+
+
 def is_primary() -> bool:
   """Only process 0 writes results, tables and figures."""
   import jax  # pylint: disable=g-import-not-at-top

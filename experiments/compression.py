@@ -783,10 +783,7 @@ def _model_words(m: dict) -> str:
 
 
 def write_results(workdir: str, results: dict):
-  with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=2)
-  with open(os.path.join(workdir, "results.md"), "w", encoding="utf-8") as f:
-    f.write(markdown(results))
+  common.write_results(workdir, results, markdown(results))
   return plot_compression.plot_all(results, workdir)
 
 

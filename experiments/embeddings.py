@@ -22,7 +22,6 @@ results.json, results.md, embedding_spectrum.png, embedding_pca.png, embedding_c
 """
 
 import itertools
-import json
 import os
 import time
 
@@ -327,10 +326,7 @@ def main(argv):
       "config": trained.config.to_dict(),
   }
   results["summary"] = summary(results)
-  with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=1)
-  with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as f:
-    f.write(markdown(results))
+  common.write_results(out_dir, results, markdown(results))
   figures = plot_embeddings.plot_all(results, out_dir)
   print(markdown(results))
   print(f"wrote {os.path.join(out_dir, 'results.json')}, results.md, {', '.join(figures)} "

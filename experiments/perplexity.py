@@ -291,10 +291,7 @@ def main(argv):
   results["power_law"] = fit_scaling(results["records"])
   results["config"] = json.loads(config.to_json_best_effort())
   if common.is_primary():
-    with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=2)
-    with open(os.path.join(workdir, "results.md"), "w", encoding="utf-8") as f:
-      f.write(markdown_table(results))
+    common.write_results(workdir, results, markdown_table(results))
     figures = plot_perplexity.plot_all(results, workdir)
     print(markdown_table(results))
     print(f"wrote results.json, results.md, {', '.join(figures)} to {workdir}")

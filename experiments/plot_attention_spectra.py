@@ -28,6 +28,8 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from matplotlib import colors  # pylint: disable=g-import-not-at-top,wrong-import-position
 from matplotlib.lines import Line2D  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from llm_math.plotting import save_figure  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 RUN_LABELS = {"causal": "causal", "causal_high_lr": "causal, high lr",
               "bidirectional": "bidirectional (masked LM)"}
 ARCH_STYLES = {"pure attention": ("tab:red", "o", "-"), "attention + skip": ("tab:blue", "s", "-"),
@@ -56,9 +58,7 @@ def _style_legend(ax, num_layers: int, styles: dict, extra=(), **kwargs):
 
 
 def _save(fig, workdir: str, name: str) -> str:
-  path = os.path.join(workdir, name)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  save_figure(fig, os.path.join(workdir, name), dpi=120, tight=False)
   return name
 
 

@@ -20,6 +20,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from llm_math.plotting import save_figure  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 
 def _colors(batch_sizes):
   logs = np.log2(np.asarray(batch_sizes, np.float64))
@@ -108,9 +110,7 @@ def plot_tradeoff(results, path):
     unique = dict(zip(labels, handles))
     ax.legend(unique.values(), unique.keys(), fontsize=7.5)
   _suptitle(fig, results)
-  fig.tight_layout()
-  fig.savefig(path, dpi=130)
-  plt.close(fig)
+  save_figure(fig, path)
 
 
 def plot_gradient_variance(results, path):
@@ -148,9 +148,7 @@ def plot_gradient_variance(results, path):
     a.grid(alpha=0.3, which="both")
     a.legend(fontsize=7.5)
   _suptitle(fig, results, f"\n{gv['num_params']:,} parameters, at the checkpoint: {gv['checkpoint']}")
-  fig.tight_layout()
-  fig.savefig(path, dpi=130)
-  plt.close(fig)
+  save_figure(fig, path)
 
 
 def _binned_noise(noise, by="step", num_bins=12):
@@ -214,9 +212,7 @@ def plot_noise_scale(results, path):
   _suptitle(fig, results, "\ntwo-batch estimator every step (B_small = B/M, B_big = B) of each B's "
             "best run; numerator and denominator summed per bin, ratio last; bins with a "
             "non-positive sum are not drawn")
-  fig.tight_layout()
-  fig.savefig(path, dpi=130)
-  plt.close(fig)
+  save_figure(fig, path)
 
 
 def plot_sharpness(results, path):
@@ -250,9 +246,7 @@ def plot_sharpness(results, path):
   _suptitle(fig, results, f"\nmeasured at each B's best run when it stopped (at the target loss), "
             f"on a fixed batch of {cfg['batch']} training windows (sharpness) and "
             f"{results['evaluation']['tokens_scored']:,} training / validation tokens (gap)")
-  fig.tight_layout()
-  fig.savefig(path, dpi=130)
-  plt.close(fig)
+  save_figure(fig, path)
 
 
 def plot_learning_rate(results, path):
@@ -281,9 +275,7 @@ def plot_learning_rate(results, path):
   ax.grid(alpha=0.3, which="both")
   ax.legend(fontsize=8)
   _suptitle(fig, results, width=90)
-  fig.tight_layout()
-  fig.savefig(path, dpi=130)
-  plt.close(fig)
+  save_figure(fig, path)
 
 
 def plot_loss_curves(results, path):
@@ -312,9 +304,7 @@ def plot_loss_curves(results, path):
   ax_s.set(xlabel="training step", title="Validation loss of each B's best run")
   ax_e.set(xlabel="training examples B x step (sequences)", title="... against examples seen")
   _suptitle(fig, results)
-  fig.tight_layout()
-  fig.savefig(path, dpi=130)
-  plt.close(fig)
+  save_figure(fig, path)
 
 
 FIGURES = {"tradeoff.png": plot_tradeoff, "gradient_variance.png": plot_gradient_variance,

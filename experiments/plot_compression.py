@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 from matplotlib import ticker  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from llm_math.plotting import measurement_caption  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llm_math.plotting import measurement_caption, save_figure  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _REFERENCE_STYLES = {"floor": ("black", "-", "floor (true model)"),
                      "unigram": ("tab:orange", "--", "unigram (add-one)"),
@@ -102,9 +102,7 @@ def plot_svd(results: dict, path: str):
   ax.grid(alpha=0.3, which="both")
   ax.legend(fontsize=7, ncol=2)
   _title(fig, results)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  save_figure(fig, path, dpi=120)
 
 
 def plot_quant(results: dict, path: str):
@@ -175,9 +173,7 @@ def plot_quant(results: dict, path: str):
   ax.grid(alpha=0.3, which="both")
   ax.legend(fontsize=8)
   _title(fig, results)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  save_figure(fig, path, dpi=120)
 
 
 def plot_lora(results: dict, path: str):
@@ -233,9 +229,7 @@ def plot_lora(results: dict, path: str):
   fig.suptitle(f"pretrained on {results['evaluation']['data']} -> fine-tuned on {ev['data']}"
                + (" (" + ", ".join(f"{k} {a:g} -> {b:g}" for k, (a, b) in changes.items()) + ")"
                   if changes else "") + f"\n{measurement_caption(ev)}", fontsize=9.5)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  save_figure(fig, path, dpi=120)
 
 
 def plot_distill(results: dict, path: str):
@@ -300,9 +294,7 @@ def plot_distill(results: dict, path: str):
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7.5)
   _title(fig, results)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  save_figure(fig, path, dpi=120)
 
 
 PLOTS = {"svd": plot_svd, "quant": plot_quant, "lora": plot_lora, "distill": plot_distill}

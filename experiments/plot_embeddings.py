@@ -18,6 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from llm_math.plotting import save_figure  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 _CLASS_COLORS = {
     "lowercase vowel": "tab:red", "lowercase consonant": "tab:blue",
     "uppercase vowel": "tab:orange", "uppercase consonant": "tab:cyan", "digit": "tab:purple",
@@ -59,9 +61,7 @@ def plot_spectrum(results: dict, path: str):
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
   fig.suptitle(_title(results), fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=130)
-  plt.close(fig)
+  save_figure(fig, path)
 
 
 def _case_pairs(texts):
@@ -97,9 +97,7 @@ def plot_pca(results: dict, path: str):
     ax.grid(alpha=0.2)
   axes[0].legend(fontsize=8, loc="best")
   fig.suptitle(_title(results), fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=130)
-  plt.close(fig)
+  save_figure(fig, path)
 
 
 def plot_cosine(results: dict, path: str):
@@ -123,9 +121,7 @@ def plot_cosine(results: dict, path: str):
   ax.set(xlabel="token (grouped by class)", ylabel="token (grouped by class)",
          title="Cosine similarity of trained embeddings\n" + " | ".join(dict.fromkeys(classes)))
   ax.title.set_fontsize(9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=130)
-  plt.close(fig)
+  save_figure(fig, path)
 
 
 def plot_all(results: dict, out_dir: str) -> list[str]:

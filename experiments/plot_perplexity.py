@@ -17,7 +17,7 @@ from absl import flags
 import matplotlib.pyplot as plt
 import numpy as np
 
-from llm_math.plotting import measurement_caption, plain_log_ticks
+from llm_math.plotting import measurement_caption, plain_log_ticks, save_figure
 
 LN2 = math.log(2.0)
 _STYLES = {"uniform": ("tab:gray", ":"), "unigram": ("tab:orange", "--"),
@@ -68,9 +68,7 @@ def plot_curves(results: dict, path: str):
     ax.grid(alpha=0.3, which="both")
   ax_nll.legend(fontsize=7, loc="upper right")
   fig.suptitle(f"{results['data']} [{tokenizer}]\n{measurement_caption(ev)}", fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=130)
-  plt.close(fig)
+  save_figure(fig, path)
 
 
 def plot_ngram_orders(results: dict, path: str):
@@ -100,9 +98,7 @@ def plot_ngram_orders(results: dict, path: str):
   ax.legend(fontsize=7)
   ev = next(iter(results["evaluations"].values()))
   fig.suptitle(f"{results['data']}\n{measurement_caption(ev)}", fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=130)
-  plt.close(fig)
+  save_figure(fig, path)
 
 
 def plot_scaling(results: dict, path: str):
@@ -139,9 +135,7 @@ def plot_scaling(results: dict, path: str):
     ax.legend(fontsize=7)
   ev = next(iter(results["evaluations"].values()))
   fig.suptitle(f"{results['data']}\n{measurement_caption(ev)}", fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=130)
-  plt.close(fig)
+  save_figure(fig, path)
 
 
 def plot_all(results: dict, workdir: str) -> list[str]:

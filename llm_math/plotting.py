@@ -4,6 +4,7 @@ the files an experiment wrote). Each experiment's own figures live in experiment
 import matplotlib
 
 matplotlib.use("Agg")
+from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 from matplotlib import ticker  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -19,3 +20,11 @@ def plain_log_ticks(axis):
   fmt = ticker.FuncFormatter(lambda y, _: f"{y:g}")
   axis.set_major_formatter(fmt)
   axis.set_minor_formatter(fmt)
+
+
+def save_figure(fig, path: str, dpi: int = 130, tight: bool = True):
+  """Lays out (when `tight`), writes and closes `fig`."""
+  if tight:
+    fig.tight_layout()
+  fig.savefig(path, dpi=dpi)
+  plt.close(fig)

@@ -336,6 +336,18 @@ def qk_spectral_norm(w_q_BxDxK: Any, w_k_BxDxK: Any) -> np.ndarray:
   return np.linalg.svd(core, compute_uv=False)[..., 0] / np.sqrt(w_q.shape[-1])
 
 
+def _nonnegative_and_counts(x, n, name: str) -> tuple[np.ndarray, np.ndarray]:
+  """x (values >= 0, named `name` in errors) and n (integers >= 1) as broadcast float64 arrays."""
+  x = np.asarray(x, dtype=np.float64)
+  n = np.asarray(n, dtype=np.float64)
+  if np.any(np.isnan(x)) or np.any(x < 0):
+    raise ValueError(f"{name}: expected values >= 0")
+  if np.any(n < 1) or np.any(n != np.round(n)):
+    raise ValueError("n: expected integers >= 1")
+  x, n = np.broadcast_arrays(x, n)
+  return x, n
+
+
 def zhai_entropy_lower_bound(sigma_logits: Any, n: Any) -> np.ndarray:
   """Zhai et al. (2023), Theorem 3.1: the attention entropy lower bound.
 
@@ -361,13 +373,7 @@ def zhai_entropy_lower_bound(sigma_logits: Any, n: Any) -> np.ndarray:
   Returns:
     The bound in nats, broadcast shape of s and n.
   """
-  s = np.asarray(sigma_logits, dtype=np.float64)
-  n = np.asarray(n, dtype=np.float64)
-  if np.any(np.isnan(s)) or np.any(s < 0):
-    raise ValueError("sigma_logits: expected values >= 0")
-  if np.any(n < 1) or np.any(n != np.round(n)):
-    raise ValueError("n: expected integers >= 1")
-  s, n = np.broadcast_arrays(s, n)
+  s, n = _nonnegative_and_counts(sigma_logits, n, "sigma_logits")
   n_minus_1 = n - 1.0
   beta = np.exp(-s * np.sqrt(n / np.maximum(n_minus_1, 1.0)))
   denom = 1.0 + n_minus_1 * beta
@@ -417,13 +423,7 @@ def entropy_lower_bound_from_logit_range(r: Any, n: Any) -> np.ndarray:
   Returns:
     The minimum entropy in nats; log n at r = 0, 0 at n = 1, -> 0 as r -> inf.
   """
-  r = np.asarray(r, dtype=np.float64)
-  n = np.asarray(n, dtype=np.float64)
-  if np.any(np.isnan(r)) or np.any(r < 0):
-    raise ValueError("r: expected values >= 0")
-  if np.any(n < 1) or np.any(n != np.round(n)):
-    raise ValueError("n: expected integers >= 1")
-  r, n = np.broadcast_arrays(r, n)
+  r, n = _nonnegative_and_counts(r, n, "r")
   c = np.exp(-r)
   one_minus_c = -np.expm1(-r)
   safe = one_minus_c > 0
