@@ -115,6 +115,16 @@ def apply_rotary(x_BxTxHxK: jax.Array, positions_BxT: jax.Array) -> jax.Array:
   return out.astype(x_BxTxHxK.dtype)
 
 
+def gelu(x):
+  """Exact GELU, x Phi(x) = x (1 + erf(x / sqrt 2)) / 2, in PyTorch's erf form.
+
+  jax.nn.gelu(approximate=False) writes it with erfc, which XLA expands into two branches with an
+  exponential; erf is one rational polynomial. Both stay within 2e-6 of float64 on [-10, 10], and the
+  erf form is ~3 ms cheaper per training step of the nanoGPT CPU shape on XLA:CPU.
+  """
+  return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))).astype(x.dtype))
+
+
 class LayerNorm(nn.Module):
   """LayerNorm computed in float32 whatever the compute dtype, with logically named parameters."""
   config: ModelConfig
@@ -205,7 +215,7 @@ class FeedForward(nn.Module):
         cfg.d_ff, use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
         kernel_init=_dense_init(cfg.init_std, ("embed", "mlp")), bias_init=_zeros(("mlp",)),
         name="fc_in")(x_BxTxD)
-    h_BxTxF = nn.relu(h_BxTxF) if cfg.activation == "relu" else nn.gelu(h_BxTxF, approximate=False)
+    h_BxTxF = nn.relu(h_BxTxF) if cfg.activation == "relu" else gelu(h_BxTxF)
     return nn.Dense(
         cfg.d_model, use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
         kernel_init=_dense_init(_residual_std(cfg), ("mlp", "embed")), bias_init=_zeros(("embed",)),

@@ -1,4 +1,6 @@
 """The Transformer: causality, attention probabilities, positions, logical axes, FLOP count."""
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -173,3 +175,14 @@ def test_fused_attention_and_remat_match_the_explicit_model(causal):
     g_ref, g = jax.grad(loss)(params, m), jax.grad(loss)(params, other)
     for a, b in zip(jax.tree_util.tree_leaves(g_ref), jax.tree_util.tree_leaves(g)):
       np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def test_gelu_is_the_exact_gelu_with_its_derivative():
+  """x Phi(x) against float64 closed forms: value, and derivative Phi(x) + x phi(x) through autodiff."""
+  x = np.linspace(-8.0, 8.0, 4001)
+  phi = np.exp(-x**2 / 2) / np.sqrt(2 * np.pi)
+  cdf = 0.5 * (1 + np.vectorize(math.erf)(x / np.sqrt(2)))
+  x32 = jnp.asarray(x, jnp.float32)
+  np.testing.assert_allclose(model_lib.gelu(x32), x * cdf, atol=3e-6)
+  np.testing.assert_allclose(jax.vmap(jax.grad(model_lib.gelu))(x32), cdf + x * phi, atol=3e-6)
+  np.testing.assert_allclose(model_lib.gelu(x32), jax.nn.gelu(x32, approximate=False), atol=3e-6)

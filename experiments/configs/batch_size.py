@@ -15,7 +15,7 @@ from experiments.configs import perplexity
 
 def get_config() -> ml_collections.ConfigDict:
   c = perplexity.get_config()
-  c.model.update(num_layers=1, num_heads=4, d_model=64, d_ff=256)
+  c.model.update(num_layers=1, num_heads=4, d_model=64, d_ff=256, pos_encoding="learned")
   c.seq_len = 32
   c.synthetic.update(lag=8)
 

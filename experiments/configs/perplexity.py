@@ -2,7 +2,12 @@
 
 The lagged-copy source (V=32, lag 16, copy probability 0.8) has entropy rate 0.991 nats/token while
 every model with context shorter than 16 tokens is stuck at the unigram entropy 2.876: a 2-layer
-Transformer with context 64 should come within a few hundredths of a nat of the floor.
+Transformer with context 64 comes within a few thousandths of a nat of the floor.
+
+Positions are rotary: the dependence sits at a fixed relative offset, which rotary attention scores
+see directly. With learned absolute positions the same model has to learn "attend 16 back" at every
+position separately and lands +0.004 to +0.038 nats above the floor depending on the seed (seeds 0-3),
+against +0.002 to +0.003 with rotary (seeds 0-2).
 """
 import ml_collections
 
@@ -24,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict(dict(
       num_layers=2, num_heads=4, d_model=64, d_ff=256, dropout_rate=0.0,
-      pos_encoding="learned", activation="gelu", tie_embeddings=False, causal=True,
+      pos_encoding="rotary", activation="gelu", tie_embeddings=False, causal=True,
       use_bias=True, init_std=0.02, dtype="float32", param_dtype="float32",
       attention_impl="explicit", remat=False))
   c.seq_len = 64
