@@ -120,7 +120,8 @@ def gelu(x):
 
   jax.nn.gelu(approximate=False) writes it with erfc, which XLA expands into two branches with an
   exponential; erf is one rational polynomial. Both stay within 2e-6 of float64 on [-10, 10], and the
-  erf form is ~3 ms cheaper per training step of the nanoGPT CPU shape on XLA:CPU.
+  erf form saved ~3 ms per training step of the nanoGPT CPU shape on XLA:CPU (best of four runs
+  35.4 -> 32.6 ms on 2 cores).
   """
   return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))).astype(x.dtype))
 

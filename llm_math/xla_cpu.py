@@ -1,17 +1,17 @@
 """XLA:CPU settings for small Transformer steps, applied before JAX starts its CPU backend.
 
-Measured on the nanoGPT CPU shape (4 layers, d_model 128, batch 12 x 64, float32) on a 2-core x86
-machine with jaxlib 0.10: by default XLA:CPU hands YNNPACK fusions of dots together with their
-elementwise neighbours. In the backward pass each MLP's GELU gradient then reaches its weight-gradient
-dot through a transposed copy of the [B*T, 4d] activation (a strided loop fusion costing ~2.7 ms per
-layer), and fwd+bwd takes ~50 ms. Restricting YNNPACK to plain dots
-(`--xla_cpu_experimental_ynn_fusion_type=dot`) removes those copies: the whole training step falls from
-~47 ms to ~35 ms (`python -m benchmarks.throughput --shape=nanogpt_cpu --xla_cpu_tuning=false` to
-compare), with the same float32 arithmetic up to summation order.
+Measured on a 2-core x86 machine with jaxlib 0.10: by default XLA:CPU hands YNNPACK fusions of dots
+together with their elementwise neighbours. In the backward pass each MLP's GELU gradient then reached
+its weight-gradient dot through a transposed copy of the [B*T, 4d] activation (a strided loop fusion,
+~2.7 ms per layer with the erfc form of GELU that jax.nn.gelu uses). Restricting YNNPACK to plain dots
+(`--xla_cpu_experimental_ynn_fusion_type=dot`) removes those copies, with the same float32 arithmetic up
+to summation order. With `llm_math.model.gelu` (erf form) the gain is smaller: median step time
+38.6 -> 37.8 ms on the nanoGPT CPU shape (4 layers, d_model 128, batch 12 x 64) and 25.3 -> 14.7 ms
+on the synthetic default shape (`python -m benchmarks.throughput --xla_cpu_tuning=false` to compare).
 
 Splitting the CPU into one JAX device per core (`--xla_force_host_platform_device_count`, or
 `DEVICES=2 launch/local.sh`) and training data-parallel over them helps further on the same machine,
-because XLA:CPU parallelizes these small ops poorly within one device: 25 ms per step with both.
+because XLA:CPU parallelizes these small ops poorly within one device: 26.7 ms per step with both.
 
 The flag is applied only where it was verified: jaxlib versions in `VERIFIED_JAXLIB`, a single process
 (several host devices included), and XLA_FLAGS not already choosing. An unknown flag aborts XLA at
