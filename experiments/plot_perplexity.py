@@ -117,7 +117,8 @@ def plot_scaling(results: dict, path: str):
         grid = np.geomspace(x.min() / 1.5, x.max() * 1.5, 100)
         ax.plot(grid, f["a"] * grid ** -f["alpha"] + f["c"], "--",
                 label=f"fit {f['a']:.3g} x^-{f['alpha']:.3f} + {f['c']:.3f}")
-        ax.axhline(f["c"], color="gray", ls=":", lw=1, label=f"fitted irreducible c = {f['c']:.3f}")
+        if f["c"] > 1e-3 * y.min():  # A c at (or rounding-close to) its bound 0 has no log-axis place.
+          ax.axhline(f["c"], color="gray", ls=":", lw=1, label=f"fitted irreducible c = {f['c']:.3f}")
       for r in results["records"]:
         if r["tokenizer"] == tokenizer and r["name"].startswith("floor"):
           ax.axhline(r["val_nll_nats"], color="black", lw=1.2, label=f"true floor {r['val_nll_nats']:.3f}")

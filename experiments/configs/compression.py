@@ -27,7 +27,6 @@ from experiments.configs import perplexity
 
 def get_config() -> ml_collections.ConfigDict:
   c = perplexity.get_config()
-  c.model.pos_encoding = "learned"  # GPT-2-style positions, as the README numbers were measured.
   # Which studies to run, comma separated (any of svd, quant, lora, distill).
   c.studies = "svd,quant,lora,distill"
   # Sequences are tuples, so that they can be overridden: --config.lora.ranks='(1,4,16)'.
