@@ -40,6 +40,8 @@ DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute 
 ATTENTION = flags.DEFINE_enum("attention_impl", "explicit", ["explicit", "fused"], "Attention.")
 REMAT = flags.DEFINE_bool("remat", False, "Rematerialize blocks in the backward pass.")
 ACCUM = flags.DEFINE_integer("grad_accum_steps", 1, "Micro-batches per step.")
+LOSS_CHUNK = flags.DEFINE_integer("loss_chunk", 0, "Positions per piece of the chunked output "
+                                  "projection + loss (0 = whole logits at once).")
 STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after 3 warm-up steps).")
 MESH = flags.DEFINE_string("mesh", "data:-1", "Device mesh.")
 TUNING = flags.DEFINE_bool("xla_cpu_tuning", True, "Apply llm_math.xla_cpu's XLA:CPU settings "
@@ -74,7 +76,8 @@ def main(argv):
   state, state_sh = train_lib.create_train_state(
       model, train_lib.optimizer(config), mesh, rules, config.seq_len, jax.random.PRNGKey(0))
   batch_sh = sharding.batch_sharding(mesh, rules)
-  step = jax.jit(lambda s, x, y, r: train_lib.train_step(s, x, y, r, config.grad_accum_steps),
+  step = jax.jit(lambda s, x, y, r: train_lib.train_step(s, x, y, r, config.grad_accum_steps,
+                                                         LOSS_CHUNK.value),
                  in_shardings=(state_sh, batch_sh, batch_sh, None), out_shardings=(state_sh, None),
                  donate_argnums=0)
   rng = np.random.default_rng(0)
@@ -104,7 +107,8 @@ def main(argv):
   memory, memory_kind = peak_memory_bytes()
   print(f"shape {SHAPE.value}: {mcfg.num_layers} layers, d {mcfg.d_model}, {mcfg.num_heads} heads, "
         f"context {config.seq_len}, batch {config.batch_size}, vocab {vocab}, {DTYPE.value}, "
-        f"attention {ATTENTION.value}, remat {REMAT.value}, grad_accum {ACCUM.value}"
+        f"attention {ATTENTION.value}, remat {REMAT.value}, grad_accum {ACCUM.value}, "
+        f"loss_chunk {LOSS_CHUNK.value}"
         + (f", XLA:CPU {xla_cpu.FLAG}" if tuned else ""))
   print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; mesh {dict(mesh.shape)}")
   print(f"params {n_params:,}; FLOPs/token {fpt:.4g} (6N + 12LTd)")

@@ -252,8 +252,14 @@ class Transformer(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxT, deterministic: bool = True, positions_BxT=None):
-    """`positions_BxT` (default 0..T-1) are the tokens' absolute positions; decoding passes them."""
+  def __call__(self, tokens_BxT, deterministic: bool = True, positions_BxT=None,
+               return_hidden: bool = False):
+    """`positions_BxT` (default 0..T-1) are the tokens' absolute positions; decoding passes them.
+
+    With `return_hidden=True` the final-normed hidden states h_BxTxD are returned instead of the
+    logits, for losses that apply the output projection themselves (`chunked_cross_entropy`, with
+    `output_kernel(params)`).
+    """
     cfg = self.config
     b, t = tokens_BxT.shape
     if t > cfg.max_len:
@@ -278,6 +284,8 @@ class Transformer(nn.Module):
       x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
 
     x_BxTxD = LayerNorm(cfg, name="ln_final")(x_BxTxD)
+    if return_hidden and not self.is_initializing():
+      return x_BxTxD
     if cfg.tie_embeddings:
       return embed.attend(x_BxTxD).astype(jnp.float32)
     return nn.Dense(
@@ -303,6 +311,41 @@ def attention_probs(intermediates) -> jax.Array:
 def residual_streams(intermediates) -> jax.Array:
   """Stacks every block's output residual stream: -> x_LxBxTxD."""
   return jnp.stack([layer["residual"][0] for layer in _per_layer(intermediates)])
+
+
+def output_kernel(params) -> jax.Array:
+  """The output projection W_DxV of a Transformer's params (E^T when the embeddings are tied)."""
+  if "lm_head" in params:
+    return params["lm_head"]["kernel"]
+  return params["token_embed"]["embedding"].T
+
+
+def chunked_cross_entropy(hidden_BxTxD, kernel_DxV, targets_BxT, chunk: int):
+  """`cross_entropy(hidden @ kernel, targets)` without holding the [B, T, V] logits: (nll sum, count).
+
+  The sequence is cut into T / chunk pieces; a `lax.map` computes each piece's float32 logits
+  [B, chunk, V] and its summed NLL, and `jax.checkpoint` makes the backward pass recompute them piece
+  by piece. Peak memory for the loss falls from B*T*V to B*chunk*V floats (for GPT-2's V = 50304 at
+  B x T = 12 x 1024: 2.5 GB of float32 logits, and as much again for their gradient). The batch axis
+  is untouched, so a batch sharded over devices stays sharded. The matmul takes its inputs in the
+  hidden states' (compute) dtype and accumulates in float32.
+  """
+  b, t, d = hidden_BxTxD.shape
+  if chunk <= 0 or t % chunk:
+    raise ValueError(f"loss chunk {chunk} must be positive and divide the sequence length {t}")
+  h_NxBxCxD = jnp.moveaxis(hidden_BxTxD.reshape(b, t // chunk, chunk, d), 1, 0)
+  y_NxBxC = jnp.moveaxis(targets_BxT.reshape(b, t // chunk, chunk), 1, 0)
+  dtype = hidden_BxTxD.dtype
+  w_DxV = kernel_DxV.astype(dtype)
+
+  @jax.checkpoint
+  def piece(h_y):
+    h_BxCxD, y_BxC = h_y
+    logits_BxCxV = jnp.einsum("bcd,dv->bcv", h_BxCxD, w_DxV,
+                              preferred_element_type=jnp.float32)
+    return cross_entropy(logits_BxCxV, y_BxC)[0]
+
+  return jnp.sum(jax.lax.map(piece, (h_NxBxCxD, y_NxBxC))), jnp.asarray(b * t, jnp.float32)
 
 
 def cross_entropy(logits_BxTxV, targets_BxT, weights_BxT=None):

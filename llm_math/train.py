@@ -88,18 +88,24 @@ def create_train_state(model: nn.Module, tx, mesh, rules, seq_len: int, rng):
   return state, state_sharding
 
 
-def train_step(state, inputs_BxT, targets_BxT, rng, grad_accum_steps: int = 1):
+def train_step(state, inputs_BxT, targets_BxT, rng, grad_accum_steps: int = 1, loss_chunk: int = 0):
   """One AdamW step on the mean next-token cross-entropy; returns (new_state, metrics).
 
   With grad_accum_steps = M > 1 the batch is split into M micro-batches whose gradients are averaged
   (a lax.scan, so memory holds one micro-batch's activations): the same update as one big batch.
+  With loss_chunk = C > 0 the output projection and loss run C positions at a time
+  (`model.chunked_cross_entropy`), never holding the [B, T, V] logits: the same loss and gradients.
   """
   step_rng = jax.random.fold_in(rng, state.step)
 
   def loss_fn(params, x_BxT, y_BxT, dropout_rng):
-    logits = state.apply_fn({"params": params}, x_BxT, deterministic=False,
-                            rngs={"dropout": dropout_rng})
-    nll_sum, count = model_lib.cross_entropy(logits, y_BxT)
+    out = state.apply_fn({"params": params}, x_BxT, deterministic=False,
+                         rngs={"dropout": dropout_rng}, return_hidden=bool(loss_chunk))
+    if loss_chunk:
+      nll_sum, count = model_lib.chunked_cross_entropy(
+          out, model_lib.output_kernel(params), y_BxT, loss_chunk)
+    else:
+      nll_sum, count = model_lib.cross_entropy(out, y_BxT)
     return nll_sum / count
 
   if grad_accum_steps == 1:
@@ -263,6 +269,11 @@ def train(config, dataset: data_lib.Dataset, workdir: str, windows=None, log=pri
                      f"data-parallel devices of mesh {dict(mesh.shape)} times "
                      f"grad_accum_steps={accum}")
 
+  loss_chunk = config.get("loss_chunk", 0)
+  if loss_chunk < 0 or (loss_chunk and config.seq_len % loss_chunk):
+    raise UsageError(f"--config.loss_chunk={loss_chunk}: expected 0 (off) or a divisor of "
+                     f"seq_len={config.seq_len}")
+
   tx = optimizer(config)
   schedule = learning_rate_schedule(config)
   rng = jax.random.PRNGKey(config.seed)
@@ -282,7 +293,7 @@ def train(config, dataset: data_lib.Dataset, workdir: str, windows=None, log=pri
   last_saved = start_step if start_step else None
 
   batch_sh = sharding.batch_sharding(mesh, rules)
-  step_fn = jax.jit(functools.partial(train_step, grad_accum_steps=accum),
+  step_fn = jax.jit(functools.partial(train_step, grad_accum_steps=accum, loss_chunk=loss_chunk),
                     in_shardings=(state_sharding, batch_sh, batch_sh, None),
                     out_shardings=(state_sharding, None), donate_argnums=0)
   rows = sharding.process_rows(config.batch_size)

@@ -186,3 +186,29 @@ def test_gelu_is_the_exact_gelu_with_its_derivative():
   np.testing.assert_allclose(model_lib.gelu(x32), x * cdf, atol=3e-6)
   np.testing.assert_allclose(jax.vmap(jax.grad(model_lib.gelu))(x32), cdf + x * phi, atol=3e-6)
   np.testing.assert_allclose(model_lib.gelu(x32), jax.nn.gelu(x32, approximate=False), atol=3e-6)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_chunked_cross_entropy_matches_the_full_logits(tie):
+  """Loss and every parameter gradient through the chunked output projection equal the plain ones."""
+  m, params = _init(tie_embeddings=tie)
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (3, T + 1), 0, T)
+  x, y = tokens[:, :-1], tokens[:, 1:]
+
+  def full(p):
+    nll, count = model_lib.cross_entropy(m.apply({"params": p}, x), y)
+    return nll / count
+
+  def chunked(p):
+    hidden = m.apply({"params": p}, x, return_hidden=True)
+    nll, count = model_lib.chunked_cross_entropy(hidden, model_lib.output_kernel(p), y, chunk=4)
+    return nll / count
+
+  (l_full, g_full), (l_chunk, g_chunk) = jax.value_and_grad(full)(params), jax.value_and_grad(
+      chunked)(params)
+  np.testing.assert_allclose(l_chunk, l_full, rtol=1e-6)
+  assert ("lm_head" in params) != tie
+  for a, b in zip(jax.tree_util.tree_leaves(g_chunk), jax.tree_util.tree_leaves(g_full)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  with pytest.raises(ValueError, match="divide the sequence length 12"):
+    model_lib.chunked_cross_entropy(jnp.zeros((1, T, 16)), jnp.zeros((16, T)), y[:1], chunk=5)

@@ -97,3 +97,18 @@ def test_bad_dtype_is_a_clear_error(tmp_path):
   config.model.dtype = "float8"
   with pytest.raises(UsageError, match="--config.model.dtype='float8'"):
     train_lib.train(config, helpers.tiny_dataset(config), str(tmp_path), log=_quiet)
+
+
+def test_chunked_loss_trains_like_the_full_logits(tmp_path):
+  """config.loss_chunk changes memory, not the run: same losses and parameters to float tolerance."""
+  runs = {}
+  for chunk in (0, 4):
+    config = helpers.tiny_config(num_steps=6, eval_every=6, checkpoint_every=6, loss_chunk=chunk)
+    runs[chunk] = train_lib.train(config, helpers.tiny_dataset(config), str(tmp_path / str(chunk)),
+                                  log=_quiet)
+  np.testing.assert_allclose(runs[4].val_curve, runs[0].val_curve, rtol=1e-5)
+  for a, b in zip(_params_of(runs[4]), _params_of(runs[0])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  config = helpers.tiny_config(loss_chunk=5)
+  with pytest.raises(UsageError, match="--config.loss_chunk=5"):
+    train_lib.train(config, helpers.tiny_dataset(config), str(tmp_path / "bad"), log=_quiet)

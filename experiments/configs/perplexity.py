@@ -37,6 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Optimization: AdamW, linear warmup then cosine decay to min_learning_rate.
   c.batch_size = 32  # Global batch (sequences per step, summed over all devices and processes).
   c.grad_accum_steps = 1  # Split each batch into this many micro-batches (same update, less memory).
+  # Output projection + loss computed this many positions at a time (0 = all at once); divides
+  # seq_len. Same loss and gradients without the [B, T, V] logits in memory (large vocabularies).
+  c.loss_chunk = 0
   c.num_steps = 1500
   c.learning_rate = 3e-3
   c.min_learning_rate = 3e-4
