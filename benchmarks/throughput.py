@@ -25,6 +25,7 @@ from llm_math import model as model_lib
 from llm_math import sharding
 from llm_math import train as train_lib
 from llm_math import xla_cpu
+from llm_math.errors import UsageError
 
 # name: (layers, d_model, heads, context, batch, vocab)
 SHAPES = {
@@ -69,6 +70,10 @@ def main(argv):
   del argv
   tuned = xla_cpu.tune() if TUNING.value else False
   config, vocab = benchmark_config()
+  try:
+    train_lib.check_loss_chunk(LOSS_CHUNK.value, config.seq_len, flag="--loss_chunk")
+  except UsageError as e:
+    raise app.UsageError(str(e)) from None
   mcfg = train_lib.model_config(config, vocab)
   model = model_lib.Transformer(mcfg)
   mesh = sharding.make_mesh(config.mesh)

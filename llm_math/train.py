@@ -88,6 +88,12 @@ def create_train_state(model: nn.Module, tx, mesh, rules, seq_len: int, rng):
   return state, state_sharding
 
 
+def check_loss_chunk(loss_chunk: int, seq_len: int, flag: str = "--config.loss_chunk"):
+  """A one-line UsageError unless loss_chunk is 0 (off) or a positive divisor of seq_len."""
+  if loss_chunk < 0 or (loss_chunk and seq_len % loss_chunk):
+    raise UsageError(f"{flag}={loss_chunk}: expected 0 (off) or a divisor of seq_len={seq_len}")
+
+
 def train_step(state, inputs_BxT, targets_BxT, rng, grad_accum_steps: int = 1, loss_chunk: int = 0):
   """One AdamW step on the mean next-token cross-entropy; returns (new_state, metrics).
 
@@ -270,9 +276,7 @@ def train(config, dataset: data_lib.Dataset, workdir: str, windows=None, log=pri
                      f"grad_accum_steps={accum}")
 
   loss_chunk = config.get("loss_chunk", 0)
-  if loss_chunk < 0 or (loss_chunk and config.seq_len % loss_chunk):
-    raise UsageError(f"--config.loss_chunk={loss_chunk}: expected 0 (off) or a divisor of "
-                     f"seq_len={config.seq_len}")
+  check_loss_chunk(loss_chunk, config.seq_len)
 
   tx = optimizer(config)
   schedule = learning_rate_schedule(config)
