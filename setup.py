@@ -13,17 +13,26 @@ setuptools.setup(
         "jax>=0.4.35",
         "flax>=0.10.0",
         "optax>=0.2.3",
-        "orbax-checkpoint>=0.9.0",
+        "orbax-checkpoint>=0.11.0",
         "tensorflow-datasets>=4.9.6",
         # tensorflow-datasets reads prepared array_record datasets without TensorFlow, but then
         # needs these at run time without declaring them.
         "importlib_resources",
         "array_record>=0.5; platform_system=='Linux'",
         "sentencepiece>=0.2.0",
+        # Run files through the path layer orbax uses (local disk, gs://); TensorBoard's own event
+        # writer for scalars (no TensorFlow).
+        "etils[epath]>=1.5",
+        "tensorboard>=2.14",
         "absl-py>=1.4",
         "ml-collections>=0.1.1",
         "matplotlib>=3.7",
         "numpy>=1.26",
     ],
-    extras_require={"test": ["pytest>=7.4", "pytest-xdist>=3.3"]},
+    extras_require={
+        "gcs": ["gcsfs"],  # --workdir=gs://... without TensorFlow
+        "torch": ["torch>=2.1"],  # benchmarks/pytorch_reference.py only
+        # The remote-workdir test serves gs:// from a local emulator.
+        "test": ["pytest>=7.4", "pytest-xdist>=3.3", "gcsfs", "gcp-storage-emulator"],
+    },
 )

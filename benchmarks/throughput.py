@@ -19,6 +19,8 @@ from absl import flags
 import jax
 import numpy as np
 
+from benchmarks import cpu_info
+from benchmarks.shapes import SHAPES
 from experiments.configs import perplexity as default_config
 from llm_math import flops as flops_lib
 from llm_math import model as model_lib
@@ -26,14 +28,6 @@ from llm_math import sharding
 from llm_math import train as train_lib
 from llm_math import xla_cpu
 from llm_math.errors import UsageError
-
-# name: (layers, d_model, heads, context, batch, vocab)
-SHAPES = {
-    "nanogpt_cpu": (4, 128, 4, 64, 12, 65),
-    "gpt2_small": (12, 768, 12, 1024, 12, 50304),
-    "gpt2_small_b32": (12, 768, 12, 1024, 32, 50304),
-    "synthetic_default": (2, 64, 4, 64, 32, 32),
-}
 
 SHAPE = flags.DEFINE_enum("shape", "nanogpt_cpu", list(SHAPES), "Named model/batch shape.")
 BATCH = flags.DEFINE_integer("batch_size", None, "Override the shape's global batch.")
@@ -52,9 +46,10 @@ TUNING = flags.DEFINE_bool("xla_cpu_tuning", True, "Apply llm_math.xla_cpu's XLA
 def benchmark_config():
   layers, d, heads, t, batch, vocab = SHAPES[SHAPE.value]
   c = default_config.get_config()
+  # GPT-2/nanoGPT's architecture: learned positions, tied embeddings, no biases.
   c.model.update(num_layers=layers, d_model=d, num_heads=heads, d_ff=4 * d, dtype=DTYPE.value,
                  attention_impl=ATTENTION.value, remat=REMAT.value, tie_embeddings=True,
-                 use_bias=False)
+                 use_bias=False, pos_encoding="learned")
   c.seq_len, c.batch_size, c.mesh, c.grad_accum_steps = t, BATCH.value or batch, MESH.value, ACCUM.value
   return c, vocab
 
@@ -116,6 +111,7 @@ def main(argv):
         f"loss_chunk {LOSS_CHUNK.value}"
         + (f", XLA:CPU {xla_cpu.FLAG}" if tuned else ""))
   print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; mesh {dict(mesh.shape)}")
+  print(f"cpu: {cpu_info.describe()}")
   print(f"params {n_params:,}; FLOPs/token {fpt:.4g} (6N + 12LTd)")
   print(f"warm-up (compile + 3 steps) {warmup:.1f} s")
   print(f"step time {seconds * 1e3:.2f} ms | {tokens_per_s:,.0f} tokens/s | "

@@ -36,7 +36,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import sys
 import time
 
@@ -48,6 +47,7 @@ import numpy as np
 from experiments import common
 from experiments import plot_attention_spectra
 from llm_math import data as data_lib
+from llm_math import files
 from llm_math import flops as flops_lib
 from llm_math import model as model_lib
 from llm_math import sharding
@@ -544,7 +544,7 @@ def run_experiment(config, workdir: str, log=print) -> dict:
   """Everything: the three tracked runs, rank collapse, results.json/.md, spectra.npz, figures."""
   start = time.time()
   check_config(config)
-  os.makedirs(workdir, exist_ok=True)
+  files.path(workdir).mkdir(parents=True, exist_ok=True)
   dataset = common.load_dataset(config, workdir)
   log(f"data: {dataset.description}; vocabulary {dataset.vocab_size}; "
       f"{len(dataset.train_ids):,} training / {len(dataset.val_ids):,} validation tokens")
@@ -587,12 +587,10 @@ def run_experiment(config, workdir: str, log=print) -> dict:
       "config": json.loads(config.to_json_best_effort()),
   }
   results["wall_time_s"] = time.time() - start
-  write_results(workdir, results, arrays)
-  results["figures"] = plot_attention_spectra.plot_all(workdir)
-  with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=1, allow_nan=False)
-  log(f"wrote results.json, results.md, spectra.npz and {len(results['figures'])} figures to "
-      f"{workdir} ({time.time() - start:.0f} s)")
+  if common.is_primary():
+    write_results(workdir, results, arrays)
+    log(f"wrote results.json, results.md, spectra.npz and {len(results['figures'])} figures to "
+        f"{workdir} ({time.time() - start:.0f} s)")
   return results
 
 
@@ -757,8 +755,13 @@ def markdown_report(results: dict) -> str:
 
 
 def write_results(workdir: str, results: dict, arrays: dict):
-  np.savez_compressed(os.path.join(workdir, "spectra.npz"), **arrays)
-  common.write_results(workdir, results, markdown_report(results), allow_nan=False)
+  """spectra.npz, the figures (listed in results["figures"]), then results.json and results.md.
+
+  The figures are drawn from what results.json will hold (non-finite floats as None)."""
+  files.write_npz(files.path(workdir) / "spectra.npz", **arrays)
+  results["figures"] = plot_attention_spectra.plot_all(workdir, files.finite_or_none(results),
+                                                       arrays)
+  common.write_results(workdir, results, markdown_report(results))
 
 
 def main(argv):

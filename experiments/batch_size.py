@@ -605,13 +605,15 @@ def markdown_report(results: dict) -> str:
     examples = f"{r['examples_to_target']:,.0f}" if r["reached"] else "-"
     speedup = (f"{prev['steps_to_target'] / r['steps_to_target']:.2f}x"
                if prev and prev["reached"] and r["reached"] else "-")
-    net = (f" {r['generalization_gap'] - (floors['val'] - floors['train']):+.4f} |" if floors else "")
+    gap = r["generalization_gap"]  # None in a results.json where it was NaN (a diverged run)
+    net = (f" {_fmt(None if gap is None else gap - (floors['val'] - floors['train']), '+.4f')} |"
+           if floors else "")
     lines.append(
         f"| {r['batch_size']} | {r['best_learning_rate']:.2e} | {len(r['learning_rates_tried'])} | "
-        f"{steps} | {examples} | {speedup} | {r['final_train_nll']:.4f} | {r['final_val_nll']:.4f} | "
-        f"{r['generalization_gap']:+.4f} |{net} {r['hessian_top_eigenvalue']:.3g} | "
-        f"{r['epsilon_sharpness']:.3g} | {_fmt(r['b_simple'], '.1f')} | "
-        f"{_fmt(r['b_simple_late'], '.1f')} |")
+        f"{steps} | {examples} | {speedup} | {_fmt(r['final_train_nll'], '.4f')} | "
+        f"{_fmt(r['final_val_nll'], '.4f')} | {_fmt(gap, '+.4f')} |{net} "
+        f"{_fmt(r['hessian_top_eigenvalue'], '.3g')} | {_fmt(r['epsilon_sharpness'], '.3g')} | "
+        f"{_fmt(r['b_simple'], '.1f')} | {_fmt(r['b_simple_late'], '.1f')} |")
     prev = r
   lines.append("")
   unreached = [r["batch_size"] for r in results["sweep"] if not r["reached"]]
@@ -735,17 +737,18 @@ def run_experiment(config, workdir: str, log=print) -> dict:
       "wall_time_s": time.time() - start,
       "config": json.loads(config.to_json_best_effort()),
   }
-  results["figures"] = plot_batch_size.plot_all(results, workdir)
-  report = markdown_report(results)
-  common.write_results(workdir, results, report)
-  log(report)
-  if fit:
-    log(f"B_crit (fit) = {fit['b_crit']:.1f}   B_simple (measured) = "
-        f"{_fmt(results['noise_scale']['b_simple'], '.1f')}")
-  if variance:
-    log(f"gradient variance log-log slope = {variance['slope']:.3f} (theory -1)")
-  log(f"wrote results.json, results.md, {', '.join(results['figures'])} to {workdir} "
-      f"({time.time() - start:.0f} s)")
+  if common.is_primary():
+    results["figures"] = plot_batch_size.plot_all(results, workdir)
+    report = markdown_report(results)
+    common.write_results(workdir, results, report)
+    log(report)
+    if fit:
+      log(f"B_crit (fit) = {fit['b_crit']:.1f}   B_simple (measured) = "
+          f"{_fmt(results['noise_scale']['b_simple'], '.1f')}")
+    if variance:
+      log(f"gradient variance log-log slope = {variance['slope']:.3f} (theory -1)")
+    log(f"wrote results.json, results.md, {', '.join(results['figures'])} to {workdir} "
+        f"({time.time() - start:.0f} s)")
   return results
 
 

@@ -15,6 +15,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from llm_math import files
 from llm_math.errors import UsageError
 
 _CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -29,7 +30,7 @@ MESH = flags.DEFINE_string("mesh", None, "Device mesh, e.g. 'data:-1,fsdp:1,tens
 
 # Config fields that may change when a run is resumed (they do not change what was trained so far).
 RESUMABLE_FIELDS = {"num_steps", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints",
-                    "eval_batch_size", "mesh", "ngram", "train_transformer"}
+                    "eval_batch_size", "mesh", "ngram", "train_transformer", "max_loss_factor"}
 
 
 def _define_config(default_file: str):
@@ -84,47 +85,73 @@ def load_dataset(config, workdir=None, tokenizer=None, vocab_size=None):
 
 
 def prepare_workdir(config) -> str:
-  """Creates --workdir, checks that it is writable, and saves (or checks) the config in it."""
+  """Checks the config, creates --workdir (a local path or a URL such as gs://bucket/run), checks
+  that it is writable, and saves (or checks) the config in it.
+
+  Until training saves its first checkpoint, a UsageError (see `run`) puts the workdir back as it was.
+  """
   workdir = WORKDIR.value
   if not workdir:
     raise UsageError("--workdir is required: the directory for checkpoints and results")
+  from llm_math import train as train_lib  # pylint: disable=g-import-not-at-top
+  train_lib.check_config(config)
+  root = files.path(workdir)
   try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_test.{os.getpid()}")
-    with open(probe, "w", encoding="utf-8") as f:
-      f.write("ok")
-    os.remove(probe)
+    before = {p.name for p in root.iterdir()} if root.is_dir() else None
+    root.mkdir(parents=True, exist_ok=True)
+    probe = root / f".write_test.{os.getpid()}"
+    probe.write_text("ok")
+    probe.unlink()
   except OSError as e:
-    raise UsageError(f"--workdir={workdir}: not a writable directory ({e.strerror})") from None
+    raise UsageError(f"--workdir={workdir}: not a writable directory "
+                     f"({e.strerror or e})") from None
+  if is_primary():
+    _FAILED_START_UNDO.append(lambda: _undo_start(root, before))
   save_config(config, workdir, f"--workdir={workdir} holds a run", write=is_primary())
   return workdir
 
 
-def save_config(config, directory: str, what: str, ignored=frozenset(), write: bool = True):
+_FAILED_START_UNDO = []
+
+
+def _undo_start(root, before: set[str] | None):
+  """Removes what a failed start added to a local `root`, unless a checkpoint was saved there
+  meanwhile. (Object stores are left alone: they cannot list a tree cheaply.)"""
+  if not files.is_local(root) or any(
+      os.path.basename(d) == "checkpoints" and any(n.isdigit() for n in sub)
+      for d, sub, _ in os.walk(root)):
+    return
+  if before is None:
+    root.rmtree(missing_ok=True)
+    return
+  for p in root.iterdir():
+    if p.name not in before:
+      p.rmtree(missing_ok=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def save_config(config, directory, what: str, ignored=frozenset(), write: bool = True):
   """Writes config.json in `directory` (if `write`), first refusing a config that differs from the
-  one its checkpoints were trained with (fields in RESUMABLE_FIELDS or `ignored` may differ)."""
-  path = os.path.join(directory, "config.json")
+  one its checkpoints (or a sweep's models/) were trained with (fields in RESUMABLE_FIELDS or
+  `ignored` may differ)."""
+  path = files.path(directory) / "config.json"
   current = json.loads(config.to_json_best_effort())
-  checkpoints = os.path.join(directory, "checkpoints")
-  if os.path.isdir(checkpoints) and os.listdir(checkpoints) and os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      saved = json.load(f)
+  trained = [files.path(directory) / sub for sub in ("checkpoints", "models")]  # models/: a sweep
+  if path.exists() and any(d.is_dir() and any(d.iterdir()) for d in trained):
+    saved = files.read_json(path)
     for key in sorted((set(saved) | set(current)) - RESUMABLE_FIELDS - set(ignored)):
       if saved.get(key) != current.get(key):
         raise UsageError(
             f"{what} with a different config ({key}: {saved.get(key)!r} there, "
             f"{current.get(key)!r} now); use a new --workdir to start another run")
   if write:
-    with open(path, "w", encoding="utf-8") as f:
-      json.dump(current, f, indent=2)
+    files.write_json(path, current, indent=2)
 
 
-def write_results(directory: str, results: dict, report: str, allow_nan: bool = True):
-  """Writes results.json (the machine-readable record) and results.md (the report) in `directory`."""
-  with open(os.path.join(directory, "results.json"), "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=1, allow_nan=allow_nan)
-  with open(os.path.join(directory, "results.md"), "w", encoding="utf-8") as f:
-    f.write(report)
+def write_results(directory, results: dict, report: str):
+  """Writes results.json (the machine-readable record, strict JSON: no NaN) and results.md (the
+  report) in `directory`."""
+  files.write_json(files.path(directory) / "results.json", results)
+  files.write_text(files.path(directory) / "results.md", report)
 
 
 def is_primary() -> bool:
@@ -141,7 +168,7 @@ def run(main, config_file: str | None = None):
   """
   if config_file:
     _define_config(config_file)
-  from llm_math.train import NonFiniteLossError  # pylint: disable=g-import-not-at-top
+  from llm_math.train import DivergenceError  # pylint: disable=g-import-not-at-top
 
   def wrapped(argv):
     if len(argv) > 1:
@@ -155,8 +182,10 @@ def run(main, config_file: str | None = None):
       return main(argv)
     except UsageError as e:
       print(f"error: {e}", file=sys.stderr)
+      while _FAILED_START_UNDO:
+        _FAILED_START_UNDO.pop()()
       sys.exit(2)
-    except NonFiniteLossError as e:
+    except DivergenceError as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(3)
 
@@ -165,7 +194,13 @@ def run(main, config_file: str | None = None):
       return flags.FLAGS(argv)
     except Exception as e:  # pylint: disable=broad-except
       message = str(e).strip().splitlines()
-      print(f"error: {message[0] if message else type(e).__name__}", file=sys.stderr)
+      message = message[0] if message else type(e).__name__
+      if config_file and ("config_config" in message or isinstance(
+          e, (SyntaxError, ImportError, AttributeError, OSError))):
+        path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
+        reason = message.replace("module 'config_config'", "the file")
+        message = f"--config={path}: cannot load this config file ({reason})"
+      print(f"error: {message}", file=sys.stderr)
       sys.exit(2)
 
   app.run(wrapped, flags_parser=parse_flags)

@@ -53,6 +53,7 @@ from experiments import plot_compression
 from llm_math import compression
 from llm_math import data as data_lib
 from llm_math import distillation
+from llm_math import files
 from llm_math import flops as flops_lib
 from llm_math import information
 from llm_math import lora as lora_lib
@@ -227,9 +228,9 @@ def config_from_init_workdir(config, init_workdir: str):
 
 def _prepare_base_dir(config, base_dir: str):
   """Saves the base config in base_dir, refusing to resume a base model trained with another one."""
-  os.makedirs(base_dir, exist_ok=True)
+  files.path(base_dir).mkdir(parents=True, exist_ok=True)
   common.save_config(config, base_dir, f"{base_dir} holds a base model trained",
-                     ignored=_STUDY_FIELDS)
+                     ignored=_STUDY_FIELDS, write=common.is_primary())
 
 
 def prepare_base(config, workdir: str, log=print) -> Base:
@@ -295,7 +296,7 @@ def _nll_record(nll: float, reference: float | None = None) -> dict:
   rec = {"val_nll": float(nll), "val_ppl": information.perplexity(nll),
          "bits_per_token": information.nats_to_bits(nll)}
   if reference is not None:
-    rec["ppl_change_pct"] = 100.0 * (math.exp(nll - reference) - 1.0)
+    rec["ppl_change_pct"] = 100.0 * (information.perplexity(nll - reference) - 1.0)
   return rec
 
 
@@ -378,7 +379,7 @@ def _optimizer(config, num_steps: int, learning_rate: float, warmup_steps: int,
 
 def _check_finite(loss, name: str, step: int):
   if not math.isfinite(float(loss)):
-    raise train_lib.NonFiniteLossError(
+    raise train_lib.DivergenceError(
         f"{name}: training loss is {float(loss)} at step {step}; lower its learning rate")
 
 
@@ -462,7 +463,7 @@ def lora_study(config, base: Base, model: nn.Module, target: data_lib.Dataset) -
   no_ft = evaluate(params)
   runs = [{"name": "no fine-tuning", "kind": "none", "rank": None, "trainable_params": 0,
            "curve": [(0, no_ft)], **_nll_record(no_ft)}]
-  print(f"  lora: no fine-tuning, target ppl {math.exp(no_ft):.3f}")
+  print(f"  lora: no fine-tuning, target ppl {information.perplexity(no_ft):.3f}")
   loss_fn = _mean_nll_loss(model)
   due = _evaluate_every(lc.eval_every, lc.num_steps)
   for rank in lc.ranks:
@@ -611,7 +612,7 @@ def markdown(results: dict) -> str:
            f"Measured on the {_caption(ev)}."]
   refs = results["references"]
   lines.append("References on the same tokens: " + ", ".join(
-      f"{k} {v:.4f} nats (ppl {math.exp(v):.3f})" for k, v in refs.items()) + ".")
+      f"{k} {v:.4f} nats (ppl {information.perplexity(v):.3f})" for k, v in refs.items()) + ".")
   if "svd" in results:
     s = results["svd"]
     recs = s["records"]
@@ -680,7 +681,7 @@ def markdown(results: dict) -> str:
               f"`{lo['targets']}` with W + (alpha/r) a b, alpha = {lo['alpha']:g}; full fine-tuning trains all "
               f"{lo['params_total']:,} parameters.",
               f"Measured on the {_caption(lev)}.",
-              "Target references: " + ", ".join(f"{k} {v:.4f} nats (ppl {math.exp(v):.3f})"
+              "Target references: " + ", ".join(f"{k} {v:.4f} nats (ppl {information.perplexity(v):.3f})"
                                                  for k, v in lo["references"].items()) + ".", "",
               "| run | trainable params | % of full | adapted matrices' params / trainable | "
               "val NLL | perplexity |",
@@ -806,7 +807,7 @@ def main(argv):
   windows = train_lib.validation_windows(config, dataset)
   evaluate = _evaluator(config, model, windows)
   float_nll = evaluate(base.params)
-  print(f"base model: val nll {float_nll:.4f} nats, ppl {math.exp(float_nll):.3f}")
+  print(f"base model: val nll {float_nll:.4f} nats, ppl {information.perplexity(float_nll):.3f}")
   results = {
       "experiment": "compression",
       "data": dataset.description,
@@ -829,10 +830,11 @@ def main(argv):
   results["timings_s"] = timings
   results["wall_time_s"] = time.time() - start
   results["config"] = json.loads(config.to_json_best_effort())
-  figures = write_results(workdir, results)
-  print(markdown(results))
-  print(f"wrote {os.path.join(workdir, 'results.json')}, results.md, {', '.join(figures)} "
-        f"({time.time() - start:.0f} s)")
+  if common.is_primary():
+    figures = write_results(workdir, results)
+    print(markdown(results))
+    print(f"wrote {os.path.join(workdir, 'results.json')}, results.md, {', '.join(figures)} "
+          f"({time.time() - start:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,10 @@ is cosine.
 Writes to --output_dir (default <workdir>/embeddings, so the run's own results stay untouched):
 results.json, results.md, embedding_spectrum.png, embedding_pca.png, embedding_cosine.png
 (figures drawn by experiments/plot_embeddings.py).
+
+Everything comes from the run in --workdir, so the shared flags --data, --tokenizer, --vocab_size,
+--seed, --tfds_data_dir and --mesh are refused with an error rather than silently ignored (the
+initialization compared with is always the run's own seed).
 """
 
 import itertools
@@ -34,12 +38,23 @@ from absl import logging
 from experiments import common
 from experiments import plot_embeddings
 from llm_math import embeddings as emb_lib
+from llm_math import files
 from llm_math import train as train_lib
 from llm_math.errors import UsageError
 
 OUTPUT_DIR = flags.DEFINE_string("output_dir", None,
                                  "Where results and figures go (default: <workdir>/embeddings).")
 NUM_NEIGHBORS = flags.DEFINE_integer("num_neighbors", 5, "k of the nearest-neighbour statistics.")
+
+# Shared flags (experiments/common.py) that analysing a finished run has no use for, and why.
+UNUSED_FLAGS = (
+    (common.DATA, "the data comes from the run in --workdir"),
+    (common.TOKENIZER, "the tokenizer is the one saved in --workdir"),
+    (common.VOCAB_SIZE, "the vocabulary is the one saved in --workdir"),
+    (common.SEED, "the initialization compared with uses the run's own seed (its config.json)"),
+    (common.TFDS_DATA_DIR, "no dataset is read, only the run in --workdir"),
+    (common.MESH, "the analysis runs on one device"),
+)
 
 CLASSES = ("lowercase vowel", "lowercase consonant", "uppercase vowel", "uppercase consonant",
            "digit", "punctuation", "whitespace", "other")
@@ -280,10 +295,13 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Quiet the checkpoint library's INFO lines.
   start = time.time()
+  for flag, reason in UNUSED_FLAGS:
+    if flag.value is not None:
+      raise UsageError(f"--{flag.name} is not used by embeddings.py: {reason}")
   workdir = common.WORKDIR.value
   if not workdir:
     raise UsageError("--workdir is required: the directory of a training run")
-  if not os.path.isdir(workdir):
+  if not files.path(workdir).is_dir():
     raise UsageError(f"--workdir={workdir}: no such directory")
   k = NUM_NEIGHBORS.value
   trained = train_lib.load_trained(workdir)
@@ -294,12 +312,17 @@ def main(argv):
   if min(v, d) < 2:
     raise UsageError(f"the embedding is {v} x {d}: needs at least 2 tokens and 2 dimensions")
   out_dir = OUTPUT_DIR.value or os.path.join(workdir, "embeddings")
-  try:
-    os.makedirs(out_dir, exist_ok=True)
-  except OSError as e:
-    raise UsageError(f"--output_dir={out_dir}: cannot create ({e.strerror})") from None
-  if not os.access(out_dir, os.W_OK):
-    raise UsageError(f"--output_dir={out_dir}: not writable")
+  if common.is_primary():  # Only process 0 writes.
+    try:
+      files.path(out_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+      raise UsageError(f"--output_dir={out_dir}: cannot create ({e.strerror or e})") from None
+    probe = files.path(out_dir) / f".write_test.{os.getpid()}"  # os.access cannot see gs://
+    try:
+      probe.write_text("ok")
+      probe.unlink()
+    except OSError:
+      raise UsageError(f"--output_dir={out_dir}: not writable") from None
 
   texts = [trained.tokenizer.decode(np.asarray([i])) for i in range(v)]
   results = {
@@ -326,11 +349,12 @@ def main(argv):
       "config": trained.config.to_dict(),
   }
   results["summary"] = summary(results)
-  common.write_results(out_dir, results, markdown(results))
-  figures = plot_embeddings.plot_all(results, out_dir)
-  print(markdown(results))
-  print(f"wrote {os.path.join(out_dir, 'results.json')}, results.md, {', '.join(figures)} "
-        f"({time.time() - start:.0f} s)")
+  if common.is_primary():
+    common.write_results(out_dir, results, markdown(results))
+    figures = plot_embeddings.plot_all(results, out_dir)
+    print(markdown(results))
+    print(f"wrote {os.path.join(out_dir, 'results.json')}, results.md, {', '.join(figures)} "
+          f"({time.time() - start:.0f} s)")
 
 
 if __name__ == "__main__":

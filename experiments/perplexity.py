@@ -31,6 +31,7 @@ import jax
 from experiments import common
 from experiments import plot_perplexity
 from llm_math import data as data_lib
+from llm_math import files
 from llm_math import information
 from llm_math import ngram
 from llm_math import scaling_laws
@@ -171,9 +172,10 @@ def train_models(config, dataset, windows, tokenizer, workdir, sweep) -> tuple[l
       name += f" [{tokenizer}]"
     run_dir = (os.path.join(workdir, "models", tokenizer.replace(":", "_"),
                             f"d{cfg.model.d_model}_L{cfg.model.num_layers}") if sweep else workdir)
-    os.makedirs(run_dir, exist_ok=True)
+    files.path(run_dir).mkdir(parents=True, exist_ok=True)
+    if sweep:  # Each point is a run of its own: the same config check as a single run.
+      common.save_config(cfg, run_dir, f"{run_dir} holds a run", write=common.is_primary())
     log(f"--- {name}: {run_dir}")
-    start = time.time()
     result = train_lib.train(cfg, dataset, run_dir, windows=windows, log=log)
     if result.interrupted:
       sys.exit(130)
@@ -183,7 +185,7 @@ def train_models(config, dataset, windows, tokenizer, workdir, sweep) -> tuple[l
         params=result.params, d_model=cfg.model.d_model, num_layers=cfg.model.num_layers,
         flops_per_token=result.flops_per_token, train_steps=result.final_step,
         train_tokens=train_tokens, train_flops=result.flops_per_token * train_tokens,
-        tokens_per_s=result.tokens_per_second, wall_time_s=time.time() - start))
+        tokens_per_s=result.tokens_per_second, wall_time_s=result.train_time_s))
     curves[name] = {"step": [s for s, _ in result.val_curve],
                     "val_nll": [v for _, v in result.val_curve], "tokenizer": tokenizer}
   return records, curves
@@ -263,7 +265,7 @@ def main(argv):
   for kind, vocab_size in tokenizers:
     tokenizer = f"{kind}:{vocab_size}" if kind == "sentencepiece" else kind
     tok_dir = os.path.join(workdir, "tokenizers", tokenizer.replace(":", "_")) if sweep else workdir
-    os.makedirs(tok_dir, exist_ok=True)
+    files.path(tok_dir).mkdir(parents=True, exist_ok=True)
     dataset = common.load_dataset(config, tok_dir, tokenizer=kind, vocab_size=vocab_size)
     if dataset.source is not None:
       tokenizer = "synthetic"

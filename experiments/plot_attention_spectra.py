@@ -16,7 +16,6 @@ reads DIR/results.json and DIR/spectra.npz and (re)writes:
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -28,6 +27,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from matplotlib import colors  # pylint: disable=g-import-not-at-top,wrong-import-position
 from matplotlib.lines import Line2D  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from llm_math import files  # pylint: disable=g-import-not-at-top,wrong-import-position
 from llm_math.plotting import save_figure  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 RUN_LABELS = {"causal": "causal", "causal_high_lr": "causal, high lr",
@@ -257,7 +257,7 @@ def plot_rank_collapse(results: dict, workdir: str) -> str:
       ax.fill_between(layers, np.where(lo > 0, lo, floor), np.where(hi > 0, hi, floor),
                       color=color, alpha=0.12)
     if key == "init":
-      ax.plot(layers, rc["uniform_causal_reference"], "k--", lw=1,
+      ax.plot(layers, np.asarray(rc["uniform_causal_reference"], float), "k--", lw=1,
               label="uniform causal attention U^l X (theory, ~2^-l)")
     ax.axhline(FLOAT32_UNIT_ROUNDOFF, color="gray", ls=":", lw=1,
                label="float32 unit roundoff 2^-24")
@@ -339,13 +339,13 @@ def plot_entropy_lr(results: dict, workdir: str) -> str:
     labels[key] = (f"lr {run['learning_rate']:g}, warmup {run['warmup_steps']}"
                    + (f", diverged at step {run['diverged_at']}" if run["diverged_at"] else ""))
     steps = [s["step"] for s in run["snapshots"]]
-    h = np.asarray([s["mean_row_entropy"] for s in run["snapshots"]]).mean(axis=2)  # [S, L]
-    sigma = np.asarray([s["qk_norm"] for s in run["snapshots"]]).max(axis=2)  # [S, L]
+    h = np.asarray([s["mean_row_entropy"] for s in run["snapshots"]], float).mean(axis=2)  # [S, L]
+    sigma = np.asarray([s["qk_norm"] for s in run["snapshots"]], float).max(axis=2)  # [S, L]
     for l, color in enumerate(_layer_colors(num_layers)):
       axes[0].plot(steps, h[:, l], ls=ls, marker="o", ms=3, color=color)
       axes[1].plot(steps, sigma[:, l], ls=ls, marker="o", ms=3, color=color)
     if run["snapshots"][0]["zhai_bound"] is not None:
-      bound = np.asarray([s["zhai_bound"] for s in run["snapshots"]]).mean(axis=(1, 2))
+      bound = np.asarray([s["zhai_bound"] for s in run["snapshots"]], float).mean(axis=(1, 2))
       extra += axes[0].plot(steps, bound, ls=ls, color="tab:red", lw=1.2, marker="x", ms=4,
                             label=f"Zhai et al. lower bound (mean over layers, heads), "
                             f"{labels[key]}")
@@ -353,8 +353,8 @@ def plot_entropy_lr(results: dict, workdir: str) -> str:
     color = "tab:blue" if key == "normal" else "tab:red"
     axes[2].plot(curve["step"], curve["loss"], ls=ls, color=color, lw=0.8, alpha=0.5,
                  label=f"train loss (one batch), {labels[key]}")
-    axes[2].plot(steps, [s["val_nll"] for s in run["snapshots"]], ls=ls, marker="o", ms=3,
-                 color=color, label=f"validation NLL, {labels[key]}")
+    axes[2].plot(steps, np.asarray([s["val_nll"] for s in run["snapshots"]], float), ls=ls,
+                 marker="o", ms=3, color=color, label=f"validation NLL, {labels[key]}")
   uniform = _uniform_causal_entropy(t)
   extra.append(axes[0].axhline(uniform, color="gray", ls=":", lw=1,
                                label=f"uniform causal attention: mean_t log(t+1) = "
@@ -382,12 +382,13 @@ def plot_entropy_lr(results: dict, workdir: str) -> str:
   return _save(fig, workdir, "entropy_lr.png")
 
 
-def plot_all(workdir: str) -> list[str]:
-  """Draws every figure from workdir/results.json and spectra.npz; returns the file names."""
-  with open(os.path.join(workdir, "results.json"), encoding="utf-8") as f:
-    results = json.load(f)
-  with np.load(os.path.join(workdir, "spectra.npz")) as npz:
-    arrays = {k: npz[k] for k in npz.files}
+def plot_all(workdir: str, results: dict | None = None, arrays: dict | None = None) -> list[str]:
+  """Draws every figure from `results` and `arrays` (default: workdir/results.json and spectra.npz,
+  where non-finite values are None) into `workdir`; returns the file names."""
+  if results is None:
+    results = files.read_json(files.path(workdir) / "results.json")
+  if arrays is None:
+    arrays = files.read_npz(files.path(workdir) / "spectra.npz")
   return [plot_eigenvalues(results, arrays, workdir),
           plot_singular_values(results, arrays, workdir),
           plot_stationary(results, arrays, workdir),
@@ -403,7 +404,7 @@ def main(argv=None):
   parser.add_argument("--workdir", required=True, help="a workdir of experiments.attention_spectra")
   args = parser.parse_args(argv)
   missing = [n for n in ("results.json", "spectra.npz")
-             if not os.path.exists(os.path.join(args.workdir, n))]
+             if not (files.path(args.workdir) / n).exists()]
   if missing:
     print(f"error: --workdir={args.workdir}: no {' or '.join(missing)} (run "
           "python -m experiments.attention_spectra there first)", file=sys.stderr)

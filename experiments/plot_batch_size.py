@@ -8,7 +8,6 @@ learning_rate.png (best learning rate vs B) and loss_curves.png (validation loss
 """
 
 import argparse
-import json
 import os
 import sys
 import textwrap
@@ -20,7 +19,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from llm_math import files  # pylint: disable=g-import-not-at-top,wrong-import-position
 from llm_math.plotting import save_figure  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _floats(values) -> np.ndarray:
+  """`values` as float64; None (how results.json stores a NaN) becomes NaN."""
+  return np.asarray(values, np.float64)
 
 
 def _colors(batch_sizes):
@@ -118,10 +123,10 @@ def plot_gradient_variance(results, path):
   gv = results["gradient_variance"]
   fresh, rs = gv["fresh"], gv["resampled"]
   b = np.asarray(fresh["batch_sizes"], np.float64)
-  var, se, pred = (np.asarray(fresh[k]) for k in ("variance", "stderr", "predicted"))
+  var, se, pred = (_floats(fresh[k]) for k in ("variance", "stderr", "predicted"))
   b_rs = np.asarray(rs["batch_sizes"], np.float64)
-  without, exp_without = (np.asarray(rs[k]) for k in ("variance_without_replacement",
-                                                       "expected_without_replacement"))
+  without, exp_without = (_floats(rs[k]) for k in ("variance_without_replacement",
+                                                   "expected_without_replacement"))
   fig, (ax, ax_r) = plt.subplots(1, 2, figsize=(13, 5))
   ax.errorbar(b, var, yerr=2 * se, fmt="o", color="tab:blue", ms=7, capsize=3, zorder=5,
               label=f"measured: {fresh['num_batches']} fresh mini-batches per B (+- 2 s.e.)")
@@ -157,15 +162,15 @@ def _binned_noise(noise, by="step", num_bins=12):
   steps = np.asarray(noise["step"], np.float64)
   if steps.size == 0:
     return np.array([]), np.array([])
-  weight = np.asarray(noise["weight"], np.float64)
+  weight = _floats(noise["weight"])
   if by == "step":
     x = steps
     edges = np.geomspace(0.5, steps.max() + 0.5, num_bins + 1)
   else:
-    x = np.asarray(noise["val_nll"], np.float64)
+    x = _floats(noise["val_nll"])
     edges = np.linspace(x.min(), x.max() + 1e-9, num_bins + 1)
   idx = np.clip(np.searchsorted(edges, x, side="right") - 1, 0, num_bins - 1)
-  g_sq_sum, trace_sum = np.asarray(noise["g_sq_sum"]), np.asarray(noise["trace_sum"])
+  g_sq_sum, trace_sum = _floats(noise["g_sq_sum"]), _floats(noise["trace_sum"])
   out_x, out_b = [], []
   for i in range(num_bins):
     keep = idx == i
@@ -221,18 +226,19 @@ def plot_sharpness(results, path):
   b = [r["batch_size"] for r in sweep]
   cfg = results["config"]["sharpness"]
   fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
-  axes[0].semilogx(b, [r["hessian_top_eigenvalue"] for r in sweep], "o-", color="tab:blue")
+  axes[0].semilogx(b, _floats([r["hessian_top_eigenvalue"] for r in sweep]), "o-",
+                   color="tab:blue")
   axes[0].set(ylabel="top Hessian eigenvalue (nats / unit parameter^2)",
               title=f"Sharpness: lambda_max ({cfg['lanczos_steps']}-step Lanczos)")
-  axes[1].semilogx(b, [r["epsilon_sharpness"] for r in sweep], "o-", color="tab:green")
+  axes[1].semilogx(b, _floats([r["epsilon_sharpness"] for r in sweep]), "o-", color="tab:green")
   axes[1].set(ylabel="epsilon-sharpness 100 (max L(w+d) - L) / (1 + L) (%)",
               title=f"Keskar epsilon-sharpness, eps = {cfg['epsilon']:g}")
-  axes[2].semilogx(b, [r["generalization_gap"] for r in sweep], "o-", color="tab:purple",
-                   label="val - train NLL")
+  gap = _floats([r["generalization_gap"] for r in sweep])
+  axes[2].semilogx(b, gap, "o-", color="tab:purple", label="val - train NLL")
   floors = results.get("floor")
   if floors:
     offset = floors["val"] - floors["train"]
-    axes[2].semilogx(b, [r["generalization_gap"] - offset for r in sweep], "s--", color="tab:gray",
+    axes[2].semilogx(b, gap - offset, "s--", color="tab:gray",
                      mfc="none", label=f"net of the true model's val - train ({offset:+.4f})")
   axes[2].axhline(0, color="black", lw=0.8)
   axes[2].set(ylabel="generalization gap (nats / token)", title="Generalization gap")
@@ -286,12 +292,12 @@ def plot_loss_curves(results, path):
   pilot = results["target"].get("pilot")
   for b in sorted(best):
     steps = np.asarray(best[b]["curve"]["step"], np.float64)
-    val = best[b]["curve"]["val_nll"]
+    val = _floats(best[b]["curve"]["val_nll"])
     ax_s.semilogx(steps[1:], val[1:], color=colors[b], lw=1.3, label=f"B={b}")
     ax_e.semilogx(steps[1:] * b, val[1:], color=colors[b], lw=1.3, label=f"B={b}")
   if pilot:
     steps = np.asarray(pilot["curve"]["step"][1:], np.float64)
-    ax_s.semilogx(steps, pilot["curve"]["val_nll"][1:], color="gray", lw=0.8, alpha=0.7,
+    ax_s.semilogx(steps, _floats(pilot["curve"]["val_nll"][1:]), color="gray", lw=0.8, alpha=0.7,
                   label=f"pilot (B={pilot['batch_size']})")
   floors = results.get("floor")
   for ax in (ax_s, ax_e):
@@ -327,13 +333,12 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", required=True, help="A workdir of experiments/batch_size.py.")
   args = parser.parse_args(argv)
-  path = os.path.join(args.workdir, "results.json")
-  if not os.path.exists(path):
+  path = files.path(args.workdir) / "results.json"
+  if not path.exists():
     print(f"error: --workdir={args.workdir}: no results.json (run experiments/batch_size.py first)",
           file=sys.stderr)
     sys.exit(2)
-  with open(path, encoding="utf-8") as f:
-    results = json.load(f)
+  results = files.read_json(path)
   print("wrote " + ", ".join(plot_all(results, args.workdir)) + f" to {args.workdir}")
 
 

@@ -12,7 +12,6 @@ distill.png  student validation loss over steps per temperature vs from scratch 
 """
 
 import argparse
-import json
 import math
 import os
 
@@ -23,6 +22,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 from matplotlib import ticker  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from llm_math import files  # pylint: disable=g-import-not-at-top,wrong-import-position
 from llm_math.plotting import measurement_caption, save_figure  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _REFERENCE_STYLES = {"floor": ("black", "-", "floor (true model)"),
@@ -46,11 +46,16 @@ def _plain_log_axis(axis, minor_digits=(2, 3, 5)):
   axis.set_minor_formatter(ticker.FuncFormatter(minor))
 
 
+def _num(value) -> float:
+  """NaN for None: results.json stores a non-finite value (an infinite perplexity) as null."""
+  return math.nan if value is None else value
+
+
 def _references(ax, refs: dict, ppl: bool = True, names=("floor", "unigram")):
   for name in names:
     if name in refs:
       color, ls, label = _REFERENCE_STYLES[name]
-      value = math.exp(refs[name]) if ppl else refs[name]
+      value = float(np.exp(refs[name])) if ppl else refs[name]  # np.exp: inf, never an OverflowError
       ax.axhline(value, color=color, ls=ls, lw=1.1,
                  label=f"{label}: {'ppl ' if ppl else ''}{value:.3f}{'' if ppl else ' nats'}")
 
@@ -113,11 +118,12 @@ def plot_quant(results: dict, path: str):
             else "tab:red" if r["bits"] == 4 else "tab:purple" for r in recs]
   fig, axes = plt.subplots(1, 3, figsize=(18, 5.2))
   ax = axes[0]
-  change = [r["ppl_change_pct"] for r in recs]
+  change = [_num(r["ppl_change_pct"]) for r in recs]
   bars = ax.bar(names, change, color=colors)
-  for bar, r in zip(bars, recs):
-    ax.annotate(f"ppl {r['val_ppl']:.3f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                ha="center", va="bottom" if r["ppl_change_pct"] >= 0 else "top", fontsize=7.5)
+  for bar, r, pct in zip(bars, recs, change):
+    ax.annotate(f"ppl {_num(r['val_ppl']):.3f}", (bar.get_x() + bar.get_width() / 2,
+                                                  bar.get_height()),
+                ha="center", va="bottom" if pct >= 0 else "top", fontsize=7.5)
   ax.axhline(1.0, color="black", ls=":", lw=1.1, label="+1% perplexity")
   ax.axhline(0.0, color="black", lw=0.8)
   ax.set_yscale("symlog", linthresh=0.1)
@@ -141,13 +147,13 @@ def plot_quant(results: dict, path: str):
     a.grid(alpha=0.3, axis="y", which="both")
   ax = axes[2]
   for r, c in zip(recs, colors):
-    ax.scatter(r["bits_per_param"], r["val_ppl"], color=c, s=30, zorder=3)
+    ax.scatter(r["bits_per_param"], _num(r["val_ppl"]), color=c, s=30, zorder=3)
   ax.axhline(base["val_ppl"], label=f"float32: ppl {base['val_ppl']:.3f}", **_FLOAT_STYLE)
   ax.axhline(base["val_ppl"] * 1.01, color="tab:blue", ls=":", lw=1, label="float + 1%")
   _references(ax, results["references"], names=("floor",))
-  lo = min([r["val_ppl"] for r in recs]
-           + [math.exp(v) for k, v in results["references"].items() if k == "floor"])
-  hi = max(max(r["val_ppl"] for r in recs), base["val_ppl"] * 1.01)
+  lo = min([r["val_ppl"] for r in recs if r["val_ppl"] is not None]
+           + [float(np.exp(v)) for k, v in results["references"].items() if k == "floor"])
+  hi = max([r["val_ppl"] for r in recs if r["val_ppl"] is not None] + [base["val_ppl"] * 1.01])
   log_y = hi / lo > 3  # A log axis only where perplexity spans a wide range.
   ax.set(xscale="log", yscale="log" if log_y else "linear",
          xlabel="bits per quantized parameter (log scale)",
@@ -166,8 +172,9 @@ def plot_quant(results: dict, path: str):
     group = sorted((r for r in recs if r["bits"] == bits), key=lambda r: r["bits_per_param"])
     color = colors[recs.index(group[0])]
     for k, r in enumerate(group):
-      ax.annotate(r["scheme"], (r["bits_per_param"], r["val_ppl"]), textcoords="offset points",
-                  xytext=(8, 14 + 11 * (len(group) - 1 - k)), fontsize=7.5, color=color,
+      ax.annotate(r["scheme"], (r["bits_per_param"], _num(r["val_ppl"])),
+                  textcoords="offset points", xytext=(8, 14 + 11 * (len(group) - 1 - k)),
+                  fontsize=7.5, color=color,
                   arrowprops=dict(arrowstyle="-", color=color, lw=0.5, alpha=0.7,
                                   shrinkA=0, shrinkB=3))
   ax.grid(alpha=0.3, which="both")
@@ -314,12 +321,11 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", required=True, help="A workdir of experiments.compression.")
   args = parser.parse_args()
-  path = os.path.join(args.workdir, "results.json")
-  if not os.path.exists(path):
+  path = files.path(args.workdir) / "results.json"
+  if not path.exists():
     parser.exit(2, f"error: --workdir={args.workdir}: no results.json (run "
                    "experiments.compression there first)\n")
-  with open(path, encoding="utf-8") as f:
-    results = json.load(f)
+  results = files.read_json(path)
   print("wrote " + ", ".join(plot_all(results, args.workdir)))
 
 

@@ -8,7 +8,6 @@ takes the same --workdir / --output_dir as the experiment (results in --output_d
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -18,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from llm_math import files  # pylint: disable=g-import-not-at-top,wrong-import-position
 from llm_math.plotting import save_figure  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CLASS_COLORS = {
@@ -41,14 +41,15 @@ def plot_spectrum(results: dict, path: str):
   styles = (("trained", "tab:blue", "-"), ("initialization", "tab:gray", "--"))
   for name, color, style in styles:
     spec = results[name]["spectrum"]
-    s = np.asarray(spec["singular_values"])
+    s = np.asarray(spec["singular_values"], np.float64)
     keep = s > 1e-6 * s[0]  # centring leaves one exact zero when V <= D
     i = np.arange(1, len(s) + 1)
-    label = f"{name} (effective rank {spec['effective_rank']:.1f})"
+    rank = np.nan if spec["effective_rank"] is None else spec["effective_rank"]  # NaN: null
+    label = f"{name} (effective rank {rank:.1f})"
     ax_s.plot(i[keep], s[keep], style, color=color, marker="o", ms=2.5, lw=1.3, label=label)
     share = np.cumsum(s ** 2) / np.sum(s ** 2)
     ax_c.plot(i, share, style, color=color, lw=1.5, label=label)
-    ax_c.axvline(spec["effective_rank"], color=color, ls=":", lw=1)
+    ax_c.axvline(rank, color=color, ls=":", lw=1)
   n = len(results["trained"]["spectrum"]["singular_values"])
   ax_c.plot([0, n], [0, 1], color="black", ls=":", lw=1, label="equal variances (isotropic)")
   ax_c.axhline(0.9, color="tab:red", ls=":", lw=1, label="90% of the variance")
@@ -76,7 +77,7 @@ def plot_pca(results: dict, path: str):
   labels, classes = results["labels"], results["classes"]
   for ax, name in zip(axes, ("trained", "initialization")):
     spec = results[name]["spectrum"]
-    xy = np.asarray(spec["pca_coords"])
+    xy = np.asarray(spec["pca_coords"], np.float64)
     for lo, up in _case_pairs(results["texts"]):
       ax.plot(xy[[lo, up], 0], xy[[lo, up], 1], color="0.75", lw=0.7, zorder=1)
     for cls in dict.fromkeys(classes):
@@ -87,7 +88,7 @@ def plot_pca(results: dict, path: str):
       for i, text in enumerate(labels):
         ax.annotate(text, xy[i], xytext=(3, 2), textcoords="offset points", fontsize=8,
                     color=_CLASS_COLORS[classes[i]], zorder=3)
-    ratio = spec["pca_variance_ratio"]
+    ratio = np.asarray(spec["pca_variance_ratio"], np.float64)
     ax.set(xlabel=f"principal axis 1 ({100 * ratio[0]:.1f}% of the variance; embedding units)",
            ylabel=f"principal axis 2 ({100 * ratio[1]:.1f}% of the variance; embedding units)",
            title=f"{name}: 2-D PCA" + (" (grey lines join a letter's two cases)"
@@ -103,7 +104,7 @@ def plot_pca(results: dict, path: str):
 def plot_cosine(results: dict, path: str):
   """Cosine similarity between tokens ordered by class (trained), class blocks outlined."""
   view = results["cosine_view"]
-  order, cos = view["order"], np.asarray(view["cosine"])
+  order, cos = view["order"], np.asarray(view["cosine"], np.float64)
   labels = [results["labels"][i] for i in order]
   classes = [results["classes"][i] for i in order]
   n = len(order)
@@ -146,8 +147,7 @@ def main(argv=None):
   out_dir = args.output_dir or os.path.join(args.workdir, "embeddings")
   path = os.path.join(out_dir, "results.json")
   try:
-    with open(path, encoding="utf-8") as f:
-      results = json.load(f)
+    results = files.read_json(path)
   except (OSError, ValueError) as e:
     sys.exit(f"error: {path}: cannot read the experiment's results ({e})")
   print("wrote " + ", ".join(os.path.join(out_dir, n) for n in plot_all(results, out_dir)))

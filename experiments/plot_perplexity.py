@@ -8,7 +8,6 @@ ngram_orders.png loss vs n-gram order (add-k and Kneser-Ney, equal and full cont
 scaling.png      validation loss vs parameters and vs training compute, log axes, fitted power laws
 """
 
-import json
 import math
 import os
 
@@ -17,6 +16,7 @@ from absl import flags
 import matplotlib.pyplot as plt
 import numpy as np
 
+from llm_math import files
 from llm_math.plotting import measurement_caption, plain_log_ticks, save_figure
 
 LN2 = math.log(2.0)
@@ -54,7 +54,7 @@ def plot_curves(results: dict, path: str):
     color, style = _STYLES.get(rec["name"].split(" ")[0], ("tab:purple", "--"))
     label = f"{rec['name']} ({rec['val_nll_nats']:.3f} nats)"
     ax_nll.axhline(rec["val_nll_nats"], color=color, ls=style, lw=1.2, label=label)
-    ax_ppl.axhline(math.exp(rec["val_nll_nats"]), color=color, ls=style, lw=1.2, label=label)
+    ax_ppl.axhline(np.exp(rec["val_nll_nats"]), color=color, ls=style, lw=1.2, label=label)
   ax_nll.set(xlabel="training step", ylabel="validation NLL (nats / token)", title="Validation loss")
   ax_ppl.set(xlabel="training step", ylabel="validation perplexity exp(NLL)", yscale="log",
              title="Validation perplexity (log scale)")
@@ -157,8 +157,7 @@ def plot_all(results: dict, workdir: str) -> list[str]:
 def main(argv):
   del argv
   workdir = flags.FLAGS.workdir
-  with open(os.path.join(workdir, "results.json"), encoding="utf-8") as f:
-    print("wrote", ", ".join(plot_all(json.load(f), workdir)))
+  print("wrote", ", ".join(plot_all(files.read_json(os.path.join(workdir, "results.json")), workdir)))
 
 
 if __name__ == "__main__":

@@ -11,14 +11,14 @@ tokens/s with the key/value cache and (--compare_cache, on by default) without i
 compilation; both paths use the same key and must give the same tokens. The model sees at most its
 training context W; longer generations follow the context rule of `llm_math.generate` (when the
 window is full keep its last W/2 tokens and re-read them). Writes nothing to --workdir;
---output=FILE.json saves everything printed.
+--output=FILE.json saves everything printed. --seed (default 0) seeds the sampling key; the other
+shared flags (--data, --tokenizer, --vocab_size, --tfds_data_dir, --mesh) are refused with an error,
+since the run in --workdir fixes its data and tokenizer and generation runs on one device.
 
 For a run on the synthetic source, --prompt is a list of token ids ("3 1 4").
 """
 
-import json
 import math
-import os
 import time
 
 import jax
@@ -27,6 +27,7 @@ from absl import flags
 from absl import logging
 
 from experiments import common
+from llm_math import files
 from llm_math import generate as generate_lib
 from llm_math import information
 from llm_math import train as train_lib
@@ -43,6 +44,15 @@ NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Independent samples (a bat
 COMPARE_CACHE = flags.DEFINE_bool("compare_cache", True,
                                   "Also generate without the cache: speed and identical tokens.")
 OUTPUT = flags.DEFINE_string("output", None, "Optional JSON file for the samples and numbers.")
+
+# Shared flags (experiments/common.py) that sampling from a finished run has no use for, and why.
+UNUSED_FLAGS = (
+    (common.DATA, "the data comes from the run in --workdir"),
+    (common.TOKENIZER, "the tokenizer is the one saved in --workdir"),
+    (common.VOCAB_SIZE, "the vocabulary is the one saved in --workdir"),
+    (common.TFDS_DATA_DIR, "no dataset is read, only the run in --workdir"),
+    (common.MESH, "generation runs on one device"),
+)
 
 
 def check_settings(num_tokens, temperature, top_k, top_p, num_samples):
@@ -100,8 +110,7 @@ def timed_generate(params, model_config, prompt_BxP, num_tokens, key, use_cache,
 def _validation_nll(workdir: str):
   """The run's final validation NLL from its results.json, when it has one."""
   try:
-    with open(os.path.join(workdir, "results.json"), encoding="utf-8") as f:
-      records = json.load(f).get("records", [])
+    records = files.read_json(files.path(workdir) / "results.json").get("records", [])
   except (OSError, ValueError):
     return None
   return next((r["val_nll_nats"] for r in records if r.get("kind") == "model"), None)
@@ -110,10 +119,13 @@ def _validation_nll(workdir: str):
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Quiet the checkpoint library's INFO lines.
+  for flag, reason in UNUSED_FLAGS:
+    if flag.value is not None:
+      raise UsageError(f"--{flag.name} is not used by sample.py: {reason}")
   workdir = common.WORKDIR.value
   if not workdir:
     raise UsageError("--workdir is required: the directory of a training run")
-  if not os.path.isdir(workdir):
+  if not files.path(workdir).is_dir():
     raise UsageError(f"--workdir={workdir}: no such directory")
   settings = dict(temperature=TEMPERATURE.value, top_k=TOP_K.value, top_p=TOP_P.value)
   check_settings(NUM_TOKENS.value, TEMPERATURE.value, TOP_K.value, TOP_P.value, NUM_SAMPLES.value)
@@ -164,7 +176,7 @@ def main(argv):
              f"identical tokens: {'yes' if identical else 'NO'}")
   print(line)
 
-  if OUTPUT.value:
+  if OUTPUT.value and common.is_primary():
     record = {
         "experiment": "sample", "workdir": workdir, "step": trained.step, "prompt": PROMPT.value,
         "prompt_tokens": int(len(prompt_P)), "num_tokens": NUM_TOKENS.value, "seed": seed,
@@ -179,10 +191,9 @@ def main(argv):
                          "wall time of a second, already compiled call (prefill included)"),
     }
     try:
-      with open(OUTPUT.value, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2)
+      files.write_json(OUTPUT.value, record, indent=2)  # Strict JSON: an infinite tokens/s is null.
     except OSError as e:
-      raise UsageError(f"--output={OUTPUT.value}: cannot write ({e.strerror})") from None
+      raise UsageError(f"--output={OUTPUT.value}: cannot write ({e.strerror or e})") from None
     print(f"wrote {OUTPUT.value}")
   if identical is False:
     raise SystemExit("error: cached and uncached generation gave different tokens")

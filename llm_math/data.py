@@ -121,9 +121,14 @@ def _read_tfds(name: str, data_dir: str | None, max_chars: int | None):
   return join("train"), join(val_split)
 
 
+def _is_primary() -> bool:
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_index() == 0
+
+
 def _from_text(description, train_text, val_text, tokenizer_kind, vocab_size, workdir):
   tokenizer = tokenizers.build(tokenizer_kind, train_text, [val_text], vocab_size)
-  if workdir:
+  if workdir and _is_primary():  # Every process builds the same tokenizer; one writes it.
     tokenizer.save(workdir)
   return Dataset(description, tokenizer.encode(train_text), tokenizer.encode(val_text), tokenizer)
 

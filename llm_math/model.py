@@ -14,7 +14,8 @@ logits used by the loss are always computed in float32.
 
 Attention probabilities are exposed on demand: each attention layer `sow`s its `[B, H, T, T]`
 probabilities into the 'intermediates' collection, which costs nothing unless the caller applies the
-model with `mutable=['intermediates']`.
+model with `mutable=['intermediates']`. Only the explicit attention path has them; the fused one
+(`attention_impl='fused'`: cuDNN flash attention where it applies, XLA elsewhere) never forms them.
 
 With `causal=False` the model attends in both directions (for the spectral analysis of attention).
 """
@@ -26,6 +27,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 POS_ENCODINGS = ("learned", "sinusoidal", "rotary")
 ACTIVATIONS = ("relu", "gelu")
@@ -52,10 +54,19 @@ class ModelConfig:
   layernorm: bool = True
   # Autoregressive decoding with a key/value cache of max_len positions (see `llm_math.generate`).
   decode: bool = False
-  # 'explicit': softmax(QK^T/sqrt(d_k))V written out (attention probabilities can be sown);
-  # 'fused': jax.nn.dot_product_attention (cuDNN flash attention on GPUs where available).
+  # 'explicit': softmax(QK^T/sqrt(d_k))V written out (attention probabilities can be sown), with
+  # dropout_rate applied to the attention probabilities in training.
+  # 'fused': jax.nn.dot_product_attention, with cuDNN flash attention where
+  # `fused_attention_implementation` allows it (CUDA GPU, bf16/fp16, supported head dim) and XLA
+  # elsewhere. It is taken in training too, dropout or not: the fused kernel has no dropout on the
+  # attention probabilities, so there dropout_rate applies only to the embeddings and to the
+  # attention and MLP outputs added to the residual stream. Decoding (decode=True) always takes
+  # the explicit path.
   attention_impl: str = "explicit"
   remat: bool = False  # Recompute each block's activations in the backward pass (saves memory).
+  # Logical axis -> mesh axes rules (`llm_math.sharding`) for the activations the model constrains
+  # (the residual stream between blocks); they take effect under a mesh (jax.set_mesh), else no-op.
+  logical_axis_rules: tuple = ()
   init_std: float = 0.02
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -78,6 +89,60 @@ class ModelConfig:
   @property
   def head_dim(self) -> int:
     return self.d_model // self.num_heads
+
+
+# cuDNN flash attention (jax.nn.dot_product_attention with implementation='cudnn') takes bf16/fp16
+# Q, K, V and a head dim that is a multiple of 8 and at most 128 (256 from Hopper on; 128 holds on
+# every GPU, for the backward pass too); it needs compute capability 8.0 (Ampere) or newer.
+CUDNN_ATTENTION_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+CUDNN_MAX_HEAD_DIM = 128
+CUDNN_MIN_COMPUTE_CAPABILITY = (8, 0)
+
+
+def fused_attention_implementation(platform: str, dtype, head_dim: int,
+                                   compute_capability: str | None = None) -> str:
+  """The `implementation=` of jax.nn.dot_product_attention for the fused path: 'cudnn' or 'xla'.
+
+  'cudnn' when every condition of cuDNN flash attention holds: `platform` is 'gpu' (a CUDA GPU;
+  see `default_platform`), `dtype` is bfloat16 or float16, `head_dim` is a multiple of 8 and at most
+  CUDNN_MAX_HEAD_DIM, and `compute_capability` ('major.minor'; None = unknown, not checked) is at
+  least 8.0. 'xla' otherwise: CPU, TPU, ROCm, float32 on a GPU, unsupported head dims.
+
+  The conditions are those jax checks before calling cuDNN (jax/_src/cudnn/
+  fused_attention_stablehlo.py: `check_layout` wants fp16/bf16 Q/K/V; `check_is_flash_attention`
+  wants head dim <= 128, or <= 256 on Hopper or newer, and a multiple of 8), taken for the oldest
+  supported GPU; cuDNN's attention support matrix adds SM80 (Ampere) or newer.
+  """
+  if platform != "gpu" or jnp.dtype(dtype) not in CUDNN_ATTENTION_DTYPES:
+    return "xla"
+  if head_dim % 8 or not 0 < head_dim <= CUDNN_MAX_HEAD_DIM:
+    return "xla"
+  if compute_capability is not None:
+    major_minor = tuple(int(x) for x in compute_capability.split(".")[:2])
+    if major_minor < CUDNN_MIN_COMPUTE_CAPABILITY:
+      return "xla"
+  return "cudnn"
+
+
+def default_platform() -> tuple[str, str | None]:
+  """(platform, compute capability) of the default device: 'cpu', 'tpu', 'gpu' for a CUDA GPU
+  (with its 'major.minor' capability) or 'rocm' for an AMD one (which has no cuDNN)."""
+  device = jax.devices()[0]
+  platform = device.platform
+  if platform == "gpu" and "cuda" not in device.client.platform_version.lower():
+    platform = "rocm"
+  return platform, getattr(device, "compute_capability", None)
+
+
+_LOGGED_ATTENTION_PATHS = set()
+
+
+def _log_attention_path_once(implementation: str, platform: str, dtype, head_dim: int) -> None:
+  """Logs (INFO) which kernel the fused attention path uses, once per process and setting."""
+  key = (implementation, platform, jnp.dtype(dtype).name, head_dim)
+  if key not in _LOGGED_ATTENTION_PATHS:
+    _LOGGED_ATTENTION_PATHS.add(key)
+    logging.info("fused attention: implementation=%r (platform %s, %s, head_dim %d)", *key)
 
 
 def _dense_init(std: float, axes: tuple[str, ...]):
@@ -161,9 +226,15 @@ class CausalSelfAttention(nn.Module):
     if cfg.decode:
       k_BxTxHxK, v_BxTxHxK = self._append_to_cache(k_BxTxHxK, v_BxTxHxK)
     scale = 1.0 / math.sqrt(cfg.head_dim)
-    if cfg.attention_impl == "fused" and not cfg.decode and (deterministic or not cfg.dropout_rate):
+    if cfg.attention_impl == "fused" and not cfg.decode:
+      # No dropout on the attention probabilities (the fused kernel has none), in training too.
+      platform, capability = default_platform()
+      implementation = fused_attention_implementation(
+          platform, q_BxTxHxK.dtype, cfg.head_dim, capability)
+      _log_attention_path_once(implementation, platform, q_BxTxHxK.dtype, cfg.head_dim)
       out_BxTxHxK = jax.nn.dot_product_attention(
-          q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, scale=scale, is_causal=cfg.causal)
+          q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, scale=scale, is_causal=cfg.causal,
+          implementation=implementation)
       return self._project_out(out_BxTxHxK)
     logits_BxHxTxS = jnp.einsum(
         "bthk,bshk->bhts", q_BxTxHxK, k_BxTxHxK, preferred_element_type=jnp.float32) * scale
@@ -281,7 +352,8 @@ class Transformer(nn.Module):
     block_cls = nn.remat(Block) if cfg.remat else Block
     for i in range(cfg.num_layers):
       x_BxTxD = block_cls(cfg, deterministic, name=f"block_{i}")(x_BxTxD, positions_BxT)
-      x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
+      x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"),
+                                           rules=cfg.logical_axis_rules or None)
 
     x_BxTxD = LayerNorm(cfg, name="ln_final")(x_BxTxD)
     if return_hidden and not self.is_initializing():

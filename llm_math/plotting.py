@@ -7,6 +7,8 @@ matplotlib.use("Agg")
 from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 from matplotlib import ticker  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from llm_math import files  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 
 def measurement_caption(evaluation: dict) -> str:
   """How a number was measured: split, tokens scored, context each token had."""
@@ -22,9 +24,9 @@ def plain_log_ticks(axis):
   axis.set_minor_formatter(fmt)
 
 
-def save_figure(fig, path: str, dpi: int = 130, tight: bool = True):
-  """Lays out (when `tight`), writes and closes `fig`."""
+def save_figure(fig, path, dpi: int = 130, tight: bool = True):
+  """Lays out (when `tight`), writes (to a local path or a URL such as gs://...) and closes `fig`."""
   if tight:
     fig.tight_layout()
-  fig.savefig(path, dpi=dpi)
+  files.save_figure_to(fig, path, dpi=dpi)
   plt.close(fig)

@@ -56,7 +56,23 @@ def make_mesh(shape: dict[str, int] | str = "data:-1", devices=None) -> Mesh:
   if math.prod(sizes) != len(devices):
     raise UsageError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
                      f"have {len(devices)}")
-  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+  return Mesh(_device_grid(sizes, devices), MESH_AXES)
+
+
+def _device_grid(sizes: list[int], devices) -> np.ndarray:
+  """Devices arranged as `sizes`, in the order of the physical topology on TPUs and GPUs.
+
+  mesh_utils.create_device_mesh (what jax.make_mesh uses) places neighbouring mesh coordinates on
+  neighbouring chips, so the innermost axis ('tensor') talks over the fastest links. CPU devices have
+  no topology, and for a subset of devices it may refuse a shape: there the given order is kept.
+  """
+  from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+  if devices[0].platform != "cpu":
+    try:
+      return mesh_utils.create_device_mesh(sizes, devices=devices)
+    except (ValueError, NotImplementedError, AssertionError):
+      pass
+  return np.asarray(devices).reshape(sizes)
 
 
 def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:

@@ -6,11 +6,11 @@ vocabularies are compared on one scale.
 """
 
 import io
-import json
 import os
 
 import numpy as np
 
+from llm_math import files
 from llm_math.errors import UsageError
 
 KINDS = ("char", "byte", "sentencepiece")
@@ -44,9 +44,8 @@ class CharTokenizer:
   def decode(self, ids) -> str:
     return "".join(self.chars[i] for i in np.asarray(ids).tolist())
 
-  def save(self, directory: str):
-    with open(os.path.join(directory, "tokenizer.json"), "w", encoding="utf-8") as f:
-      json.dump({"kind": self.kind, "chars": self.chars}, f)
+  def save(self, directory):
+    files.write_json(files.path(directory) / "tokenizer.json", {"kind": self.kind, "chars": self.chars})
 
 
 class ByteTokenizer:
@@ -64,9 +63,8 @@ class ByteTokenizer:
   def decode(self, ids) -> str:
     return bytes(np.asarray(ids, np.uint8).tolist()).decode("utf-8", errors="replace")
 
-  def save(self, directory: str):
-    with open(os.path.join(directory, "tokenizer.json"), "w", encoding="utf-8") as f:
-      json.dump({"kind": self.kind}, f)
+  def save(self, directory):
+    files.write_json(files.path(directory) / "tokenizer.json", {"kind": self.kind})
 
 
 class SentencePieceTokenizer:
@@ -137,11 +135,10 @@ class SentencePieceTokenizer:
     lines.append(current)
     return "\n".join(self.sp.decode(line) for line in lines)
 
-  def save(self, directory: str):
-    with open(os.path.join(directory, "tokenizer.model"), "wb") as f:
-      f.write(self.model_proto)
-    with open(os.path.join(directory, "tokenizer.json"), "w", encoding="utf-8") as f:
-      json.dump({"kind": self.kind, "model_file": "tokenizer.model"}, f)
+  def save(self, directory):
+    files.write_bytes(files.path(directory) / "tokenizer.model", self.model_proto)
+    files.write_json(files.path(directory) / "tokenizer.json",
+                     {"kind": self.kind, "model_file": "tokenizer.model"})
 
 
 def build(kind: str, train_text: str, other_texts=(), vocab_size: int | None = None,
@@ -161,17 +158,14 @@ def build(kind: str, train_text: str, other_texts=(), vocab_size: int | None = N
   raise UsageError(f"--tokenizer={kind!r}: expected one of {', '.join(KINDS)}")
 
 
-def load(directory: str):
-  """Loads a tokenizer written by `save` into `directory`."""
-  path = os.path.join(directory, "tokenizer.json")
-  try:
-    with open(path, encoding="utf-8") as f:
-      meta = json.load(f)
-  except FileNotFoundError:
-    raise UsageError(f"{path}: no saved tokenizer (is this a training workdir?)") from None
+def load(directory):
+  """Loads a tokenizer written by `save` into `directory` (a local path or a URL)."""
+  path = files.path(directory) / "tokenizer.json"
+  if not path.exists():
+    raise UsageError(f"{path}: no saved tokenizer (is this a training workdir?)")
+  meta = files.read_json(path)
   if meta["kind"] == "char":
     return CharTokenizer(meta["chars"])
   if meta["kind"] == "byte":
     return ByteTokenizer()
-  with open(os.path.join(directory, meta["model_file"]), "rb") as f:
-    return SentencePieceTokenizer(f.read())
+  return SentencePieceTokenizer((files.path(directory) / meta["model_file"]).read_bytes())

@@ -18,7 +18,7 @@ TINY_OVERRIDES = [
     "--config.model.num_heads=2", "--config.synthetic.train_tokens=20000",
     "--config.synthetic.val_tokens=2000", "--config.synthetic.lag=4",
     "--config.eval_every=6", "--config.log_every=2", "--config.checkpoint_every=4",
-    "--config.eval_stride=0",
+    "--config.eval_stride=0", "--config.warmup_steps=2",
 ]
 
 

@@ -10,10 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import scipy.optimize
 
 from experiments import batch_size as exp
 from experiments import plot_batch_size
 from experiments.configs import batch_size as default_config
+from llm_math import data as data_lib
 from llm_math import gradient_noise as gn
 from llm_math.errors import UsageError
 from tests import helpers
@@ -87,16 +89,27 @@ def test_runs_share_the_initialization_and_reach_the_target(finished):
     assert row["hessian_top_eigenvalue"] >= row["hessian_bottom_ritz_value"]
 
 
+def _log_cost(b, s, s_min, e_min):
+  """sum_i (log S_i - log(S_min + E_min / B_i))^2, written out here (not gn.tradeoff_steps)."""
+  return float(np.sum((np.log(s) - np.log(s_min + e_min / b)) ** 2))
+
+
 def test_fit_and_regimes_follow_the_sweep(finished):
   _, results = finished
   sweep, fit = results["sweep"], results["fit"]
   b = np.array([r["batch_size"] for r in sweep], float)
   s = np.array([r["steps_to_target"] for r in sweep])
-  again = gn.fit_steps_examples_tradeoff(b, s)
-  assert fit["b_crit"] == pytest.approx(again.e_min / again.s_min)
-  assert fit["s_min"] == pytest.approx(again.s_min)
-  predicted = gn.tradeoff_steps(b, fit["s_min"], fit["e_min"])
-  assert fit["rms_log_residual"] == pytest.approx(np.sqrt(np.mean(np.log(s / predicted) ** 2)))
+  # The fit against an independent optimizer: scipy's trust-region least squares on the same log
+  # residuals over (log S_min, log E_min), from a start unrelated to the fit's own.
+  independent = scipy.optimize.least_squares(
+      lambda th: np.log(np.exp(th[0]) + np.exp(th[1]) / b) - np.log(s),
+      x0=np.log([s.min() / 2, (b * s).min() / 2]), xtol=1e-15, ftol=1e-15, gtol=1e-15)
+  s_min, e_min = np.exp(independent.x)
+  assert _log_cost(b, s, fit["s_min"], fit["e_min"]) <= _log_cost(b, s, s_min, e_min) + 1e-12
+  np.testing.assert_allclose([fit["s_min"], fit["e_min"], fit["b_crit"]],
+                             [s_min, e_min, e_min / s_min], rtol=1e-4)
+  assert fit["rms_log_residual"] == pytest.approx(
+      np.sqrt(_log_cost(b, s, fit["s_min"], fit["e_min"]) / len(s)), rel=1e-9)
   doublings = results["regimes"]["doublings"]
   assert [(d["from"], d["to"]) for d in doublings] == [(2, 4), (4, 8)]
   np.testing.assert_allclose([d["speedup"] for d in doublings], s[:-1] / s[1:])
@@ -109,13 +122,55 @@ def test_fit_and_regimes_follow_the_sweep(finished):
     assert row["b_simple"] == pytest.approx(expected, rel=1e-6)
 
 
+def _sweep_rows(batch_sizes, steps):
+  return [{"batch_size": b, "reached": s is not None, "steps_to_target": s,
+           "examples_to_target": None if s is None else b * s} for b, s in zip(batch_sizes, steps)]
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.02])
+def test_tradeoff_fit_recovers_a_known_hyperbola(noise):
+  """Steps-to-target generated from S_min = 40, E_min = 640 (B_crit = 16) on the hyperbola
+  (S/S_min - 1)(E/E_min - 1) = 1, exactly or with 2% log-normal noise: the sweep's fit recovers
+  them, and the regimes follow the closed forms S(B)/S(2B) and B/B_crit."""
+  s_min, e_min = 40.0, 640.0
+  b = 2.0 ** np.arange(1, 10)  # 2 ... 512: both regimes, B_crit in the middle.
+  # On the hyperbola: E = B S with S = S_min (1 + E_min / (S_min B)), solved here from the curve.
+  s = s_min * (1 + e_min / (s_min * b))
+  np.testing.assert_allclose((s / s_min - 1) * (b * s / e_min - 1), 1.0, rtol=1e-12)
+  rng = np.random.default_rng(3)
+  measured = s * np.exp(noise * rng.standard_normal(b.size))
+  # An unreached batch size (steps None) is left out of the fit.
+  rows = _sweep_rows(list(b.astype(int)) + [1024], list(measured) + [None])
+  fit = exp.fit_tradeoff(rows)
+  assert fit["batch_sizes"] == list(b.astype(int))
+  tol = 1e-8 if noise == 0 else 0.06
+  np.testing.assert_allclose([fit["s_min"], fit["e_min"], fit["b_crit"]], [s_min, e_min, 16.0],
+                             rtol=tol)
+  if noise == 0:
+    assert fit["rms_log_residual"] < 1e-9
+  else:  # The residual is the noise the points were given (8 dof left of 9 points).
+    assert 0.5 * noise < fit["rms_log_residual"] < 1.5 * noise
+  regimes = exp.scaling_regimes(rows[:-1], fit)
+  assert (regimes["small"]["from"], regimes["large"]["to"]) == (2, 512)
+  if noise == 0:
+    closed = lambda bb: (s_min + e_min / bb) / (s_min + e_min / (2 * bb))
+    np.testing.assert_allclose([d["speedup"] for d in regimes["doublings"]], closed(b[:-1]),
+                               rtol=1e-12)
+    assert regimes["excess_examples_small"] == pytest.approx(2 / 16)
+    assert regimes["excess_examples_large"] == pytest.approx(512 / 16)
+  assert exp.fit_tradeoff(_sweep_rows([2, 4], [30.0, None])) is None  # One reached B: no fit.
+
+
 def test_gradient_variance_follows_one_over_b(finished):
   _, results = finished
   gv = results["gradient_variance"]
   fresh = gv["fresh"]
   assert fresh["batch_sizes"] == [1, 2, 4, 8]
-  slope, _ = gn.loglog_slope(fresh["batch_sizes"], fresh["variance"])
-  assert gv["slope"] == pytest.approx(slope)
+  # The least-squares line through (log B, log V) in closed form, not through gn.loglog_slope.
+  x, y = np.log(fresh["batch_sizes"]), np.log(fresh["variance"])
+  slope = np.sum((x - x.mean()) * (y - y.mean())) / np.sum((x - x.mean()) ** 2)
+  assert gv["slope"] == pytest.approx(slope, rel=1e-9)
+  assert gv["intercept"] == pytest.approx(y.mean() - slope * x.mean(), rel=1e-9, abs=1e-12)
   assert abs(gv["slope"] + 1) < 0.25  # 16 batches per B: a loose band; the default run uses 64.
   np.testing.assert_allclose(fresh["predicted"],
                              gv["trace_sigma_unbiased"] / np.asarray(fresh["batch_sizes"]))
@@ -145,6 +200,42 @@ def test_fresh_batch_variance_on_a_closed_form():
   for b, var, se in zip(out["batch_sizes"], out["variance"], out["stderr"]):
     assert se < 0.05 * trace_sigma / b
     assert abs(var - trace_sigma / b) <= 4 * se, b
+
+
+def test_gradient_variance_record_on_a_known_one_over_b_law():
+  """The same closed-form loss through the whole measurement: E|g_B - G|^2 = c / B with
+  c = tr(Sigma) = 1 - sum_v p_v^2 and G = p, so |G|^2 = sum_v p_v^2. The record must give slope -1,
+  intercept log c, tr(Sigma) ~ c, |G|^2 ~ sum p^2 and the prediction c / B, all known beforehand."""
+  rng = np.random.default_rng(4)
+  vocab, seq_len = 5, 4
+  ids = rng.choice(vocab, size=4000, p=[0.4, 0.3, 0.15, 0.1, 0.05]).astype(np.int32)
+  p = np.bincount(ids[:len(ids) - seq_len], minlength=vocab) / (len(ids) - seq_len)
+  c = 1.0 - np.sum(p**2)
+
+  def loss_fn(params, inputs_BxT, targets_BxT):
+    del targets_BxT
+    return jnp.mean(params["w"][inputs_BxT[:, 0]])
+
+  config = tiny_config()
+  config.seq_len, config.batch_sizes = seq_len, (2, 4, 8, 16, 32)
+  config.gradient_variance.update(num_examples=256, fresh_batches=2000, num_batches=200)
+  dataset = data_lib.Dataset("closed form", ids, ids, data_lib.SyntheticTokenizer(vocab))
+  setup = exp.Setup(config, dataset, loss_fn, *[None] * 6)
+  gv = exp.gradient_variance_record(setup, {"w": jnp.zeros(vocab)}, jax.random.PRNGKey(0))
+  fresh = gv["fresh"]
+  assert fresh["batch_sizes"] == [1, 2, 4, 8, 16, 32]
+  # Each point within 4 standard errors of c / B, the fitted line within a few hundredths of it.
+  for b, var, se in zip(fresh["batch_sizes"], fresh["variance"], fresh["stderr"]):
+    assert abs(var - c / b) <= 4 * se, b
+  assert abs(gv["slope"] + 1.0) < 0.03
+  assert gv["intercept"] == pytest.approx(np.log(c), abs=0.05)
+  # The per-example side: 256 windows give tr(Sigma) and |G|^2 to about 5% (1 s.e.; bands ~4 s.e.).
+  assert gv["trace_sigma_unbiased"] == pytest.approx(c, rel=0.15)
+  assert gv["g_sq_unbiased"] == pytest.approx(np.sum(p**2), rel=0.2)
+  assert gv["b_simple"] == pytest.approx(c / np.sum(p**2), rel=0.3)
+  np.testing.assert_allclose(fresh["predicted"],
+                             gv["trace_sigma_unbiased"] / np.array([1, 2, 4, 8, 16, 32]), rtol=1e-6)
+  assert abs(gv["resampled"]["slope_with_replacement"] + 1.0) < 0.1
 
 
 def test_train_step_gradient_and_two_batch_estimate():

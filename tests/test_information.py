@@ -163,3 +163,84 @@ def test_bad_arguments():
     info.mutual_information(jnp.ones(4) / 4)
   with pytest.raises(ValueError, match="labels"):
     info.token_nll(jnp.zeros((2, 5)), jnp.zeros((3,), jnp.int32))
+
+
+# Zeros in p: a 0 log 0 term (index 1, also q = 0) and p = 0 < q terms (indices 3, 4).
+P_WITH_ZEROS = np.array([0.5, 0.0, 0.3, 0.0, 0.2])
+Q_FOR_ZEROS = np.array([0.1, 0.0, 0.2, 0.4, 0.3])
+
+
+def _grad(f, *args, argnum=0):
+  g = np.asarray(jax.grad(f, argnums=argnum)(*(jnp.asarray(a, jnp.float32) for a in args)))
+  assert np.all(np.isfinite(g)), g
+  return g
+
+
+def test_entropy_gradient_at_zero_probabilities():
+  """d/dp_i H(p) = -(log p_i + 1) where p_i > 0; the 0 log 0 terms give 0, not NaN."""
+  p = P_WITH_ZEROS
+  g = _grad(info.entropy, p)
+  pos = p > 0
+  np.testing.assert_allclose(g[pos], -(np.log(p[pos]) + 1.0), rtol=1e-6)
+  np.testing.assert_array_equal(g[~pos], 0.0)
+  np.testing.assert_allclose(_grad(info.entropy_bits, p)[pos], -(np.log(p[pos]) + 1.0) / math.log(2),
+                             rtol=1e-6)
+
+
+def test_cross_entropy_gradients_at_zero_probabilities():
+  """d/dp_i H(p, q) = -log q_i (exact at p_i = 0 < q_i too); d/dq_i = -p_i / q_i; 0 at 0 log 0."""
+  p, q = P_WITH_ZEROS, Q_FOR_ZEROS
+  g_p = _grad(info.cross_entropy, p, q, argnum=0)
+  g_q = _grad(info.cross_entropy, p, q, argnum=1)
+  q_pos = q > 0
+  np.testing.assert_allclose(g_p[q_pos], -np.log(q[q_pos]), rtol=1e-6)
+  np.testing.assert_allclose(g_q[q_pos], -p[q_pos] / q[q_pos], rtol=1e-6)
+  np.testing.assert_array_equal(g_p[~q_pos], 0.0)
+  np.testing.assert_array_equal(g_q[~q_pos], 0.0)
+
+
+def test_kl_gradients_at_zero_probabilities():
+  """d/dp_i KL = log(p_i / q_i) + 1 and d/dq_i KL = -p_i / q_i where p_i > 0; finite elsewhere."""
+  p, q = P_WITH_ZEROS, Q_FOR_ZEROS
+  g_p = _grad(info.kl_divergence, p, q, argnum=0)
+  g_q = _grad(info.kl_divergence, p, q, argnum=1)
+  pos = p > 0
+  np.testing.assert_allclose(g_p[pos], np.log(p[pos] / q[pos]) + 1.0, rtol=1e-6)
+  np.testing.assert_allclose(g_q[pos], -p[pos] / q[pos], rtol=1e-6)
+  np.testing.assert_array_equal(g_q[~pos], 0.0)
+  # p_i = 0 < q_i: the p log p part contributes 0, the cross-entropy part its exact -log q_i.
+  np.testing.assert_allclose(g_p[3], -np.log(0.4), rtol=1e-6)
+  np.testing.assert_array_equal(g_p[1], 0.0)
+
+
+def test_values_keep_their_conventions_with_safe_logs():
+  """0 log 0 = 0 and q = 0 < p gives +inf, for the values; jit gives the same."""
+  p, q = jnp.asarray(P_WITH_ZEROS), jnp.asarray(Q_FOR_ZEROS)
+  expected_h = -np.sum(P_WITH_ZEROS[[0, 2, 4]] * np.log(P_WITH_ZEROS[[0, 2, 4]]))
+  np.testing.assert_allclose(jax.jit(info.entropy)(p), expected_h, rtol=1e-6)
+  expected_ce = -np.sum(P_WITH_ZEROS[[0, 2, 4]] * np.log(Q_FOR_ZEROS[[0, 2, 4]]))
+  np.testing.assert_allclose(info.cross_entropy(p, q), expected_ce, rtol=1e-6)
+  assert np.isposinf(info.cross_entropy(jnp.array([0.5, 0.5]), jnp.array([1.0, 0.0])))
+  assert np.isposinf(info.kl_divergence(jnp.array([0.5, 0.5]), jnp.array([1.0, 0.0])))
+
+
+def test_mutual_information_gradient_at_zero_joint_entries():
+  """For Y = X, dI/dp(x, y) = log(p(x, y) / (p(x) p(y))) - 1 = -log p(x) - 1 on the diagonal."""
+  px = np.array([0.2, 0.3, 0.5])
+  g = _grad(info.mutual_information, np.diag(px))
+  np.testing.assert_allclose(np.diag(g), -np.log(px) - 1.0, rtol=1e-5)
+
+
+def test_logit_forms_have_finite_gradients_with_zero_probabilities():
+  """-inf logits (p = 0 exactly) in p or q's support gaps: gradients stay finite."""
+  logits_p = jnp.array([0.0, -jnp.inf, 1.0, -jnp.inf])
+  logits_q = jnp.array([0.5, -jnp.inf, -1.0, 2.0])
+  p = jax.nn.softmax(logits_p)
+  for f, args in ((info.kl_divergence_from_logits, (logits_p, logits_q)),
+                  (info.cross_entropy_from_logits, (p, logits_q))):
+    for argnum in (0, 1):
+      g = jax.grad(f, argnums=argnum)(*args)
+      assert np.all(np.isfinite(np.asarray(g))), (f.__name__, argnum, g)
+  # d/dz_q H(p, softmax(z_q)) = softmax(z_q) - p, also where p = 0.
+  np.testing.assert_allclose(jax.grad(info.cross_entropy_from_logits, argnums=1)(p, logits_q),
+                             jax.nn.softmax(logits_q) - p, atol=1e-6)

@@ -59,6 +59,11 @@ def test_attention_rows_sum_to_one(causal):
   logits, state = m.apply({"params": params}, tokens, mutable=["intermediates"])
   a = np.asarray(model_lib.attention_probs(state["intermediates"]))
   assert a.shape == (3, 4, 2, T, T)
+  # Each layer sowed exactly one [B, H, T, T] array, and the stack keeps the layers in order.
+  for i in range(3):
+    sown = state["intermediates"][f"block_{i}"]["attn"]["attention_probs"]
+    assert len(sown) == 1 and sown[0].shape == (4, 2, T, T)
+    np.testing.assert_array_equal(a[i], sown[0])
   np.testing.assert_allclose(a.sum(-1), 1.0, atol=1e-6)
   assert np.all(a >= 0)
   upper = np.triu(np.ones((T, T), bool), k=1)
@@ -81,7 +86,15 @@ def test_every_kernel_has_logical_axis_names():
   assert names["['block_0']['mlp']['fc_in']['kernel']"] == ("embed", "mlp")
   assert names["['token_embed']['embedding']"] == ("vocab", "embed")
   assert names["['lm_head']['kernel']"] == ("embed", "vocab")
-  assert all(len(v) >= 1 for v in names.values()), names
+  # Every parameter: one name per dimension, and each named dimension has the size its name means.
+  sizes = {"vocab": T, "embed": 16, "heads": 2, "kv": 8, "mlp": 32}
+  shapes = {jax.tree_util.keystr(k): v.shape
+            for k, v in jax.tree_util.tree_flatten_with_path(nn.meta.unbox(boxed)["params"])[0]}
+  assert set(names) == set(shapes) and len(names) == 21
+  for path, axes in names.items():
+    assert len(axes) == len(shapes[path]), path
+    for axis, size in zip(axes, shapes[path]):
+      assert (axis is None and path == "['pos_embed']['embedding']") or sizes[axis] == size, path
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -153,14 +166,75 @@ def test_decode_with_cache_matches_full_forward(pos):
   np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=2e-5)
 
 
-@pytest.mark.parametrize("residual,mlp", [(False, False), (True, False), (False, True)])
-def test_ablated_blocks_have_the_expected_parameters(residual, mlp):
+def _gelu64(x):
+  return 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
+
+
+def _attention64(x_TxD, p):
+  """Causal multi-head attention in float64 numpy from the params of one 'attn' module."""
+  proj = lambda name: (np.einsum("td,dhk->thk", x_TxD, p[name]["kernel"]) + p[name]["bias"])
+  q, k, v = proj("query"), proj("key"), proj("value")
+  scores_HxTxS = np.einsum("thk,shk->hts", q, k) / math.sqrt(q.shape[-1])
+  scores_HxTxS[:, np.triu(np.ones((len(x_TxD),) * 2, bool), k=1)] = -np.inf
+  probs = np.exp(scores_HxTxS - scores_HxTxS.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  out_TxHxK = np.einsum("hts,shk->thk", probs, v)
+  return np.einsum("thk,hkd->td", out_TxHxK, p["out"]["kernel"]) + p["out"]["bias"]
+
+
+@pytest.mark.parametrize("residual,mlp",
+                         [(False, False), (True, False), (False, True), (True, True)])
+def test_ablated_blocks_compute_the_sublayers_without_the_skip(residual, mlp):
+  """Each block's output stream against a float64 hand computation from the same parameters:
+  x = [x +] Attn(x), then x = [x +] FFN(x) (no LayerNorm), the skip term present only with
+  residual."""
   m, params = _init(residual=residual, mlp=mlp, layernorm=False)
   block = params["block_0"]
-  assert ("mlp" in block) == mlp and "ln_attn" not in block
-  tokens = jnp.arange(T)[None]
-  _, state = m.apply({"params": params}, tokens, mutable=["intermediates"])
-  assert model_lib.residual_streams(state["intermediates"]).shape == (2, 1, T, 16)
+  assert ("mlp" in block) == mlp and "ln_attn" not in block and "ln_final" not in params
+  # Random parameters of unit-ish scale, so that the skip term and the sub-layers are comparable.
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  rng = np.random.default_rng(0)
+  params = jax.tree_util.tree_unflatten(
+      treedef, [jnp.asarray(0.5 * rng.standard_normal(x.shape), jnp.float32) for x in leaves])
+  p64 = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), params)
+  tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(3), (2, T), 0, T))
+  logits, state = m.apply({"params": params}, jnp.asarray(tokens), mutable=["intermediates"])
+  streams = np.asarray(model_lib.residual_streams(state["intermediates"]))
+  for b in range(2):
+    x = p64["token_embed"]["embedding"][tokens[b]] + p64["pos_embed"]["embedding"][:T]
+    for i in range(2):
+      pb = p64[f"block_{i}"]
+      x = (x if residual else 0.0) + _attention64(x, pb["attn"])
+      if mlp:
+        fc_in, fc_out = pb["mlp"]["fc_in"], pb["mlp"]["fc_out"]
+        hidden = _gelu64(x @ fc_in["kernel"] + fc_in["bias"])
+        x = (x if residual else 0.0) + hidden @ fc_out["kernel"] + fc_out["bias"]
+      np.testing.assert_allclose(streams[i, b], x, rtol=1e-4, atol=1e-4 * np.abs(x).max())
+    expected = x @ p64["lm_head"]["kernel"]
+    np.testing.assert_allclose(logits[b], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("mlp", [False, True])
+def test_without_the_skip_a_silenced_last_block_forgets_the_input(mlp):
+  """Zero the kernels projecting the last block's sub-layers into the stream (attention out, and the
+  MLP's fc_out): without skip connections the logits then no longer depend on the tokens or the
+  position at all (only the biases reach the output); with skip connections they still do."""
+  tokens = jax.random.randint(jax.random.PRNGKey(6), (3, T), 0, T)
+  spread = {}
+  for residual in (False, True):
+    m, params = _init(residual=residual, mlp=mlp, layernorm=False)
+    last = params["block_1"]
+    last = {**last, "attn": {**last["attn"], "out": {
+        "kernel": jnp.zeros_like(last["attn"]["out"]["kernel"]),
+        "bias": jnp.full_like(last["attn"]["out"]["bias"], 0.3)}}}
+    if mlp:
+      fc_out = last["mlp"]["fc_out"]
+      last["mlp"] = {**last["mlp"],
+                     "fc_out": {**fc_out, "kernel": jnp.zeros_like(fc_out["kernel"])}}
+    logits = np.asarray(m.apply({"params": {**params, "block_1": last}}, tokens))
+    spread[residual] = np.abs(logits - logits[:1, :1]).max()
+  assert spread[False] == 0.0
+  assert spread[True] > 1e-3
 
 
 @pytest.mark.parametrize("causal", [True, False])

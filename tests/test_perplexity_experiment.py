@@ -52,6 +52,63 @@ def test_baselines_are_scored_on_the_models_tokens():
   assert floor["bits_per_char"] == pytest.approx(floor["val_nll_nats"] / np.log(2))
 
 
+def _model_records(tokenizer, params, losses, tokens=1e6):
+  return [{"kind": "model", "tokenizer": tokenizer, "params": n, "train_flops": 6 * n * tokens,
+           "val_nll_nats": loss} for n, loss in zip(params, losses)]
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.003])
+def test_fit_scaling_recovers_a_known_power_law(noise):
+  """Losses generated from L(N) = a N^-alpha + c (exactly, or with 0.3% log-normal noise) give back
+  a, alpha, c on the params axis, and on the compute axis C = 6 N D the same alpha and c with
+  a_C = a (6 D)^alpha. Other record kinds, and a tokenizer with fewer than 3 sizes, are left out."""
+  a, alpha, c, tokens = 40.0, 0.3, 1.5, 1e6
+  n = np.geomspace(1e4, 1e8, 9)
+  loss = (a * n**-alpha + c) * np.exp(noise * np.random.default_rng(0).standard_normal(n.size))
+  records = (_model_records("char", n, loss, tokens)
+             + _model_records("byte", [1e4, 1e5], [3.0, 2.0])  # Two sizes: no fit.
+             + [{"kind": "ngram", "tokenizer": "char", "params": 1e9, "val_nll_nats": 9.0},
+                {"kind": "baseline", "tokenizer": "char", "params": 1, "val_nll_nats": 0.1}])
+  fits = perplexity.fit_scaling(records)
+  assert list(fits) == ["char"]
+  by_params, by_compute = fits["char"]["params"], fits["char"]["compute"]
+  if noise == 0:
+    np.testing.assert_allclose([by_params["a"], by_params["alpha"], by_params["c"]], [a, alpha, c],
+                               rtol=1e-6)
+    np.testing.assert_allclose([by_compute["a"], by_compute["alpha"], by_compute["c"]],
+                               [a * (6 * tokens)**alpha, alpha, c], rtol=1e-6)
+    assert by_params["rms_log_residual"] < 1e-9 and by_compute["rms_log_residual"] < 1e-9
+  else:
+    for fit in (by_params, by_compute):
+      assert fit["alpha"] == pytest.approx(alpha, abs=0.02)
+      assert fit["c"] == pytest.approx(c, abs=0.03)
+      assert fit["rms_log_residual"] < 2 * noise
+    assert by_params["a"] == pytest.approx(a, rel=0.2)  # a trades off against alpha
+    # Both axes fit the same points: C is a fixed multiple of N, so the laws agree everywhere.
+    np.testing.assert_allclose(by_compute["alpha"], by_params["alpha"], rtol=1e-4)
+    assert by_compute["a"] == pytest.approx(by_params["a"] * (6 * tokens)**by_params["alpha"],
+                                            rel=1e-3)
+
+
+def _check_against_independent_fit(fit, n, loss):
+  """A fit to 3 points, checked without llm_math.scaling_laws.
+
+  With c at its bound 0 the log-space fit is the straight line of log L on log N: np.polyfit gives
+  alpha and a. With c > 0 three parameters fit three points exactly: a N^-alpha + c reproduces them.
+  """
+  n, loss = np.asarray(n, np.float64), np.asarray(loss, np.float64)
+  predicted = fit["a"] * n ** -fit["alpha"] + fit["c"]
+  rms = np.sqrt(np.mean((np.log(predicted) - np.log(loss)) ** 2))
+  assert fit["rms_log_residual"] == pytest.approx(rms, rel=1e-6, abs=1e-12)
+  assert fit["c"] >= 0.0
+  if fit["c"] == 0.0:
+    slope, intercept = np.polyfit(np.log(n), np.log(loss), 1)
+    assert fit["alpha"] == pytest.approx(-slope, rel=1e-6)
+    assert fit["a"] == pytest.approx(np.exp(intercept), rel=1e-5)
+  else:
+    np.testing.assert_allclose(predicted, loss, rtol=1e-6)
+
+
 @pytest.mark.slow
 def test_size_sweep_fits_a_power_law_and_draws_figures(tmp_path):
   args = [a for a in helpers.TINY_OVERRIDES if "num_steps" not in a] + [
@@ -65,8 +122,10 @@ def test_size_sweep_fits_a_power_law_and_draws_figures(tmp_path):
   assert [r["d_model"] for r in models] == [8, 16, 32]
   assert models[0]["params"] < models[1]["params"] < models[2]["params"]
   assert all(r["train_flops"] == r["flops_per_token"] * r["train_tokens"] for r in models)
-  fit = results["power_law"]["synthetic"]["params"]
-  assert fit["alpha"] > 0 and np.isfinite(fit["c"])
+  for axis, key in (("params", "params"), ("compute", "train_flops")):
+    fit = results["power_law"]["synthetic"][axis]
+    _check_against_independent_fit(fit, [r[key] for r in models],
+                                   [r["val_nll_nats"] for r in models])
   for name in ("perplexity.png", "ngram_orders.png", "scaling.png", "results.md"):
     assert (tmp_path / name).stat().st_size > 0
   assert (tmp_path / "models" / "synthetic" / "d16_L1" / "metrics.jsonl").exists()

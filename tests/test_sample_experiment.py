@@ -179,3 +179,25 @@ def test_embeddings_experiment_measures_the_checkpoint(run_dir, tmp_path):
   assert proc.returncode == 0, proc.stderr
   for name in figures:
     assert (out_dir / name).stat().st_size > 10_000, name
+
+
+@pytest.mark.parametrize("module,flag,fragment", [
+    ("experiments.sample", "--data=synthetic",
+     "error: --data is not used by sample.py: the data comes from the run in --workdir"),
+    ("experiments.sample", "--mesh=data:-1",
+     "error: --mesh is not used by sample.py: generation runs on one device"),
+    ("experiments.embeddings", "--seed=7",
+     "error: --seed is not used by embeddings.py: the initialization compared with uses the run's "
+     "own seed (its config.json)"),
+    ("experiments.embeddings", "--tokenizer=byte",
+     "error: --tokenizer is not used by embeddings.py: the tokenizer is the one saved in --workdir"),
+])
+def test_shared_flags_the_scripts_do_not_use_are_refused(run_dir, tmp_path, module, flag, fragment):
+  """A shared flag that would be silently ignored ends the script with one line naming it."""
+  before = _listing(run_dir)
+  output = [f"--output_dir={tmp_path}"] if module == "experiments.embeddings" else []
+  proc = _run(module, f"--workdir={run_dir}", *output, flag)
+  assert proc.returncode == 2, proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert fragment in proc.stderr.splitlines(), proc.stderr
+  assert _listing(run_dir) == before and not os.listdir(tmp_path)

@@ -4,6 +4,7 @@ The multi-device cases need XLA_FLAGS=--xla_force_host_platform_device_count=8 b
 `test_meshes_in_a_subprocess` computes single-device reference losses here and reruns this file in a
 child process with 8 devices, where the `needs_8_devices` tests compare against them.
 """
+import dataclasses
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from llm_math import checkpoint
+from llm_math import model as model_lib
 from llm_math import sharding
 from llm_math import train as train_lib
 from llm_math.errors import UsageError
@@ -67,7 +69,7 @@ def test_meshes_in_a_subprocess(tmp_path):
                          "-m", "not slow", __file__], cwd=helpers.REPO, env=env,
                         capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
-  assert "6 passed" in proc.stdout, proc.stdout[-2000:]
+  assert "8 passed" in proc.stdout, proc.stdout[-2000:]
 
 
 @needs_8_devices
@@ -95,6 +97,42 @@ def test_sharded_training_matches_one_device(tmp_path, mesh):
     actual += (None,) * (len(spec) - len(actual))
     assert actual == tuple(spec), (mesh, path, leaf.sharding.spec)
     assert len(leaf.sharding.device_set) == 8
+
+
+@needs_8_devices
+@pytest.mark.parametrize("mesh", ["data:2,fsdp:2,tensor:2", "data:1,fsdp:4,tensor:2"])
+def test_residual_stream_carries_the_rules_sharding(mesh):
+  """Inside the jitted step the residual stream is constrained to the layout the rules name:
+  'batch' -> (data, fsdp); 'embed' -> fsdp is taken by the batch already, 'length' is replicated.
+  Without rules in the model config the same step has no constraint at all."""
+  config = _config(mesh=mesh)
+  mesh_ = sharding.make_mesh(config.mesh)
+  rules = tuple(tuple(r) for r in config.logical_axis_rules)
+  batch_sh = sharding.batch_sharding(mesh_, rules)
+  tokens = jax.device_put(np.zeros((8, config.seq_len), np.int32), batch_sh)
+  constraints = {}
+  for with_rules in (True, False):
+    mcfg = train_lib.model_config(config, 32)
+    if not with_rules:
+      mcfg = dataclasses.replace(mcfg, logical_axis_rules=())
+    state, state_sh = train_lib.create_train_state(
+        model_lib.Transformer(mcfg), train_lib.optimizer(config), mesh_, rules, config.seq_len,
+        jax.random.PRNGKey(0))
+    step = jax.jit(train_lib.train_step, in_shardings=(state_sh, batch_sh, batch_sh, None),
+                   out_shardings=(state_sh, None))
+    with train_lib.use_mesh(mesh_):
+      text = step.lower(state, tokens, tokens, jax.random.PRNGKey(1)).as_text()
+    constraints[with_rules] = [l for l in text.splitlines()
+                               if "sharding_constraint" in l or "@Sharding" in l]
+  assert not constraints[False]
+  d = config.model.d_model
+  residual = [l for l in constraints[True] if f"x{config.seq_len}x{d}x" in l]
+  assert len(residual) >= config.model.num_layers, constraints[True]
+  if "sdy." in residual[0]:  # Shardy: the mesh axes by name.
+    assert all('[{"data", "fsdp"}, {}, {}]' in l for l in residual), residual
+  else:  # GSPMD: batch split over data x fsdp devices, the rest replicated over tensor.
+    n = mesh_.shape["data"] * mesh_.shape["fsdp"]
+    assert all(f"devices=[{n},1,1," in l for l in residual), residual
 
 
 @needs_8_devices

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from llm_math import checkpoint
+from llm_math import summaries
 from llm_math import train as train_lib
 from llm_math.errors import UsageError
 
@@ -30,6 +31,20 @@ def test_short_run_loss_falls(tmp_path):
   assert {"step", "loss", "ppl", "lr", "grad_norm", "tokens_per_s"} <= set(train_records[0])
   assert train_records[-1]["loss"] < train_records[0]["loss"]
   assert result.params > 0 and result.flops_per_token > 6 * result.params * 0.5
+
+
+def test_tensorboard_events_match_metrics_jsonl(tmp_path):
+  """The event files beside metrics.jsonl hold the same scalars, read back as TensorBoard reads them."""
+  config = helpers.tiny_config(num_steps=6, log_every=2, eval_every=3, checkpoint_every=6)
+  train_lib.train(config, helpers.tiny_dataset(config), str(tmp_path), log=_quiet)
+  records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  events = summaries.read_scalars(str(tmp_path))
+  for tag in ("loss", "lr", "grad_norm", "param_norm", "update_norm", "tokens_per_s", "val_nll"):
+    expected = [(r["step"], r[tag]) for r in records if tag in r]
+    assert len(expected) >= 2
+    got = events[tag]
+    assert [s for s, _ in got] == [s for s, _ in expected]
+    np.testing.assert_allclose([v for _, v in got], [v for _, v in expected], rtol=1e-6)
 
 
 def _params_of(result):
@@ -57,7 +72,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, signum):
   for a, b in zip(_params_of(full), _params_of(resumed)):
     np.testing.assert_array_equal(a, b)
   assert resumed.val_curve == full.val_curve
-  strip = lambda r: {k: v for k, v in r.items() if k != "tokens_per_s"}
+  strip = lambda r: {k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")}
   read = lambda d: [strip(json.loads(l)) for l in open(os.path.join(d, "metrics.jsonl"))]
   assert read(part_dir) == read(str(tmp_path / "full"))
 
@@ -66,11 +81,15 @@ def test_nan_loss_stops_cleanly_and_keeps_last_good_checkpoint(tmp_path):
   config = helpers.tiny_config(num_steps=30, learning_rate=1e32, warmup_steps=0, grad_clip=0.0,
                                checkpoint_every=1, log_every=1)
   dataset = helpers.tiny_dataset(config)
-  with pytest.raises(train_lib.NonFiniteLossError, match="training loss is (nan|inf)"):
+  with pytest.raises(train_lib.DivergenceError, match="training loss is (nan|inf)"):
     train_lib.train(config, dataset, str(tmp_path), log=_quiet)
   mngr = checkpoint.manager(str(tmp_path))
+  assert mngr.all_steps()
+  # The newest save was still being written when the error surfaced; it completed and is intact.
+  _, latest = checkpoint.restore_latest(mngr, log=pytest.fail)
+  assert latest == max(mngr.all_steps())
   for step in mngr.all_steps():
-    params = mngr.restore(step)["params"]
+    params, _ = checkpoint.load_params(str(tmp_path), step)  # Intact: its fingerprint matches.
     assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(params))
 
 

@@ -49,6 +49,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.eps = 1e-8
   c.weight_decay = 0.1
   c.grad_clip = 1.0
+  # Divergence: a training or validation loss above max_loss_factor x ln|V| (the uniform model's
+  # loss, where training starts) stops the run like a NaN, without saving. 0 = only NaN/inf stop it.
+  c.max_loss_factor = 3.0
 
   # Evaluation: contiguous validation windows; stride 0 = seq_len (nanoGPT's independent windows).
   # Stride 32 of 64 gives every scored token at least 33 tokens of context, more than the lag, so

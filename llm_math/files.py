@@ -1,0 +1,109 @@
+"""Run files anywhere `etils.epath` reaches: local disk, gs:// buckets, and other fsspec filesystems.
+
+Every read and write of a workdir goes through here (orbax, which takes the same paths, writes the
+checkpoints), so `--workdir=gs://bucket/run` works for metrics, results, figures, tokenizers and
+configs alike. We use etils.epath because orbax already depends on it: one path type for checkpoints
+and for our own files, with TensorFlow's gfile or fsspec (gcsfs) behind gs:// as installed.
+
+JSON written here is strict: non-finite floats (a NaN throughput, an infinite perplexity) become null,
+so every file stays readable by any JSON parser.
+"""
+
+import io
+import json
+import math
+import os
+
+from etils import epath
+import numpy as np
+
+PathLike = str | os.PathLike | epath.Path
+
+
+def path(p: PathLike) -> epath.Path:
+  """An epath.Path; local paths are made absolute (orbax needs that), URLs are kept as they are."""
+  text = os.fspath(p)
+  return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
+def is_local(p: PathLike) -> bool:
+  return "://" not in os.fspath(p)
+
+
+def finite_or_none(value):
+  """`value` with every non-finite float inside it (nested dicts, lists) replaced by None."""
+  if isinstance(value, float):
+    return value if math.isfinite(value) else None
+  if isinstance(value, dict):
+    return {k: finite_or_none(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [finite_or_none(v) for v in value]
+  return value
+
+
+def dumps(value, **kwargs) -> str:
+  """Strict JSON text (no NaN or Infinity tokens)."""
+  return json.dumps(finite_or_none(value), allow_nan=False, **kwargs)
+
+
+def write_json(p: PathLike, value, indent: int | None = 1):
+  write_text(p, dumps(value, indent=indent))
+
+
+def read_json(p: PathLike):
+  return json.loads(path(p).read_text())
+
+
+def write_text(p: PathLike, text: str):
+  """Writes `text` to `p`, atomically where the filesystem can rename (local disk)."""
+  target = path(p)
+  if is_local(target):
+    tmp = target.with_name(f".{target.name}.tmp.{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(target)
+  else:
+    target.write_text(text)  # Object stores publish an object whole when it is closed.
+
+
+def read_jsonl(p: PathLike) -> list[dict]:
+  """The records of a JSON-lines file ([] if it does not exist)."""
+  target = path(p)
+  if not target.exists():
+    return []
+  return [json.loads(line) for line in target.read_text().splitlines() if line.strip()]
+
+
+def append_jsonl(p: PathLike, records: list[dict]):
+  """Appends records to a JSON-lines file. Object stores cannot append: the file is rewritten."""
+  lines = "".join(dumps(r) + "\n" for r in records)
+  target = path(p)
+  if is_local(target):
+    with target.open("a") as f:
+      f.write(lines)
+  else:
+    old = target.read_text() if target.exists() else ""
+    target.write_text(old + lines)
+
+
+def write_bytes(p: PathLike, data: bytes):
+  path(p).write_bytes(data)
+
+
+def write_npz(p: PathLike, **arrays):
+  """np.savez_compressed into any epath location (numpy writes to a buffer, the buffer to `p`)."""
+  buf = io.BytesIO()
+  np.savez_compressed(buf, **arrays)
+  write_bytes(p, buf.getvalue())
+
+
+def read_npz(p: PathLike) -> dict:
+  """Every array of an .npz file, as {name: np.ndarray}."""
+  with np.load(io.BytesIO(path(p).read_bytes())) as npz:
+    return {name: npz[name] for name in npz.files}
+
+
+def save_figure_to(fig, p: PathLike, **kwargs):
+  """fig.savefig into any epath location (matplotlib writes to a buffer, the buffer to `p`)."""
+  buf = io.BytesIO()
+  fig.savefig(buf, format=os.fspath(p).rsplit(".", 1)[-1], **kwargs)
+  write_bytes(p, buf.getvalue())
