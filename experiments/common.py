@@ -21,7 +21,9 @@ from llm_math.errors import UsageError
 _CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, results, figures.")
-DATA = flags.DEFINE_string("data", None, "'synthetic', 'text:PATH[,PATH...]' or 'tfds:NAME[/CONFIG]'.")
+DATA = flags.DEFINE_string(
+    "data", None, "'synthetic', 'text:PATH[,PATH...]', 'tfds:NAME[/CONFIG]' or 'tokens:DIR' "
+    "(prepared by experiments.prepare_data).")
 TOKENIZER = flags.DEFINE_enum("tokenizer", None, ["char", "byte", "sentencepiece"], "Tokenizer.")
 VOCAB_SIZE = flags.DEFINE_integer("vocab_size", None, "SentencePiece vocabulary size.")
 SEED = flags.DEFINE_integer("seed", None, "Seed of initialization, data order and synthetic data.")
@@ -152,6 +154,14 @@ def write_results(directory, results: dict, report: str):
   report) in `directory`."""
   files.write_json(files.path(directory) / "results.json", results)
   files.write_text(files.path(directory) / "results.md", report)
+
+
+def reject_unused_flags(unused, script: str):
+  """A one-line UsageError for the first flag of `unused` ((flag, why it has no use) pairs) that
+  the user set: a script that analyses a finished run must not silently ignore a shared flag."""
+  for flag, reason in unused:
+    if flag.value is not None:
+      raise UsageError(f"--{flag.name} is not used by {script}: {reason}")
 
 
 def is_primary() -> bool:

@@ -295,9 +295,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Quiet the checkpoint library's INFO lines.
   start = time.time()
-  for flag, reason in UNUSED_FLAGS:
-    if flag.value is not None:
-      raise UsageError(f"--{flag.name} is not used by embeddings.py: {reason}")
+  common.reject_unused_flags(UNUSED_FLAGS, "embeddings.py")
   workdir = common.WORKDIR.value
   if not workdir:
     raise UsageError("--workdir is required: the directory of a training run")

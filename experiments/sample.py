@@ -119,9 +119,7 @@ def _validation_nll(workdir: str):
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Quiet the checkpoint library's INFO lines.
-  for flag, reason in UNUSED_FLAGS:
-    if flag.value is not None:
-      raise UsageError(f"--{flag.name} is not used by sample.py: {reason}")
+  common.reject_unused_flags(UNUSED_FLAGS, "sample.py")
   workdir = common.WORKDIR.value
   if not workdir:
     raise UsageError("--workdir is required: the directory of a training run")

@@ -4,6 +4,8 @@ One flag picks the source:
   synthetic              the lagged-copy source of `llm_math.synthetic` (no download, exact floor)
   text:PATH[,PATH...]    local UTF-8 files, concatenated; first 90% train, last 10% validation
   tfds:NAME[/CONFIG]     a TensorFlow Datasets text dataset ('train' and 'validation' or 'test' splits)
+  tokens:DIR             a corpus tokenized once by `experiments.prepare_data` (`llm_math.token_store`):
+                         its splits are memory-mapped, so corpora larger than memory train as well
 
 Training batches are a pure function of (seed, step): random windows of the training stream, so a
 resumed run sees exactly the batches an uninterrupted one would. Evaluation covers the validation
@@ -163,7 +165,26 @@ def load(spec: str, *, tokenizer: str = "char", vocab_size: int | None = None, s
       raise UsageError("--data=tfds:NAME[/CONFIG]: no dataset name given")
     train_text, val_text = _read_tfds(name, tfds_data_dir, max_chars)
     return _from_text(f"tfds {name}", train_text, val_text, tokenizer, vocab_size, workdir)
-  raise UsageError(f"--data={spec!r}: expected 'synthetic', 'text:PATH[,PATH...]' or 'tfds:NAME[/CONFIG]'")
+  if spec.startswith("tokens:"):
+    return _from_tokens(spec[len("tokens:"):], workdir)
+  raise UsageError(f"--data={spec!r}: expected 'synthetic', 'text:PATH[,PATH...]', "
+                   "'tfds:NAME[/CONFIG]' or 'tokens:DIR'")
+
+
+def _from_tokens(directory, workdir):
+  """A prepared directory; its tokenizer is the one it was prepared with (--tokenizer and
+  --vocab_size do not apply), and its splits stay on disk as read-only memmaps."""
+  from llm_math import token_store  # pylint: disable=g-import-not-at-top
+  if not directory:
+    raise UsageError("--data=tokens:DIR: no directory given")
+  train_ids, val_ids, tok, manifest = token_store.open(directory)
+  if workdir and _is_primary():
+    tok.save(workdir)
+  counts = manifest["splits"]
+  description = (f"tokens {directory} ({manifest['tokenizer']['kind']} tokens of {manifest['source']}: "
+                 f"{counts['train']['tokens']:,} train / {counts['val']['tokens']:,} validation, "
+                 f"split {manifest['split']})")
+  return Dataset(description, train_ids, val_ids, tok)
 
 
 def check_fits(dataset: Dataset, seq_len: int):
