@@ -166,8 +166,8 @@ def reject_unused_flags(unused, script: str):
 
 def is_primary() -> bool:
   """Only process 0 writes results, tables and figures."""
-  import jax  # pylint: disable=g-import-not-at-top
-  return jax.process_index() == 0
+  from llm_math import sharding  # pylint: disable=g-import-not-at-top
+  return sharding.is_primary()
 
 
 def run(main, config_file: str | None = None):

@@ -22,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from llm_math import files
+from llm_math import sharding
 from llm_math.errors import UsageError
 
 COMMIT_MARKER = "commit_success.txt"
@@ -148,7 +149,7 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state=None, log=print):
       problem = _first_line(e)
     if _all_agree(problem is None):
       return state, step
-    moved = move_aside(mngr, step) if jax.process_index() == 0 else f"{step}.corrupt"
+    moved = move_aside(mngr, step) if sharding.is_primary() else f"{step}.corrupt"
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices(f"checkpoint step {step} moved aside")

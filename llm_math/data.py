@@ -21,6 +21,7 @@ import socket
 
 import numpy as np
 
+from llm_math import sharding
 from llm_math import synthetic
 from llm_math import tokenizers
 from llm_math.errors import UsageError
@@ -123,14 +124,9 @@ def _read_tfds(name: str, data_dir: str | None, max_chars: int | None):
   return join("train"), join(val_split)
 
 
-def _is_primary() -> bool:
-  import jax  # pylint: disable=g-import-not-at-top
-  return jax.process_index() == 0
-
-
 def _from_text(description, train_text, val_text, tokenizer_kind, vocab_size, workdir):
   tokenizer = tokenizers.build(tokenizer_kind, train_text, [val_text], vocab_size)
-  if workdir and _is_primary():  # Every process builds the same tokenizer; one writes it.
+  if workdir and sharding.is_primary():  # Every process builds the same tokenizer; one writes it.
     tokenizer.save(workdir)
   return Dataset(description, tokenizer.encode(train_text), tokenizer.encode(val_text), tokenizer)
 
@@ -178,7 +174,7 @@ def _from_tokens(directory, workdir):
   if not directory:
     raise UsageError("--data=tokens:DIR: no directory given")
   train_ids, val_ids, tok, manifest = token_store.open(directory)
-  if workdir and _is_primary():
+  if workdir and sharding.is_primary():
     tok.save(workdir)
   counts = manifest["splits"]
   description = (f"tokens {directory} ({manifest['tokenizer']['kind']} tokens of {manifest['source']}: "

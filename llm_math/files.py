@@ -73,16 +73,15 @@ def read_jsonl(p: PathLike) -> list[dict]:
   return [json.loads(line) for line in target.read_text().splitlines() if line.strip()]
 
 
+def write_jsonl(p: PathLike, records: list[dict]):
+  """Writes a whole JSON-lines file."""
+  write_text(p, "".join(dumps(r) + "\n" for r in records))
+
+
 def append_jsonl(p: PathLike, records: list[dict]):
-  """Appends records to a JSON-lines file. Object stores cannot append: the file is rewritten."""
-  lines = "".join(dumps(r) + "\n" for r in records)
-  target = path(p)
-  if is_local(target):
-    with target.open("a") as f:
-      f.write(lines)
-  else:
-    old = target.read_text() if target.exists() else ""
-    target.write_text(old + lines)
+  """Appends records to a local JSON-lines file (object stores cannot append: use write_jsonl)."""
+  with path(p).open("a") as f:
+    f.write("".join(dumps(r) + "\n" for r in records))
 
 
 def write_bytes(p: PathLike, data: bytes):

@@ -87,6 +87,11 @@ def data_parallel_size(mesh: Mesh, rules=DEFAULT_RULES) -> int:
   return math.prod(mesh.shape[a] for a in axes)
 
 
+def is_primary() -> bool:
+  """Process 0 writes every file other than checkpoints (results, metrics, figures, tokenizers)."""
+  return jax.process_index() == 0
+
+
 def process_rows(global_batch: int, offset: int = 0) -> slice:
   """The rows of a global batch that this process feeds (contiguous, in process order)."""
   n = jax.process_count()

@@ -308,17 +308,20 @@ class MetricsWriter:
 
   def __init__(self, workdir, resume_step: int):
     self.path = files.path(workdir) / "metrics.jsonl"
-    self.enabled = jax.process_index() == 0
+    self.enabled = sharding.is_primary()
     self.records = [r for r in files.read_jsonl(self.path) if r["step"] <= resume_step]
     self._events = None
     if self.enabled:
-      files.write_text(self.path, "".join(files.dumps(r) + "\n" for r in self.records))
+      files.write_jsonl(self.path, self.records)
       self._events = summaries.ScalarWriter(files.path(workdir))
 
   def write(self, record: dict):
     self.records.append(record)
     if self.enabled:
-      files.append_jsonl(self.path, [record])
+      if files.is_local(self.path):
+        files.append_jsonl(self.path, [record])
+      else:  # An object store rewrites the object: from the records in memory, no read-back.
+        files.write_jsonl(self.path, self.records)
       self._events.write(record["step"], {k: v for k, v in record.items()
                                           if k != "step" and isinstance(v, (int, float))})
 
