@@ -7,6 +7,7 @@ flows back. User mistakes end with one line `error: ...` and exit status 2.
 """
 
 import json
+import math
 import os
 import sys
 
@@ -28,6 +29,9 @@ TOKENIZER = flags.DEFINE_enum("tokenizer", None, ["char", "byte", "sentencepiece
 VOCAB_SIZE = flags.DEFINE_integer("vocab_size", None, "SentencePiece vocabulary size.")
 SEED = flags.DEFINE_integer("seed", None, "Seed of initialization, data order and synthetic data.")
 TFDS_DATA_DIR = flags.DEFINE_string("tfds_data_dir", None, "A prepared tensorflow-datasets data_dir.")
+DATA_CACHE = flags.DEFINE_string(
+    "data_cache", None, "Local directory where text: and tfds: sources are tokenized once "
+    "(default $LLM_MATH_DATA_CACHE or ~/.cache/llm_math/tokens).")
 MESH = flags.DEFINE_string("mesh", None, "Device mesh, e.g. 'data:-1,fsdp:1,tensor:1' (-1 = the rest).")
 
 # Config fields that may change when a run is resumed (they do not change what was trained so far).
@@ -81,7 +85,8 @@ def load_dataset(config, workdir=None, tokenizer=None, vocab_size=None):
       vocab_size=(config.vocab_size if vocab_size is None else vocab_size) or None,
       seed=config.seed, synthetic_config=config.synthetic,
       tfds_data_dir=config.tfds_data_dir or None, max_chars=config.max_chars or None,
-      workdir=workdir)
+      workdir=workdir, split=config.get("data_split") or None, cache_dir=DATA_CACHE.value,
+      log=print if is_primary() else None)
   data_lib.check_fits(dataset, config.seq_len)
   return dataset
 
@@ -170,6 +175,33 @@ def is_primary() -> bool:
   return sharding.is_primary()
 
 
+def mesh_fits(mesh_spec: str, batch_size: int, grad_accum_steps: int, devices: int) -> bool:
+  """Whether `devices` devices can hold the mesh `mesh_spec` and split its micro-batches over the
+  batch axes (data, fsdp)."""
+  from llm_math import sharding  # pylint: disable=g-import-not-at-top
+  try:
+    shape = sharding.parse_mesh(mesh_spec)
+  except UsageError:
+    return devices == 1
+  known = math.prod(v for v in shape.values() if v != -1)
+  if -1 not in shape.values():
+    return devices == known
+  if devices % known:
+    return False
+  shape = {k: devices // known if v == -1 else v for k, v in shape.items()}
+  micro = batch_size // max(grad_accum_steps, 1)
+  return micro % (shape["data"] * shape["fsdp"]) == 0
+
+
+def _mesh_fits(devices: int) -> bool:
+  """mesh_fits for the --config (and --mesh) of this run; False when the config does not load."""
+  try:
+    config = flags.FLAGS.config
+    return mesh_fits(MESH.value or config.mesh, config.batch_size, config.grad_accum_steps, devices)
+  except Exception:  # pylint: disable=broad-except
+    return False  # The config is checked (with a clear error) once main starts.
+
+
 def run(main, config_file: str | None = None):
   """app.run(main), turning user mistakes into one-line errors and NaN losses into a clean stop.
 
@@ -187,7 +219,7 @@ def run(main, config_file: str | None = None):
     try:
       from llm_math import sharding  # pylint: disable=g-import-not-at-top
       from llm_math import xla_cpu  # pylint: disable=g-import-not-at-top
-      xla_cpu.tune()
+      xla_cpu.tune(xla_cpu.host_devices(_mesh_fits) if config_file else 1)
       sharding.initialize_distributed()
       return main(argv)
     except UsageError as e:

@@ -98,16 +98,20 @@ def _record(name, kind, nll, n_tokens, n_chars, tokenizer, **extra):
           "bits_per_char": information.bits_per_char(nll, n_tokens, n_chars), **extra}
 
 
+def scored_counts(dataset, windows) -> tuple[int, int]:
+  """(tokens, characters) scored by `windows` of the validation split."""
+  positions, _ = windows.scored()
+  return len(positions), int(dataset.tokenizer.char_lengths[dataset.val_ids[positions]].sum())
+
+
 def baseline_records(dataset, windows, tokenizer: str, ngram_config) -> list[dict]:
   """Uniform (PPL = |V|), n-grams on the same tokens, and for the synthetic source its exact floor.
 
   Each n-gram is scored twice: with each token's context capped as in the Transformer's evaluation
   windows (equal terms), and with the full left context of the validation stream.
   """
-  scored = windows.weights_NxT > 0
-  positions, contexts = windows.positions_NxT[scored], windows.context_NxT[scored]
-  n_tokens = len(positions)
-  n_chars = int(dataset.tokenizer.char_lengths[dataset.val_ids[positions]].sum())
+  positions, contexts = windows.scored()
+  n_tokens, n_chars = scored_counts(dataset, windows)
   v = dataset.vocab_size
   rec = lambda name, kind, nll, **kw: _record(name, kind, nll, n_tokens, n_chars, tokenizer, **kw)
   records = [rec("uniform", "baseline", math.log(v), params=0)]
@@ -117,7 +121,7 @@ def baseline_records(dataset, windows, tokenizer: str, ngram_config) -> list[dic
                      params=v - 1))
   if ngram_config.window:
     w = data_lib.eval_windows(dataset.val_ids, ngram_config.window)
-    positions_w, contexts_w = w.positions_NxT[w.weights_NxT > 0], w.context_NxT[w.weights_NxT > 0]
+    positions_w, contexts_w = w.scored()
     equal = f"context reset every {ngram_config.window}"
   else:
     positions_w, contexts_w, equal = positions, contexts, "Transformer's windows"
@@ -159,9 +163,7 @@ def _size_config(config, size):
 
 def train_models(config, dataset, windows, tokenizer, workdir, sweep) -> tuple[list, dict]:
   """Trains one model per size; returns (records, curves)."""
-  scored = windows.weights_NxT > 0
-  n_tokens = int(scored.sum())
-  n_chars = int(dataset.tokenizer.char_lengths[windows.targets_NxT[scored]].sum())
+  n_tokens, n_chars = scored_counts(dataset, windows)
   sizes = parse_model_sizes(config.model_sizes) or [None]
   records, curves = [], {}
   log = print if common.is_primary() else lambda *_: None
@@ -187,7 +189,8 @@ def train_models(config, dataset, windows, tokenizer, workdir, sweep) -> tuple[l
         train_tokens=train_tokens, train_flops=result.flops_per_token * train_tokens,
         tokens_per_s=result.tokens_per_second, wall_time_s=result.train_time_s))
     curves[name] = {"step": [s for s, _ in result.val_curve],
-                    "val_nll": [v for _, v in result.val_curve], "tokenizer": tokenizer}
+                    "val_nll": [v for _, v in result.val_curve],
+                    "elapsed_s": result.val_elapsed_s, "tokenizer": tokenizer}
   return records, curves
 
 
@@ -283,10 +286,9 @@ def main(argv):
       model_records, curves = train_models(config, dataset, windows, tokenizer, workdir, sweep)
       records += model_records
       results["curves"].update(curves)
-    scored = windows.weights_NxT > 0
     results["evaluations"][tokenizer] = {
         "split": "validation", **windows.describe(), "vocab_size": dataset.vocab_size,
-        "chars_scored": int(dataset.tokenizer.char_lengths[windows.targets_NxT[scored]].sum()),
+        "chars_scored": scored_counts(dataset, windows)[1],
         "stride": config.eval_stride or config.seq_len, "seq_len": config.seq_len}
     results["records"] += records
     results["data"] = dataset.description.split(" (")[0] if sweep else dataset.description

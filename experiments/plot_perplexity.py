@@ -4,6 +4,8 @@ r"""Figures of the perplexity experiment, drawn from results.json (no JAX).
 
 perplexity.png   validation loss / perplexity over training against uniform, unigram, the best n-gram
                  and (synthetic data) the floor, plus the excess over the floor on a log scale
+loss_vs_time.png validation bits/char (and nats/token) against training wall time, with the unigram
+                 and the best n-gram (equal and full context) as lines
 ngram_orders.png loss vs n-gram order (add-k and Kneser-Ney, equal and full context), Transformers as lines
 scaling.png      validation loss vs parameters and vs training compute, log axes, fitted power laws
 """
@@ -68,6 +70,37 @@ def plot_curves(results: dict, path: str):
     ax.grid(alpha=0.3, which="both")
   ax_nll.legend(fontsize=7, loc="upper right")
   fig.suptitle(f"{results['data']} [{tokenizer}]\n{measurement_caption(ev)}", fontsize=10)
+  save_figure(fig, path)
+
+
+def plot_loss_vs_time(results: dict, path: str):
+  """Validation loss of each model against its training wall time, in bits per character and nats
+  per token, with the unigram and the best n-gram (equal and full context) as lines."""
+  tokenizer = next(iter(results["evaluations"]))
+  ev = results["evaluations"][tokenizer]
+  records = [r for r in results["records"] if r["tokenizer"] == tokenizer]
+  to_bpc = ev["tokens_scored"] / ev["chars_scored"] / LN2  # nats/token -> bits/char
+  fig, ax = plt.subplots(figsize=(8, 5))
+  for name, curve in results["curves"].items():
+    if curve.get("tokenizer", tokenizer) != tokenizer or not curve.get("elapsed_s"):
+      continue
+    minutes = np.asarray(curve["elapsed_s"], float) / 60
+    ax.plot(minutes, np.asarray(curve["val_nll"]) * to_bpc, marker="o", ms=4, label=name)
+  lines = [r for r in records if r["name"].startswith("unigram")]
+  for context in ("equal", "full"):
+    grams = [r for r in records if r["kind"] == "ngram" and r.get("context") == context]
+    if grams:
+      lines.append(min(grams, key=lambda r: r["val_nll_nats"]))
+  for rec, style in zip(lines, (":", "--", "-.")):
+    ax.axhline(rec["bits_per_char"], color="tab:gray" if style == ":" else "tab:purple", ls=style,
+               lw=1.2, label=f"{rec['name']}: {rec['bits_per_char']:.3f} bits/char")
+  ax.set(xlabel="training wall time (minutes, evaluation included)",
+         ylabel="validation bits per character")
+  nats = ax.secondary_yaxis("right", functions=(lambda b: b / to_bpc, lambda n: n * to_bpc))
+  nats.set_ylabel("validation NLL (nats / token)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8, loc="upper right")
+  fig.suptitle(f"{results['data']} [{tokenizer}]\n{measurement_caption(ev)}", fontsize=9)
   save_figure(fig, path)
 
 
@@ -145,6 +178,9 @@ def plot_all(results: dict, workdir: str) -> list[str]:
   if results["curves"]:
     plot_curves(results, os.path.join(workdir, "perplexity.png"))
     drawn.append("perplexity.png")
+    if any(c.get("elapsed_s") for c in results["curves"].values()):
+      plot_loss_vs_time(results, os.path.join(workdir, "loss_vs_time.png"))
+      drawn.append("loss_vs_time.png")
   if any(r["kind"] == "ngram" for r in results["records"]):
     plot_ngram_orders(results, os.path.join(workdir, "ngram_orders.png"))
     drawn.append("ngram_orders.png")

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Run an experiment on this machine's CPU (all cores as one JAX device).
+# Run an experiment on this machine's CPU (one JAX device per core where the mesh and batch divide).
 #   launch/local.sh [experiment] [flags...]      e.g. launch/local.sh perplexity --workdir=/tmp/ppl
-# Set DEVICES=N to split the CPU into N JAX devices (to exercise the data-parallel mesh).
+# Set DEVICES=N to split the CPU into N JAX devices instead (DEVICES=1: one device on all cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 experiment="${1:-perplexity}"
 shift || true
 export JAX_PLATFORMS=cpu
 if [[ -n "${DEVICES:-}" ]]; then
-  export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${DEVICES}"
+  export LLM_MATH_CPU_DEVICES="${DEVICES}"
 fi
 exec python -m "experiments.${experiment}" "$@"

@@ -2,10 +2,14 @@
 
 One flag picks the source:
   synthetic              the lagged-copy source of `llm_math.synthetic` (no download, exact floor)
-  text:PATH[,PATH...]    local UTF-8 files, concatenated; first 90% train, last 10% validation
+  text:PATH[,PATH...]    local UTF-8 files, concatenated; first 90% train, last 10% validation (or
+                         every K-th block of N characters: split 'blocks:K:N')
   tfds:NAME[/CONFIG]     a TensorFlow Datasets text dataset ('train' and 'validation' or 'test' splits)
-  tokens:DIR             a corpus tokenized once by `experiments.prepare_data` (`llm_math.token_store`):
-                         its splits are memory-mapped, so corpora larger than memory train as well
+  tokens:DIR             a corpus tokenized once by `experiments.prepare_data` (`llm_math.token_store`)
+
+Every text source is tokenized once: text: and tfds: sources are prepared into a cache directory on
+first use (streamed, never read whole into memory) and, like tokens:DIR, memory-mapped from there, so
+corpora larger than memory train as well and a second run starts without tokenizing.
 
 Training batches are a pure function of (seed, step): random windows of the training stream, so a
 resumed run sees exactly the batches an uninterrupted one would. Evaluation covers the validation
@@ -15,18 +19,18 @@ stream contiguously with fixed windows and says what context every scored token 
 import collections
 import concurrent.futures
 import dataclasses
+import fcntl
+import hashlib
 import itertools
+import json
 import os
-import socket
 
 import numpy as np
 
+from llm_math import files
 from llm_math import sharding
 from llm_math import synthetic
-from llm_math import tokenizers
 from llm_math.errors import UsageError
-
-TRAIN_FRACTION = 0.9
 
 
 @dataclasses.dataclass
@@ -60,81 +64,66 @@ class SyntheticTokenizer:
     del directory
 
 
-def _read_text_files(paths):
-  texts = []
-  for path in paths:
-    if not os.path.isfile(path):
-      raise UsageError(f"--data=text:{path}: no such file")
-    try:
-      with open(path, encoding="utf-8") as f:
-        texts.append(f.read())
-    except UnicodeDecodeError as e:
-      raise UsageError(f"--data=text:{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if not texts[-1]:
-      raise UsageError(f"--data=text:{path}: the file is empty")
-  return "\n".join(texts)
+def default_cache_dir() -> str:
+  """Where text: and tfds: sources are prepared on first use: $LLM_MATH_DATA_CACHE, else
+  ~/.cache/llm_math/tokens."""
+  return os.environ.get("LLM_MATH_DATA_CACHE") or os.path.join(
+      os.path.expanduser("~"), ".cache", "llm_math", "tokens")
 
 
-def _network_reachable(host: str = "storage.googleapis.com", port: int = 443,
-                       timeout: float = 3.0) -> bool:
+def cache_key(spec: str, settings: dict) -> str:
+  """A readable, unique directory name for a source prepared with `settings`: the source's last
+  name, the tokenizer and a hash of the resolved source (absolute paths) and the settings."""
+  kind, _, rest = spec.partition(":")
+  if kind == "text":
+    source = [os.path.abspath(p) for p in rest.split(",") if p]
+    name = os.path.basename(source[-1]) if source else "text"
+  else:
+    source, name = rest, rest.replace("/", "_")
+  digest = hashlib.sha256(json.dumps({"source": source, "kind": kind, **settings},
+                                     sort_keys=True).encode()).hexdigest()[:12]
+  tokenizer = settings["tokenizer"] + (str(settings["vocab_size"] or "")
+                                       if settings["tokenizer"] == "sentencepiece" else "")
+  return f"{name}-{tokenizer}-{digest}"
+
+
+def _prepared(spec: str, tokenizer: str, vocab_size, split, max_chars, tfds_data_dir, cache_dir,
+              log) -> str:
+  """The cache directory of `spec` prepared by `token_store.prepare` (on first use; later uses
+  reuse it). Processes sharing a disk take turns under a file lock: one prepares, the rest reuse."""
+  from llm_math import token_store  # pylint: disable=g-import-not-at-top
+  settings = {"tokenizer": tokenizer, "vocab_size": vocab_size, "split": split or "",
+              "max_chars": max_chars or 0,
+              "tfds_data_dir": os.path.abspath(tfds_data_dir) if tfds_data_dir else ""}
+  root = cache_dir or default_cache_dir()
+  if not files.is_local(root):
+    raise UsageError(f"--data_cache={root}: token files are memory-mapped; use a local directory")
+  directory = os.path.join(root, cache_key(spec, settings))
   try:
-    with socket.create_connection((host, port), timeout=timeout):
-      return True
-  except OSError:
-    return False
-
-
-def _read_tfds(name: str, data_dir: str | None, max_chars: int | None):
-  """Returns (train_text, validation_text) of a tfds dataset with a `text` feature."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  flag = f"--data=tfds:{name}"
-  try:
-    builder = tfds.builder(name, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError:
-    raise UsageError(f"{flag}: tensorflow-datasets has no dataset of that name") from None
-  except Exception as e:  # pylint: disable=broad-except
-    raise UsageError(f"{flag}: could not open it ({type(e).__name__}: {e})") from None
-  if not builder.is_prepared():
-    where = data_dir or "the default tfds data_dir (~/tensorflow_datasets)"
-    if not _network_reachable():
-      raise UsageError(
-          f"{flag}: not prepared under {where} and there is no network to download it; prepare it "
-          "where there is (`tfds build` or tfds.builder(...).download_and_prepare()) and pass "
-          "--tfds_data_dir=DIR")
-    builder.download_and_prepare()
-  splits = builder.info.splits
-  val_split = next((s for s in ("validation", "test") if s in splits), None)
-  if "train" not in splits or val_split is None:
-    raise UsageError(f"{flag}: needs a 'train' and a 'validation' or 'test' split, has {list(splits)}")
-  if "text" not in builder.info.features:
-    raise UsageError(f"{flag}: needs a 'text' feature, has {list(builder.info.features)}")
-  source = tfds.data_source(name, data_dir=data_dir, download=False)
-
-  def join(split):
-    parts, total = [], 0
-    for i in range(len(source[split])):
-      text = source[split][i]["text"]
-      text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
-      parts.append(text)
-      total += len(text) + 1
-      if max_chars and total >= max_chars:
-        break
-    return "\n".join(parts)[:max_chars]
-
-  return join("train"), join(val_split)
-
-
-def _from_text(description, train_text, val_text, tokenizer_kind, vocab_size, workdir):
-  tokenizer = tokenizers.build(tokenizer_kind, train_text, [val_text], vocab_size)
-  if workdir and sharding.is_primary():  # Every process builds the same tokenizer; one writes it.
-    tokenizer.save(workdir)
-  return Dataset(description, tokenizer.encode(train_text), tokenizer.encode(val_text), tokenizer)
+    os.makedirs(root, exist_ok=True)
+    lock = open(directory + ".lock", "a")  # pylint: disable=consider-using-with
+  except OSError as e:
+    raise UsageError(f"--data_cache={root}: cannot write there ({e.strerror or e})") from None
+  with lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    manifest = token_store.prepare(spec, directory, tokenizer, vocab_size, split or None,
+                                   max_chars=max_chars, tfds_data_dir=tfds_data_dir, log=log)
+  if not manifest["reused"]:
+    log(f"prepared {spec} into {directory} in {manifest['wall_s']:.1f} s; later runs reuse it")
+  return directory
 
 
 def load(spec: str, *, tokenizer: str = "char", vocab_size: int | None = None, seed: int = 0,
          synthetic_config=None, tfds_data_dir: str | None = None, max_chars: int | None = None,
-         workdir: str | None = None) -> Dataset:
-  """Loads and tokenizes the source named by `spec` (see the module docstring)."""
+         workdir: str | None = None, split: str | None = None, cache_dir: str | None = None,
+         log=None) -> Dataset:
+  """Loads the source named by `spec` (see the module docstring).
+
+  text: and tfds: sources are tokenized once into `cache_dir` (default: `default_cache_dir()`) by
+  `token_store.prepare` and memory-mapped from there, as tokens:DIR is. `split` is the split rule of
+  text sources ('tail' by default, or 'blocks:K:N'); tfds sources have their own splits.
+  """
+  log = log or (lambda _: None)
   if spec == "synthetic":
     cfg = dict(synthetic_config or {})
     n_train, n_val = cfg.pop("train_tokens", 1 << 20), cfg.pop("val_tokens", 1 << 16)
@@ -146,30 +135,19 @@ def load(spec: str, *, tokenizer: str = "char", vocab_size: int | None = None, s
                    f"alpha={source.copy_prob})",
                    source.sample(n_train, seed=2 * seed), source.sample(n_val, seed=2 * seed + 1),
                    SyntheticTokenizer(source.vocab_size), source)
-  if spec.startswith("text:"):
-    paths = [p for p in spec[len("text:"):].split(",") if p]
-    if not paths:
-      raise UsageError("--data=text:PATH[,PATH...]: no path given")
-    text = _read_text_files(paths)[:max_chars]
-    split = int(len(text) * TRAIN_FRACTION)
-    return _from_text(f"text {','.join(map(os.path.basename, paths))} ({len(text):,} chars, "
-                      "first 90% train / last 10% validation)",
-                      text[:split], text[split:], tokenizer, vocab_size, workdir)
-  if spec.startswith("tfds:"):
-    name = spec[len("tfds:"):]
-    if not name:
-      raise UsageError("--data=tfds:NAME[/CONFIG]: no dataset name given")
-    train_text, val_text = _read_tfds(name, tfds_data_dir, max_chars)
-    return _from_text(f"tfds {name}", train_text, val_text, tokenizer, vocab_size, workdir)
+  if spec.startswith(("text:", "tfds:")):
+    directory = _prepared(spec, tokenizer, vocab_size, split, max_chars, tfds_data_dir, cache_dir,
+                          log)
+    return _from_tokens(directory, workdir, spec)
   if spec.startswith("tokens:"):
     return _from_tokens(spec[len("tokens:"):], workdir)
   raise UsageError(f"--data={spec!r}: expected 'synthetic', 'text:PATH[,PATH...]', "
                    "'tfds:NAME[/CONFIG]' or 'tokens:DIR'")
 
 
-def _from_tokens(directory, workdir):
+def _from_tokens(directory, workdir, spec: str | None = None):
   """A prepared directory; its tokenizer is the one it was prepared with (--tokenizer and
-  --vocab_size do not apply), and its splits stay on disk as read-only memmaps."""
+  --vocab_size do not apply to tokens:DIR), and its splits stay on disk as read-only memmaps."""
   from llm_math import token_store  # pylint: disable=g-import-not-at-top
   if not directory:
     raise UsageError("--data=tokens:DIR: no directory given")
@@ -177,10 +155,20 @@ def _from_tokens(directory, workdir):
   if workdir and sharding.is_primary():
     tok.save(workdir)
   counts = manifest["splits"]
-  description = (f"tokens {directory} ({manifest['tokenizer']['kind']} tokens of {manifest['source']}: "
-                 f"{counts['train']['tokens']:,} train / {counts['val']['tokens']:,} validation, "
-                 f"split {manifest['split']})")
+  chars = counts["train"]["chars"] + counts["val"]["chars"]
+  if spec is None:
+    description = (f"tokens {directory} ({manifest['tokenizer']['kind']} tokens of "
+                   f"{manifest['source']}: ")
+  else:
+    description = f"{spec.split(':')[0]} {_source_name(spec)} ({chars:,} chars, "
+  description += (f"{counts['train']['tokens']:,} train / {counts['val']['tokens']:,} validation "
+                  f"tokens, split {manifest['split']})")
   return Dataset(description, train_ids, val_ids, tok)
+
+
+def _source_name(spec: str) -> str:
+  kind, _, rest = spec.partition(":")
+  return ",".join(map(os.path.basename, rest.split(","))) if kind == "text" else rest
 
 
 def check_fits(dataset: Dataset, seq_len: int):
@@ -201,7 +189,7 @@ def train_batch(ids: np.ndarray, seq_len: int, batch_size: int, seed: int, step:
   """
   rng = np.random.default_rng([seed, step])
   starts_B = rng.integers(0, len(ids) - seq_len, size=batch_size)[rows]
-  window_BxT1 = ids[starts_B[:, None] + np.arange(seq_len + 1)[None, :]]
+  window_BxT1 = np.asarray(ids[starts_B[:, None] + np.arange(seq_len + 1)[None, :]], np.int32)
   return window_BxT1[:, :-1], window_BxT1[:, 1:]
 
 
@@ -220,31 +208,82 @@ def prefetch(make_batch, start: int, stop: int, depth: int = 2):
       yield batch
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class EvalWindows:
-  """Contiguous evaluation windows over a stream.
+  """Contiguous evaluation windows over a stream, read from it batch by batch.
 
-  inputs_NxT[n] = stream[s_n : s_n + T], targets_NxT[n] = stream[s_n + 1 : s_n + T + 1], s_n = n * stride.
-  weights_NxT marks the scored targets: all of window 0, then only the last `stride` targets of each
-  later window (the last window is moved back to end with the stream and scores only what is new), so
-  every token from position 1 on is scored exactly once. A target at window position j
-  is predicted from j + 1 tokens of context (`context_NxT`). stride == T gives nanoGPT's convention
-  (independent windows; contexts 1..T); a smaller stride gives every scored token at least T - stride + 1.
+  Window n covers inputs stream[s_n : s_n + T] and targets stream[s_n + 1 : s_n + T + 1], with
+  s_n = n * stride. It scores its targets from column `first_scored_N[n]` on: all of window 0, then
+  only the last `stride` targets of each later window (the last window is moved back to end with the
+  stream and scores only what is new), so every token from position 1 on is scored exactly once. A
+  target at window column j is predicted from j + 1 tokens of context. stride == T gives nanoGPT's
+  convention (independent windows; contexts 1..T); a smaller stride gives every scored token at least
+  T - stride + 1.
+
+  The stream may be a memory-mapped split: `batch(lo, hi)` reads only windows lo..hi-1, so scoring a
+  validation split larger than memory needs memory for one batch. The `*_NxT` properties build all
+  windows at once (small streams, analyses).
   """
-  inputs_NxT: np.ndarray
-  targets_NxT: np.ndarray
-  weights_NxT: np.ndarray
-  positions_NxT: np.ndarray  # index of each target in the stream
-  context_NxT: np.ndarray
+  ids: np.ndarray  # the stream [L]
+  starts_N: np.ndarray  # first input position of each window
+  first_scored_N: np.ndarray  # first scored column of each window
+  seq_len: int
+
+  def __len__(self) -> int:
+    return len(self.starts_N)
+
+  def batch(self, lo: int, hi: int):
+    """(inputs_BxT int32, targets_BxT int32, weights_BxT float32) of windows lo..hi-1; rows past the
+    last window are zero with weight 0 (padding to a fixed batch shape)."""
+    n = max(min(hi, len(self)) - lo, 0)
+    window_nxT1 = np.asarray(self.ids[self.starts_N[lo:lo + n, None]
+                                      + np.arange(self.seq_len + 1)[None, :]], np.int32)
+    weights_nxT = (np.arange(self.seq_len)[None, :]
+                   >= self.first_scored_N[lo:lo + n, None]).astype(np.float32)
+    pad = ((0, hi - lo - n), (0, 0))
+    return (np.pad(window_nxT1[:, :-1], pad), np.pad(window_nxT1[:, 1:], pad),
+            np.pad(weights_nxT, pad))
+
+  @property
+  def inputs_NxT(self) -> np.ndarray:
+    return self.batch(0, len(self))[0]
+
+  @property
+  def targets_NxT(self) -> np.ndarray:
+    return self.batch(0, len(self))[1]
+
+  @property
+  def weights_NxT(self) -> np.ndarray:
+    return self.batch(0, len(self))[2]
+
+  @property
+  def positions_NxT(self) -> np.ndarray:
+    """The index in the stream of each target."""
+    return self.starts_N[:, None] + np.arange(1, self.seq_len + 1)[None, :]
+
+  @property
+  def context_NxT(self) -> np.ndarray:
+    """Tokens of context each target is predicted from."""
+    return np.broadcast_to(np.arange(1, self.seq_len + 1), (len(self), self.seq_len))
+
+  def scored(self):
+    """(positions_M, contexts_M) of the M scored targets, in stream order, without the windows."""
+    counts_N = self.seq_len - self.first_scored_N
+    row_M = np.repeat(np.arange(len(self)), counts_N)
+    column_M = np.arange(counts_N.sum()) - np.repeat(np.cumsum(counts_N) - counts_N, counts_N)
+    column_M += self.first_scored_N[row_M]
+    return self.starts_N[row_M] + column_M + 1, column_M + 1
 
   def describe(self) -> dict:
-    scored = self.weights_NxT > 0
-    ctx = self.context_NxT[scored]
-    return {"tokens_scored": int(scored.sum()), "context_min": int(ctx.min()),
-            "context_mean": float(ctx.mean()), "context_max": int(ctx.max())}
+    counts_N = self.seq_len - self.first_scored_N
+    lo_N, t = self.first_scored_N + 1, self.seq_len  # Contexts of window n: lo_N[n] .. T.
+    return {"tokens_scored": int(counts_N.sum()), "context_min": int(lo_N.min()),
+            "context_mean": float(((lo_N + t) / 2 * counts_N).sum() / counts_N.sum()),
+            "context_max": t}
 
 
 def eval_windows(ids: np.ndarray, seq_len: int, stride: int | None = None) -> EvalWindows:
+  """The windows of `ids` at `stride` (default seq_len); see EvalWindows."""
   stride = seq_len if stride is None else stride
   if not 1 <= stride <= seq_len:
     raise UsageError(f"--config.eval_stride={stride}: expected 1 <= stride <= seq_len={seq_len}")
@@ -252,11 +291,6 @@ def eval_windows(ids: np.ndarray, seq_len: int, stride: int | None = None) -> Ev
   starts_N = np.arange(0, n_targets - seq_len + 1, stride)
   if starts_N[-1] + seq_len < n_targets:  # A last window flush with the end of the stream.
     starts_N = np.append(starts_N, n_targets - seq_len)
-  pos_NxT = starts_N[:, None] + np.arange(1, seq_len + 1)[None, :]
-  first_scored_N = np.where(np.arange(len(starts_N)) == 0, 0, seq_len - stride)
   prev_end_N = np.concatenate([[0], starts_N[:-1] + seq_len])
-  scored = ((np.arange(seq_len)[None, :] >= first_scored_N[:, None])
-            & (pos_NxT > prev_end_N[:, None]))
-  return EvalWindows(
-      inputs_NxT=ids[pos_NxT - 1], targets_NxT=ids[pos_NxT], weights_NxT=scored.astype(np.float32),
-      positions_NxT=pos_NxT, context_NxT=np.broadcast_to(np.arange(1, seq_len + 1), pos_NxT.shape))
+  rule_N = np.where(np.arange(len(starts_N)) == 0, 0, seq_len - stride)
+  return EvalWindows(ids, starts_N, np.maximum(rule_N, prev_end_N - starts_N), seq_len)

@@ -1,26 +1,38 @@
 """Corpora tokenized once into flat token files that training memory-maps (nanoGPT's prepare.py).
 
+The one place that reads corpora: `text:PATH[,PATH...]` (local UTF-8 files, joined by '\n', read
+with universal newlines) and `tfds:NAME[/CONFIG]` (a prepared TensorFlow Datasets dataset with a
+`text` feature; the examples of a split joined by '\n'). `max_chars` cuts the text: the joined
+files before they are split, and each tfds split on its own (data.load's rule).
+
 A prepared directory holds:
   train.bin, val.bin   the token ids of each split, flat little-endian uint16 (vocab_size <= 65535)
                        or uint32, in corpus order
+  train.counts.npy, val.counts.npy   each split's unigram counts: int64[vocab_size], the number of
+                       times each id occurs (`unigram_counts`), so a unigram baseline reads no ids
   tokenizer.json (+ tokenizer.model)   the tokenizer, as `tokenizers.save` writes it
   manifest.json        written last: format version, source, split rule, tokenizer, dtype, token and
                        character counts per split (for bits per character), and `hash`, a sha256 of
-                       the source's bytes and of the settings
+                       the source's text (UTF-8, stream by stream) and of the settings
 
 A directory without manifest.json is half-written: `open` refuses it, `prepare` redoes it.
 
-`prepare` streams the source: it reads the files in chunks that end at line breaks, never the whole
-corpus, and tokenizes chunks on a process pool (order preserved) while appending ids to the .bin
-files. Three passes over the source: one counts characters, collects the alphabet and hashes the bytes;
-one samples the training split for SentencePiece (only that tokenizer); one tokenizes.
+`prepare` streams the source: it reads files in chunks, and tfds splits example by example, and cuts
+the text into pieces of about `chunk_bytes` that end at line breaks, never holding a whole corpus or
+split; it tokenizes the pieces on a process pool (order preserved) while appending ids to the .bin
+files. Three passes over the source: one counts characters, collects the alphabet and hashes the
+text; one samples the training split for SentencePiece (only that tokenizer); one tokenizes. The
+ids equal those of tokenizing each split's whole text at once (every tokenizer here encodes line by
+line).
 
-Split rules (`--split`):
-  tail          the last 10% of characters are validation (data.load's rule for text: sources; the ids
-                equal data.load's for every tokenizer trained on the same text)
+Split rules (`split`; None means 'tail' for text: sources and the dataset's own splits for tfds:):
+  tail          the last 10% of characters are validation (data.load's rule for text: sources; the
+                ids equal data.load's for every tokenizer trained on the same text)
   blocks:K:N    the corpus cut into blocks of at least N characters, each ending at the first line
                 break at or after its N-th character (or at the end of the corpus); every K-th block
                 (index % K == K - 1) is validation
+  tfds          (tfds: sources only, and their only rule) the dataset's 'train' split is training,
+                its 'validation' split (else 'test') is validation
 """
 
 import codecs
@@ -32,6 +44,7 @@ import io
 import json
 import multiprocessing
 import os
+import socket
 import time
 
 import numpy as np
@@ -40,32 +53,41 @@ from llm_math import files
 from llm_math import tokenizers
 from llm_math.errors import UsageError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: unigram counts per split; the hash covers the source's text, not its files.
 TRAIN_FRACTION = 0.9  # The 'tail' rule: data.TRAIN_FRACTION, today's split of text: sources.
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
 DEFAULT_SAMPLE_CHARS = 20_000_000
 _CHUNK_BYTES = 4 << 20
 _MAX_CARRY_CHARS = 64 << 20  # A line longer than this is cut (only SentencePiece ids notice).
+_CORPUS = "corpus"  # The one stream of a text: source; its splits are cut from it.
 
 
 @dataclasses.dataclass(frozen=True)
 class SplitRule:
-  """'tail' (every > 0 is unset) or 'blocks:K:N' (every = K, block_chars = N)."""
+  """'tail' (nothing set), 'blocks:K:N' (every = K, block_chars = N) or a tfds dataset's own splits
+  (tfds_splits = (training split, validation split))."""
   every: int = 0
   block_chars: int = 0
+  tfds_splits: tuple[str, ...] = ()
 
   @property
   def spec(self) -> str:
+    if self.tfds_splits:
+      return "tfds " + "/".join(self.tfds_splits)
     return f"blocks:{self.every}:{self.block_chars}" if self.every else "tail"
 
   def describe(self) -> str:
+    if self.tfds_splits:
+      return f"the dataset's {self.tfds_splits[0]!r} split / its {self.tfds_splits[1]!r} split"
     if self.every:
       return (f"every {self.every}th block of {self.block_chars:,} characters (to a line break) "
               "is validation")
     return f"first {TRAIN_FRACTION:.0%} of characters train / last {1 - TRAIN_FRACTION:.0%} validation"
 
   def to_json(self) -> dict:
+    if self.tfds_splits:
+      return {"rule": "tfds", "train": self.tfds_splits[0], "val": self.tfds_splits[1]}
     if self.every:
       return {"rule": "blocks", "every": self.every, "block_chars": self.block_chars}
     return {"rule": "tail", "train_fraction": TRAIN_FRACTION}
@@ -86,12 +108,29 @@ def token_dtype(vocab_size: int) -> np.dtype:
   return np.dtype("<u2") if vocab_size <= 65535 else np.dtype("<u4")
 
 
+@dataclasses.dataclass
+class Source:
+  """A corpus opened for reading: text files, or a tfds dataset's splits.
+
+  streams: the names of its texts in reading order, each cut to `max_chars` characters: ('corpus',)
+  for text files (the joined files; the split rule cuts both splits from it), (training split,
+  validation split) for tfds. `files` are the files whose sizes and times tell that the source is
+  unchanged; `dataset` is a tfds dataset's name, version and data_dir (None for text).
+  """
+  spec: str
+  streams: tuple[str, ...]
+  max_chars: int | None = None
+  paths: tuple[str, ...] = ()  # text: the files
+  examples: dict | None = None  # tfds: split name -> random-access examples (tfds.data_source)
+  dataset: dict | None = None
+  files: tuple[str, ...] = ()
+
+
 def text_paths(source_spec: str) -> list[str]:
-  """The files of a 'text:PATH[,PATH...]' spec (other sources are not streamed yet)."""
-  if source_spec.startswith("tfds:"):
-    raise UsageError("tfds sources are not yet supported by prepare_data; use text:")
+  """The files of a 'text:PATH[,PATH...]' spec."""
   if not source_spec.startswith("text:"):
-    raise UsageError(f"--data={source_spec!r}: prepare_data expects 'text:PATH[,PATH...]'")
+    raise UsageError(f"--data={source_spec!r}: expected 'text:PATH[,PATH...]' or "
+                     "'tfds:NAME[/CONFIG]'")
   paths = [p for p in source_spec[len("text:"):].split(",") if p]
   if not paths:
     raise UsageError("--data=text:PATH[,PATH...]: no path given")
@@ -99,6 +138,80 @@ def text_paths(source_spec: str) -> list[str]:
     if not os.path.isfile(p):
       raise UsageError(f"--data=text:{p}: no such file")
   return paths
+
+
+def _network_reachable(host: str = "storage.googleapis.com", port: int = 443,
+                       timeout: float = 3.0) -> bool:
+  try:
+    with socket.create_connection((host, port), timeout=timeout):
+      return True
+  except OSError:
+    return False
+
+
+def _first_line(error: Exception) -> str:
+  lines = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def open_tfds(name: str, data_dir: str | None = None, max_chars: int | None = None) -> Source:
+  """Opens the tfds dataset `name` ('NAME[/CONFIG]', with a `text` feature, prepared under
+  `data_dir` or downloaded when there is a network) for reading example by example."""
+  flag = f"--data=tfds:{name}"
+  if not name:
+    raise UsageError("--data=tfds:NAME[/CONFIG]: no dataset name given")
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise UsageError(f"{flag}: tfds: sources need tensorflow-datasets ({_first_line(e)})") from None
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise UsageError(f"{flag}: tensorflow-datasets has no dataset of that name") from None
+  except Exception as e:  # pylint: disable=broad-except
+    raise UsageError(f"{flag}: could not open it ({_first_line(e)})") from None
+  if not builder.is_prepared():
+    where = data_dir or "the default tfds data_dir (~/tensorflow_datasets)"
+    if not _network_reachable():
+      raise UsageError(
+          f"{flag}: not prepared under {where} and there is no network to download it; prepare it "
+          "where there is (`tfds build` or tfds.builder(...).download_and_prepare()) and pass "
+          "--tfds_data_dir=DIR")
+    try:
+      builder.download_and_prepare()
+    except Exception as e:  # pylint: disable=broad-except
+      raise UsageError(f"{flag}: could not download and prepare it ({_first_line(e)})") from None
+  splits = builder.info.splits
+  val_split = next((s for s in ("validation", "test") if s in splits), None)
+  if "train" not in splits or val_split is None:
+    raise UsageError(
+        f"{flag}: needs a 'train' and a 'validation' or 'test' split, has {list(splits)}")
+  if "text" not in builder.info.features:
+    raise UsageError(f"{flag}: needs a 'text' feature, has {list(builder.info.features)}")
+  try:
+    examples = tfds.data_source(name, data_dir=data_dir, download=False)
+  except Exception as e:  # pylint: disable=broad-except
+    raise UsageError(
+        f"{flag}: could not open its examples for reading ({_first_line(e)})") from None
+  root = files.path(builder.data_dir)
+  dataset_files = tuple(sorted(os.fspath(p) for p in root.iterdir() if not p.is_dir()))
+  return Source(f"tfds:{name}", ("train", val_split), max_chars, examples=examples,
+                dataset={"name": name, "version": str(builder.info.version),
+                         "data_dir": os.fspath(root)},
+                files=dataset_files)
+
+
+def open_source(source_spec: str, max_chars: int | None = None,
+                tfds_data_dir: str | None = None) -> Source:
+  """The source named by 'text:PATH[,PATH...]' or 'tfds:NAME[/CONFIG]', to be read up to
+  `max_chars` characters (None: all)."""
+  if max_chars is not None and max_chars < 1:
+    raise UsageError(f"--max_chars={max_chars}: expected a positive number of characters (or none "
+                     "for all)")
+  if source_spec.startswith("tfds:"):
+    return open_tfds(source_spec[len("tfds:"):], tfds_data_dir, max_chars)
+  paths = tuple(text_paths(source_spec))
+  return Source(source_spec, (_CORPUS,), max_chars, paths=paths, files=paths)
 
 
 def iter_text(paths, chunk_bytes: int = _CHUNK_BYTES, on_bytes=None):
@@ -138,6 +251,73 @@ def iter_text(paths, chunk_bytes: int = _CHUNK_BYTES, on_bytes=None):
     yield carry
 
 
+def take_chars(pieces, max_chars: int | None):
+  """The first `max_chars` characters (all if None) of the text that `pieces` make up, in the same
+  pieces (the last one cut); reads no piece after the one that reaches max_chars."""
+  if max_chars is None:
+    yield from pieces
+    return
+  left = max_chars
+  for piece in pieces:
+    piece = piece[:left]
+    left -= len(piece)
+    if piece:
+      yield piece
+    if not left:
+      return
+
+
+def join_pieces(texts, max_chars: int | None = None, chunk_chars: int = _CHUNK_BYTES):
+  """Yields '\\n'.join(texts)[:max_chars] in pieces of about `chunk_chars` characters that end at
+  line breaks (all but the last), without ever joining all of `texts`.
+
+  `texts` (e.g. the examples of a split) is read lazily, one text at a time, and not past the one
+  that reaches max_chars. A text longer than a chunk is cut into chunks too.
+  """
+  parts, size, left = [], 0, max_chars
+  for index, text in enumerate(texts):
+    if index:
+      text = "\n" + text
+    if left is not None:
+      text = text[:left]
+      left -= len(text)
+    for start in range(0, len(text), chunk_chars):
+      parts.append(text[start:start + chunk_chars])
+      size += len(parts[-1])
+      if size >= chunk_chars:
+        carry = "".join(parts)
+        cut = carry.rfind("\n") + 1 if len(carry) < _MAX_CARRY_CHARS else len(carry)
+        if cut:
+          yield carry[:cut]
+        parts, size = [carry[cut:]], len(carry) - cut
+    if left == 0:
+      break
+  if size:
+    yield "".join(parts)
+
+
+def _example_texts(examples, where: str):
+  """The `text` feature of each of `examples` (random access, as tfds.data_source gives), as str."""
+  for index in range(len(examples)):
+    text = examples[index]["text"]
+    if isinstance(text, bytes):
+      try:
+        text = text.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise UsageError(f"{where}: example {index} is not UTF-8 text ({e.reason} at byte "
+                         f"{e.start})") from None
+    yield str(text)
+
+
+def iter_stream(source: Source, stream: str, chunk_bytes: int = _CHUNK_BYTES):
+  """Yields the text of `stream` (one of source.streams), cut to source.max_chars characters, in
+  pieces of about `chunk_bytes` characters that end at line breaks (all but the last)."""
+  if source.paths:
+    return take_chars(iter_text(source.paths, chunk_bytes), source.max_chars)
+  texts = _example_texts(source.examples[stream], f"--data={source.spec} split {stream}")
+  return join_pieces(texts, source.max_chars, chunk_bytes)
+
+
 def cut_blocks(text: str, block_index: int, block_len: int, rule: SplitRule):
   """Splits `text` (the corpus continuing a block of `block_len` characters with index
   `block_index`) by the blocks rule. Returns (train_text, val_text, block_index, block_len) after it."""
@@ -156,12 +336,33 @@ def cut_blocks(text: str, block_index: int, block_len: int, rule: SplitRule):
   return "".join(train), "".join(val), block_index, block_len
 
 
-def iter_splits(paths, rule: SplitRule, total_chars: int, chunk_bytes: int = _CHUNK_BYTES):
-  """Yields (train_text, val_text) pieces of the corpus in order; each piece of a split ends at a line
-  break or where that split's text ends, so tokenizing piece by piece equals tokenizing the split."""
+def split_rule(source: Source, split: str | None) -> SplitRule:
+  """The rule named by `split` for a text: source ('tail' if None); a tfds source's own splits."""
+  if source.examples is not None:
+    if split:
+      raise UsageError(f"--split={split!r}: a tfds source is split by its own splits "
+                       f"({'/'.join(source.streams)}); leave --split unset")
+    return SplitRule(tfds_splits=source.streams)
+  return parse_split(split or "tail")
+
+
+def iter_splits(source: Source, rule: SplitRule, total_chars: int, chunk_bytes: int = _CHUNK_BYTES):
+  """Yields (train_text, val_text) pieces of the source in order; each piece of a split ends at a
+  line break or where that split's text ends, so tokenizing piece by piece equals tokenizing it.
+
+  A text: source is one stream of `total_chars` characters cut by `rule`; a tfds source yields its
+  training split as (piece, '') and then its validation split as ('', piece).
+  """
+  if rule.tfds_splits:
+    train_stream, val_stream = rule.tfds_splits
+    for text in iter_stream(source, train_stream, chunk_bytes):
+      yield text, ""
+    for text in iter_stream(source, val_stream, chunk_bytes):
+      yield "", text
+    return
   split_at = int(total_chars * TRAIN_FRACTION)
   pos, block_index, block_len = 0, 0, 0
-  for text in iter_text(paths, chunk_bytes):
+  for text in iter_stream(source, _CORPUS, chunk_bytes):
     if rule.every:
       train, val, block_index, block_len = cut_blocks(text, block_index, block_len, rule)
       yield train, val
@@ -173,56 +374,63 @@ def iter_splits(paths, rule: SplitRule, total_chars: int, chunk_bytes: int = _CH
 
 @dataclasses.dataclass
 class _Scan:
-  total_chars: int
-  alphabet: str
-  file_sha256: list[str]
-  source_bytes: int
+  chars: dict[str, int]  # stream -> characters
+  alphabet: str  # every character of every stream, sorted
+  sha256: dict[str, str]  # stream -> sha256 of its UTF-8 text
+  source_bytes: int  # UTF-8 bytes of all streams
 
 
-def _scan(paths, chunk_bytes: int) -> _Scan:
-  """The counting pass: characters, the alphabet and each file's sha256."""
-  hashers = [hashlib.sha256() for _ in paths]
-  n_bytes = [0]
-
-  def on_bytes(index, raw):
-    hashers[index].update(raw)
-    n_bytes[0] += len(raw)
-
-  total, chars = 0, set()
-  for text in iter_text(paths, chunk_bytes, on_bytes):
-    total += len(text)
-    chars.update(text)
-  return _Scan(total, "".join(sorted(chars)), [h.hexdigest() for h in hashers], n_bytes[0])
-
-
-def _file_sha256(paths, chunk_bytes: int = _CHUNK_BYTES) -> list[str]:
-  out = []
-  for path in paths:
-    h = hashlib.sha256()
-    with io.open(path, "rb") as f:
-      for raw in iter(lambda: f.read(chunk_bytes), b""):
-        h.update(raw)
-    out.append(h.hexdigest())
-  return out
+def _scan(source: Source, chunk_bytes: int) -> _Scan:
+  """The counting pass: characters, the alphabet and the hash of each stream."""
+  chars, hashes, alphabet, n_bytes = {}, {}, set(), 0
+  for stream in source.streams:
+    hasher, n = hashlib.sha256(), 0
+    for text in iter_stream(source, stream, chunk_bytes):
+      raw = text.encode("utf-8")
+      hasher.update(raw)
+      n_bytes += len(raw)
+      n += len(text)
+      alphabet.update(text)
+    chars[stream], hashes[stream] = n, hasher.hexdigest()
+  return _Scan(chars, "".join(sorted(alphabet)), hashes, n_bytes)
 
 
 def _file_stats(paths) -> list[dict]:
-  return [{"path": os.path.abspath(p), "bytes": os.stat(p).st_size,
-           "mtime_ns": os.stat(p).st_mtime_ns} for p in paths]
+  """Size and modification time of each file (the quick check that a source is unchanged)."""
+  out = []
+  for p in paths:
+    if files.is_local(p):
+      st = os.stat(p)
+      out.append({"path": os.path.abspath(p), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
+    else:
+      st = files.path(p).stat()
+      out.append({"path": os.fspath(p), "bytes": st.length, "mtime": st.mtime})
+  return out
 
 
-def settings_hash(file_sha256: list[str], settings: dict) -> str:
-  """The identity of a prepared directory: the source's bytes (file by file) and the settings."""
-  return hashlib.sha256(json.dumps({"source_sha256": file_sha256, "settings": settings},
+def settings_hash(source_sha256: dict[str, str], settings: dict) -> str:
+  """The identity of a prepared directory: the source's text (stream by stream) and the settings."""
+  return hashlib.sha256(json.dumps({"source_sha256": source_sha256, "settings": settings},
                                    sort_keys=True).encode()).hexdigest()
 
 
-def _sample_training_text(paths, rule, scan, sample_chars: int, chunk_bytes: int) -> str:
-  """At most about `sample_chars` characters of the training split, spread evenly over it."""
+def _train_chars(rule: SplitRule, scan: _Scan) -> int:
+  """Characters of the training split: exact for 'tail' and tfds, about right for blocks."""
+  if rule.tfds_splits:
+    return scan.chars[rule.tfds_splits[0]]
   fraction = (rule.every - 1) / rule.every if rule.every else TRAIN_FRACTION
-  train_chars = int(scan.total_chars * fraction)  # Exact for 'tail', about right for blocks.
+  return int(scan.chars[_CORPUS] * fraction)
+
+
+def _sample_training_text(source, rule, scan, sample_chars: int, chunk_bytes: int) -> str:
+  """At most about `sample_chars` characters of the training split, spread evenly over it."""
+  train_chars = _train_chars(rule, scan)
+  if rule.tfds_splits:  # Only the training split is read.
+    pieces = iter_stream(source, rule.tfds_splits[0], chunk_bytes)
+  else:
+    pieces = (train for train, _ in iter_splits(source, rule, scan.chars[_CORPUS], chunk_bytes))
   parts, seen, taken = [], 0, 0
-  for train, _ in iter_splits(paths, rule, scan.total_chars, chunk_bytes):
+  for train in pieces:
     seen += len(train)
     if train and taken < sample_chars * seen / max(train_chars, 1):
       parts.append(train)
@@ -293,6 +501,18 @@ def _bin_path(directory, split: str):
   return files.path(directory) / f"{split}.bin"
 
 
+def _counts_path(directory, split: str):
+  return files.path(directory) / f"{split}.counts.npy"
+
+
+def _read_counts(directory, split: str) -> np.ndarray | None:
+  path = _counts_path(directory, split)
+  if not path.exists():
+    return None
+  with path.open("rb") as f:
+    return np.load(f, allow_pickle=False)
+
+
 def _complete(directory, manifest: dict) -> str | None:
   """Why the prepared `directory` with `manifest` is not usable, or None."""
   if manifest.get("format_version") != FORMAT_VERSION:
@@ -303,6 +523,12 @@ def _complete(directory, manifest: dict) -> str | None:
     expected = manifest["splits"][split]["tokens"] * itemsize
     if not path.exists() or path.stat().length != expected:
       return f"{path.name} is missing or not {expected:,} bytes long"
+  for split in SPLITS:
+    counts = _read_counts(directory, split)
+    if (counts is None or counts.shape != (manifest["tokenizer"]["vocab_size"],)
+        or counts.dtype != np.int64 or int(counts.sum()) != manifest["splits"][split]["tokens"]):
+      return (f"{_counts_path(directory, split).name} is missing or not the unigram counts of "
+              f"{split}.bin")
   if not (files.path(directory) / "tokenizer.json").exists():
     return "tokenizer.json is missing"
   return None
@@ -340,60 +566,85 @@ def open(directory, expected_hash: str | None = None):  # pylint: disable=redefi
   return ids[0], ids[1], tokenizers.load(directory), manifest
 
 
+def unigram_counts(directory, split: str) -> np.ndarray:
+  """int64[vocab_size]: how often each token id occurs in `split` ('train' or 'val') of a prepared
+  directory (counted while it was written: np.bincount of its ids), without reading the ids."""
+  if split not in SPLITS:
+    raise ValueError(f"split {split!r}: expected one of {SPLITS}")
+  where = f"--data=tokens:{directory}"
+  manifest = read_manifest(directory)
+  if manifest is None:
+    raise UsageError(f"{where}: no {MANIFEST} (not prepared, or preparation did not finish)")
+  problem = _complete(directory, manifest)
+  if problem:
+    raise UsageError(f"{where}: {problem}; prepare it again with experiments.prepare_data")
+  return _read_counts(directory, split)
+
+
 def prepare(source_spec: str, out_dir, tokenizer_kind: str = "char", vocab_size: int | None = None,
-            split: str = "tail", *, sample_chars: int = DEFAULT_SAMPLE_CHARS,
+            split: str | None = None, *, sample_chars: int = DEFAULT_SAMPLE_CHARS,
             model_type: str = "bpe", workers: int | None = None, chunk_bytes: int = _CHUNK_BYTES,
-            log=None) -> dict:
+            max_chars: int | None = None, tfds_data_dir: str | None = None, log=None) -> dict:
   """Tokenizes the source into `out_dir` (see the module docstring) and returns its manifest.
 
-  Idempotent: a directory already prepared from the same bytes with the same settings is returned as
-  it is (manifest["reused"] is True); anything else there is rewritten. With workers > 1 the pool
-  spawns processes (the caller may run JAX threads, so no fork): call it from a module or a script
-  whose top level is guarded by `if __name__ == "__main__"`.
+  source_spec: 'text:PATH[,PATH...]' or 'tfds:NAME[/CONFIG]' (prepared under `tfds_data_dir`).
+  split: None (text: 'tail'; tfds: the dataset's splits), or 'tail' / 'blocks:K:N' for text: only.
+  max_chars: read at most this many characters (text: of the joined files, before they are split;
+  tfds: of each split); None reads all.
+
+  Idempotent: a directory already prepared from the same text with the same settings is returned as
+  it is (manifest["reused"] is True; unchanged file sizes and times, or else an equal hash of the
+  text, say so); anything else there is rewritten. With workers > 1 the pool spawns processes (the
+  caller may run JAX threads, so no fork): call it from a module or a script whose top level is
+  guarded by `if __name__ == "__main__"`.
   """
   log = log or (lambda _: None)
   start = time.perf_counter()
-  paths = text_paths(source_spec)
-  rule = parse_split(split)
   if tokenizer_kind not in tokenizers.KINDS:
     raise UsageError(f"--tokenizer={tokenizer_kind!r}: expected one of {', '.join(tokenizers.KINDS)}")
   if tokenizer_kind == "sentencepiece" and not vocab_size:
     raise UsageError("--tokenizer=sentencepiece needs --vocab_size (e.g. 1000)")
-  settings = {"format_version": FORMAT_VERSION, "split": rule.to_json(),
+  source = open_source(source_spec, max_chars, tfds_data_dir)
+  rule = split_rule(source, split)
+  settings = {"format_version": FORMAT_VERSION, "split": rule.to_json(), "max_chars": max_chars,
               "tokenizer": {"kind": tokenizer_kind}}
   if tokenizer_kind == "sentencepiece":
     settings["tokenizer"].update(vocab_size=vocab_size, model_type=model_type,
                                  sample_chars=sample_chars)
-  stats = _file_stats(paths)
+  stats = _file_stats(source.files)
 
+  scan = None
   old = read_manifest(out_dir)
   if old is not None and old.get("settings") == settings and not _complete(out_dir, old):
-    same = (old.get("source_files") == stats
-            or settings_hash(_file_sha256(paths, chunk_bytes), settings) == old["hash"])
+    same = old.get("source_files") == stats and old.get("source_dataset") == source.dataset
+    if not same:
+      scan = _scan(source, chunk_bytes)  # Kept for the rewrite if the text changed.
+      same = settings_hash(scan.sha256, settings) == old["hash"]
     if same:
-      log(f"{out_dir}: already prepared from these files with these settings")
+      log(f"{out_dir}: already prepared from this source with these settings")
       return dict(old, reused=True)
 
   out = files.path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   (out / MANIFEST).unlink(missing_ok=True)  # From here on the directory is half-written.
 
-  scan = _scan(paths, chunk_bytes)
-  log(f"counted {scan.total_chars:,} characters ({scan.source_bytes / 1e6:,.1f} MB), "
+  scan = scan or _scan(source, chunk_bytes)
+  log(f"counted {sum(scan.chars.values()):,} characters ({scan.source_bytes / 1e6:,.1f} MB), "
       f"{len(scan.alphabet)} distinct")
   if tokenizer_kind == "char":
     tokenizer = tokenizers.CharTokenizer(scan.alphabet)
   elif tokenizer_kind == "byte":
     tokenizer = tokenizers.ByteTokenizer()
   else:
-    sample = _sample_training_text(paths, rule, scan, sample_chars, chunk_bytes)
+    sample = _sample_training_text(source, rule, scan, sample_chars, chunk_bytes)
     log(f"training SentencePiece (vocab {vocab_size}) on {len(sample):,} characters")
     tokenizer = tokenizers.build("sentencepiece", sample, (), vocab_size, model_type)
     del sample
   dtype = token_dtype(tokenizer.vocab_size)
 
   counts = {s: {"tokens": 0, "chars": 0} for s in SPLITS}
-  pairs = iter_splits(paths, rule, scan.total_chars, chunk_bytes)
+  unigrams = {s: np.zeros(tokenizer.vocab_size, np.int64) for s in SPLITS}
+  pairs = iter_splits(source, rule, scan.chars.get(_CORPUS, 0), chunk_bytes)
 
   def counted(pairs):
     for pair in pairs:
@@ -411,11 +662,14 @@ def prepare(source_spec: str, out_dir, tokenizer_kind: str = "char", vocab_size:
       for s, ids in zip(SPLITS, ids_pair):
         handles[s].write(ids.tobytes())
         counts[s]["tokens"] += len(ids)
+        unigrams[s] += np.bincount(ids, minlength=tokenizer.vocab_size)
   finally:
     for h in handles.values():
       h.close()
   for s in SPLITS:
     tmp[s].replace(_bin_path(out, s))
+    with _counts_path(out, s).open("wb") as f:
+      np.save(f, unigrams[s])
   tokenizer.save(out)
 
   wall = time.perf_counter() - start
@@ -423,15 +677,18 @@ def prepare(source_spec: str, out_dir, tokenizer_kind: str = "char", vocab_size:
       "format_version": FORMAT_VERSION,
       "source": source_spec,
       "source_files": stats,
-      "source_sha256": scan.file_sha256,
+      "source_dataset": source.dataset,
+      "source_sha256": scan.sha256,
       "source_bytes": scan.source_bytes,
+      "max_chars": max_chars,
       "split": rule.spec,
       "split_rule": rule.to_json(),
       "tokenizer": {"kind": tokenizer.kind, "vocab_size": int(tokenizer.vocab_size)},
       "dtype": dtype.str,
-      "splits": {s: dict(counts[s], file=f"{s}.bin") for s in SPLITS},
+      "splits": {s: dict(counts[s], file=f"{s}.bin", counts_file=f"{s}.counts.npy")
+                 for s in SPLITS},
       "settings": settings,
-      "hash": settings_hash(scan.file_sha256, settings),
+      "hash": settings_hash(scan.sha256, settings),
       "wall_s": wall,
       "workers": workers,
   }

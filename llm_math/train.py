@@ -235,24 +235,19 @@ class Evaluator:
   def __post_init__(self):
     dp = sharding.data_parallel_size(self.mesh, self.rules)
     self.batch_size = max(dp, self.batch_size // dp * dp)
-    n = len(self.windows.inputs_NxT)
-    pad = -n % self.batch_size
-    padded = lambda x: np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
-    self._inputs = padded(self.windows.inputs_NxT)
-    self._targets = padded(self.windows.targets_NxT)
-    self._weights = padded(self.windows.weights_NxT)
     batch_sh = sharding.batch_sharding(self.mesh, self.rules)
     self._step = jax.jit(functools.partial(eval_step, self.apply_fn),
                          in_shardings=(None, batch_sh, batch_sh, batch_sh))
 
   def __call__(self, params) -> float:
+    """Reads each batch's windows (this process's rows only) from the stream as it goes."""
     total, count = 0.0, 0.0
     batch_sh = sharding.batch_sharding(self.mesh, self.rules)
-    for i in range(0, len(self._inputs), self.batch_size):
+    for i in range(0, len(self.windows), self.batch_size):
       rows = sharding.process_rows(self.batch_size, offset=i)
       with use_mesh(self.mesh):
-        nll, n = self._step(params, *(sharding.global_batch(x[rows], batch_sh)
-                                      for x in (self._inputs, self._targets, self._weights)))
+        nll, n = self._step(params, *(sharding.global_batch(x, batch_sh)
+                                      for x in self.windows.batch(rows.start, rows.stop)))
       total += float(nll)
       count += float(n)
     return total / count
@@ -268,6 +263,7 @@ class TrainResult:
   tokens_per_second: float
   interrupted: bool = False
   train_time_s: float = float("nan")  # Wall time of the training loop, summed over resumed sessions.
+  val_elapsed_s: list = dataclasses.field(default_factory=list)  # training time at each val_curve point
 
 
 def use_mesh(mesh):
@@ -406,15 +402,19 @@ def train(config, dataset: data_lib.Dataset, workdir, windows=None, log=print) -
                         config.eval_batch_size, mesh, rules)
   writer = MetricsWriter(workdir, start_step)
   val_curve = [(r["step"], r["val_nll"]) for r in writer.records if "val_nll" in r]
+  val_elapsed = [r.get("elapsed_s", math.nan) for r in writer.records if "val_nll" in r]
   timed = [r for r in writer.records if "elapsed_s" in r]
   elapsed_before = timed[-1]["elapsed_s"] if timed else 0.0  # Earlier sessions of this run.
-  tokens_per_second = timed[-1]["tokens_per_s"] if timed else None
+  tokens_per_second = next((r["tokens_per_s"] for r in reversed(writer.records)
+                            if "tokens_per_s" in r), None)
 
   def run_eval(step):
     nll = evaluator(state.params)
     _check_loss(nll, step, bound, last_saved, what="validation")
     val_curve.append((step, nll))
-    writer.write({"step": step, "val_nll": nll, "val_ppl": information.perplexity(nll)})
+    val_elapsed.append(elapsed())
+    writer.write({"step": step, "val_nll": nll, "val_ppl": information.perplexity(nll),
+                  "elapsed_s": val_elapsed[-1]})
     log(f"step {step:6d} | val nll {nll:.4f} nats | val ppl {information.perplexity(nll):.3f}")
 
   tokens_per_step = config.batch_size * config.seq_len
@@ -476,7 +476,8 @@ def train(config, dataset: data_lib.Dataset, workdir, windows=None, log=print) -
                      params=n_params, flops_per_token=fpt,
                      tokens_per_second=tokens_per_second if tokens_per_second else math.nan,
                      interrupted=bool(interrupted),
-                     train_time_s=timed[-1]["elapsed_s"] if timed else math.nan)
+                     train_time_s=timed[-1]["elapsed_s"] if timed else math.nan,
+                     val_elapsed_s=val_elapsed)
 
 
 @dataclasses.dataclass

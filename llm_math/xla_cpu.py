@@ -9,9 +9,11 @@ to summation order. With `llm_math.model.gelu` (erf form) the gain is smaller: m
 38.6 -> 37.8 ms on the nanoGPT CPU shape (4 layers, d_model 128, batch 12 x 64) and 25.3 -> 14.7 ms
 on the synthetic default shape (`python -m benchmarks.throughput --xla_cpu_tuning=false` to compare).
 
-Splitting the CPU into one JAX device per core (`--xla_force_host_platform_device_count`, or
-`DEVICES=2 launch/local.sh`) and training data-parallel over them helps further on the same machine,
-because XLA:CPU parallelizes these small ops poorly within one device: 26.7 ms per step with both.
+Splitting the CPU into one JAX device per core (`--xla_force_host_platform_device_count`) and
+training data-parallel over them helps further on the same machine, because XLA:CPU parallelizes these
+small ops poorly within one device: 26.7 ms per step with both. The experiments and benchmarks do this
+by default (`host_devices`: one device per core where the mesh and batch divide; LLM_MATH_CPU_DEVICES=N
+chooses N, 1 keeps one device).
 
 The flag is applied only where it was verified: jaxlib versions in `VERIFIED_JAXLIB`, a single process
 (several host devices included), and XLA_FLAGS not already choosing. An unknown flag aborts XLA at
@@ -39,8 +41,7 @@ def _jaxlib_minor() -> tuple[int, int]:
 def should_tune(environ=os.environ) -> bool:
   """Whether FLAG applies to this process (see the module docstring for the conditions)."""
   xla_flags = environ.get("XLA_FLAGS", "")
-  multi_process = ("JAX_COORDINATOR_ADDRESS" in environ or environ.get("TPU_WORKER_HOSTNAMES")
-                   or environ.get("SLURM_NTASKS", "1") != "1")
+  multi_process = _multi_process(environ)
   platforms = environ.get("JAX_PLATFORMS", "")
   return (environ.get("LLM_MATH_XLA_CPU_TUNING", "1") != "0"
           and _jaxlib_minor() in VERIFIED_JAXLIB
@@ -49,23 +50,56 @@ def should_tune(environ=os.environ) -> bool:
           and (not platforms or "cpu" in platforms.split(",")))
 
 
-def tune() -> bool:
-  """Starts JAX's backends with FLAG added when `should_tune()`; returns whether it was added.
+DEVICES_ENV = "LLM_MATH_CPU_DEVICES"
+_DEVICE_COUNT_FLAG = "xla_force_host_platform_device_count"
+
+
+def cpu_cores() -> int:
+  """Cores this process may run on."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def host_devices(fits=lambda n: True, environ=os.environ) -> int:
+  """How many JAX devices to split the CPU into: $LLM_MATH_CPU_DEVICES if set, else the most devices,
+  up to one per core, for which `fits(n)` holds (the run's mesh and batch divide), else 1.
+
+  One device per core trains data-parallel across the cores, which is faster than one device whose
+  small ops XLA:CPU parallelizes poorly (see the module docstring). Left to XLA_FLAGS when it already
+  sets the count, and to jax.distributed (1) when several processes run.
+  """
+  if environ.get(DEVICES_ENV):
+    return max(int(environ[DEVICES_ENV]), 1)
+  if _DEVICE_COUNT_FLAG in environ.get("XLA_FLAGS", "") or _multi_process(environ):
+    return 1
+  return next((n for n in range(cpu_cores(), 1, -1) if fits(n)), 1)
+
+
+def _multi_process(environ) -> bool:
+  return bool("JAX_COORDINATOR_ADDRESS" in environ or environ.get("TPU_WORKER_HOSTNAMES")
+              or environ.get("SLURM_NTASKS", "1") != "1")
+
+
+def tune(devices: int = 1, fusion_flag: bool = True) -> bool:
+  """Starts JAX's backends with FLAG added when `fusion_flag` and `should_tune()`, and with the CPU split into `devices`
+  JAX devices when devices > 1 (and XLA_FLAGS does not set the count); returns whether any flag was
+  added.
 
   Must run before anything touches a device. XLA reads XLA_FLAGS once, when the backend starts, so the
   backend is started here and XLA_FLAGS restored: subprocesses (which may use several devices) do not
-  inherit the flag.
+  inherit the flags.
   """
-  if not should_tune():
+  previous = os.environ.get("XLA_FLAGS")
+  added = [FLAG] if fusion_flag and should_tune() else []
+  if devices > 1 and _DEVICE_COUNT_FLAG not in (previous or ""):
+    added.append(f"--{_DEVICE_COUNT_FLAG}={devices}")
+  if not added:
     return False
   import jax  # pylint: disable=g-import-not-at-top
   from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
 
   if xla_bridge.backends_are_initialized():
     return False
-
-  previous = os.environ.get("XLA_FLAGS")
-  os.environ["XLA_FLAGS"] = f"{previous or ''} {FLAG}".strip()
+  os.environ["XLA_FLAGS"] = " ".join([previous or ""] + added).strip()
   try:
     jax.devices()
   finally:

@@ -7,6 +7,7 @@ import pytest
 
 from llm_math import data as data_lib
 from llm_math import synthetic
+from llm_math import token_store
 from llm_math.errors import UsageError
 
 from tests import helpers
@@ -114,7 +115,7 @@ def test_corpus_shorter_than_a_window_is_a_clear_error(tmp_path):
 
 
 def test_tfds_not_prepared_offline_fails_fast(tmp_path, monkeypatch):
-  monkeypatch.setattr(data_lib, "_network_reachable", lambda *a, **k: False)
+  monkeypatch.setattr(token_store, "_network_reachable", lambda *a, **k: False)
   start = time.time()
   with pytest.raises(UsageError, match="tiny_shakespeare: not prepared under .* no network"):
     data_lib.load("tfds:tiny_shakespeare", tfds_data_dir=str(tmp_path))
@@ -129,3 +130,67 @@ def test_tfds_reads_a_prepared_data_dir():
   assert len(ds.train_ids) == 1_003_854
   assert len(ds.val_ids) == 55_770
   assert ds.vocab_size == 65
+
+
+class _RecordingIds(np.ndarray):
+  """A token stream that records which positions are read (as a memory-mapped split would page)."""
+
+  def __getitem__(self, index):
+    self.read.update(np.asarray(index).reshape(-1).tolist())
+    return np.asarray(self)[index]
+
+
+def _recording(ids):
+  out = np.asarray(ids).view(_RecordingIds)
+  out.read = set()
+  return out
+
+
+def test_each_process_reads_only_its_rows_of_a_batch():
+  ids = _recording(np.arange(5000, dtype=np.uint16))
+  x_all, _ = data_lib.train_batch(np.asarray(ids), 16, 8, seed=1, step=3)
+  for p in range(2):
+    ids.read.clear()
+    x, y = data_lib.train_batch(ids, 16, 8, seed=1, step=3, rows=slice(4 * p, 4 * p + 4))
+    np.testing.assert_array_equal(x, x_all[4 * p:4 * p + 4])
+    assert x.dtype == np.int32 and y.dtype == np.int32
+    assert ids.read == set(np.concatenate([x[:, 0][:, None] + np.arange(17)]).reshape(-1).tolist())
+
+
+def test_eval_windows_read_the_stream_batch_by_batch():
+  ids = _recording(np.arange(1000, dtype=np.uint16) * 7 % 251)
+  w = data_lib.eval_windows(ids, 16, 8)
+  full = (w.inputs_NxT, w.targets_NxT, w.weights_NxT)
+  ids.read.clear()
+  x, y, m = w.batch(10, 14)
+  assert ids.read == set(range(w.starts_N[10], w.starts_N[13] + 17))
+  for got, want in zip((x, y, m), full):
+    np.testing.assert_array_equal(got, want[10:14])
+  x, y, m = w.batch(len(w) - 1, len(w) + 3)  # Padding past the last window: zero weight.
+  assert x.shape == (4, 16) and m[1:].sum() == 0 and m[0].sum() > 0
+  positions, contexts = w.scored()
+  scored = w.weights_NxT > 0
+  np.testing.assert_array_equal(positions, w.positions_NxT[scored])
+  np.testing.assert_array_equal(contexts, w.context_NxT[scored])
+
+
+def test_text_sources_are_tokenized_once_into_the_cache(tmp_path, capsys):
+  path = tmp_path / "corpus.txt"
+  path.write_text("".join(f"line {i} of the corpus\n" for i in range(3000)))
+  cache = tmp_path / "cache"
+  logs = []
+  ds = data_lib.load(f"text:{path}", tokenizer="char", cache_dir=str(cache), log=logs.append)
+  assert isinstance(ds.train_ids, np.memmap) and any("later runs reuse it" in l for l in logs)
+  (prepared,) = [p for p in cache.iterdir() if p.is_dir()]
+  assert prepared.name.startswith("corpus.txt-char-")
+  manifest = token_store.read_manifest(prepared)
+  logs.clear()
+  again = data_lib.load(f"text:{path}", tokenizer="char", cache_dir=str(cache), log=logs.append)
+  assert not any("later runs reuse it" in line for line in logs)  # Reused, not tokenized again.
+  assert token_store.read_manifest(prepared)["hash"] == manifest["hash"]
+  np.testing.assert_array_equal(again.val_ids, ds.val_ids)
+  blocks = data_lib.load(f"text:{path}", tokenizer="char", cache_dir=str(cache), split="blocks:4:500")
+  assert "split blocks:4:500" in blocks.description
+  assert len(blocks.val_ids) > 0 and len(list(cache.glob("corpus.txt-char-*/"))) == 2
+  with pytest.raises(UsageError, match="--data_cache=gs://b: token files are memory-mapped"):
+    data_lib.load(f"text:{path}", cache_dir="gs://b")

@@ -1,4 +1,5 @@
-"""Token stores: prepared splits equal data.load's, the blocks rule, idempotence, memmapped training."""
+"""Token stores: prepared splits equal each split tokenized whole (text: and tfds: sources), the
+blocks rule, max_chars, unigram counts, idempotence, memmapped training."""
 import os
 import random
 import subprocess
@@ -9,6 +10,7 @@ import pytest
 
 from llm_math import data as data_lib
 from llm_math import token_store
+from llm_math import tokenizers
 from llm_math.errors import UsageError
 
 from tests import helpers
@@ -29,29 +31,51 @@ def _write_corpus(path, n_chars: int, seed: int = 0, newline: str = "\n") -> str
   return text
 
 
+def _joined_text(paths) -> str:
+  """The text of a text: source as data.load read it before token stores: each file read whole with
+  universal newlines, joined by '\\n'."""
+  texts = []
+  for path in paths:
+    with open(path, encoding="utf-8") as f:
+      texts.append(f.read())
+  return "\n".join(texts)
+
+
+def _tail(text: str) -> tuple[str, str]:
+  cut = int(len(text) * 0.9)
+  return text[:cut], text[cut:]
+
+
+def _reference(train_text: str, val_text: str, kind: str, vocab_size=None):
+  """(train_ids, val_ids, tokenizer): each split tokenized whole (data.load's former path)."""
+  tokenizer = tokenizers.build(kind, train_text, [val_text], vocab_size)
+  return tokenizer.encode(train_text), tokenizer.encode(val_text), tokenizer
+
+
 def _mtimes(directory):
   return {name: os.stat(directory / name).st_mtime_ns for name in
-          ("train.bin", "val.bin", "tokenizer.json", "manifest.json")}
+          ("train.bin", "val.bin", "train.counts.npy", "val.counts.npy", "tokenizer.json",
+           "manifest.json")}
 
 
 @pytest.mark.parametrize("kind", ["char", "byte"])
-def test_tail_rule_ids_equal_data_load(tmp_path, kind):
+def test_tail_rule_ids_equal_tokenizing_the_splits_whole(tmp_path, kind):
   a, b = tmp_path / "a.txt", tmp_path / "b.txt"
-  _write_corpus(a, 30_000, seed=1, newline="\r\n")  # Read with universal newlines, as data.load does.
+  _write_corpus(a, 30_000, seed=1, newline="\r\n")  # Read with universal newlines, as open() does.
   _write_corpus(b, 20_000, seed=2)
   spec = f"text:{a},{b}"
   manifest = token_store.prepare(spec, tmp_path / "out", kind, chunk_bytes=4096, workers=1)
   train_ids, val_ids, tokenizer, manifest = token_store.open(tmp_path / "out")
-  expected = data_lib.load(spec, tokenizer=kind)
+  train_text, val_text = _tail(_joined_text([a, b]))
+  expected_train, expected_val, expected = _reference(train_text, val_text, kind)
   assert isinstance(train_ids, np.memmap) and train_ids.dtype == np.dtype("<u2")
-  np.testing.assert_array_equal(train_ids, expected.train_ids)
-  np.testing.assert_array_equal(val_ids, expected.val_ids)
-  assert tokenizer.vocab_size == expected.tokenizer.vocab_size
-  chars = len(expected.tokenizer.decode(expected.train_ids)), len(expected.tokenizer.decode(
-      expected.val_ids))
-  assert (manifest["splits"]["train"]["chars"], manifest["splits"]["val"]["chars"]) == chars
-  assert manifest["splits"]["train"]["tokens"] == len(expected.train_ids)
-  assert token_store.TRAIN_FRACTION == data_lib.TRAIN_FRACTION
+  np.testing.assert_array_equal(train_ids, expected_train)
+  np.testing.assert_array_equal(val_ids, expected_val)
+  assert tokenizer.vocab_size == expected.vocab_size
+  assert (manifest["splits"]["train"]["chars"], manifest["splits"]["val"]["chars"]) == (
+      len(train_text), len(val_text))
+  assert manifest["splits"]["train"]["tokens"] == len(expected_train)
+  assert token_store.TRAIN_FRACTION == 0.9
 
 
 def _reference_blocks(text: str, n: int) -> list[str]:
@@ -137,7 +161,8 @@ def test_load_tokens_dir_memmaps_and_trains_on_the_same_batches(tmp_path):
   workdir = tmp_path / "run"
   workdir.mkdir()
   ds = data_lib.load(f"tokens:{out}", workdir=str(workdir))
-  in_memory = data_lib.load(f"text:{path}", tokenizer="char")
+  train_ref, val_ref, tok_ref = _reference(*_tail(_joined_text([path])), "char")
+  in_memory = data_lib.Dataset("in memory", train_ref, val_ref, tok_ref)
   assert isinstance(ds.train_ids, np.memmap) and isinstance(ds.val_ids, np.memmap)
   assert str(out) in ds.description and "split tail" in ds.description
   assert (workdir / "tokenizer.json").exists()
@@ -167,19 +192,19 @@ def test_sentencepiece_round_trips_and_counts_characters(tmp_path):
     assert manifest["splits"][name]["tokens"] == len(ids) < chars  # Merges: fewer tokens than chars.
 
 
-def test_sentencepiece_ids_equal_data_load_when_the_sample_is_the_whole_training_split(tmp_path):
+def test_sentencepiece_ids_equal_tokenizing_whole_when_the_sample_is_the_training_split(tmp_path):
   path = tmp_path / "c.txt"
   _write_corpus(path, 60_000, seed=8)
   token_store.prepare(f"text:{path}", tmp_path / "out", "sentencepiece", vocab_size=300,
                       chunk_bytes=8192, workers=1)
   train_ids, val_ids, _, _ = token_store.open(tmp_path / "out")
-  expected = data_lib.load(f"text:{path}", tokenizer="sentencepiece", vocab_size=300)
-  np.testing.assert_array_equal(train_ids, expected.train_ids)
-  np.testing.assert_array_equal(val_ids, expected.val_ids)
+  expected_train, expected_val, _ = _reference(*_tail(_joined_text([path])), "sentencepiece", 300)
+  np.testing.assert_array_equal(train_ids, expected_train)
+  np.testing.assert_array_equal(val_ids, expected_val)
 
 
 @pytest.mark.parametrize("args,message", [
-    (("tfds:tiny_shakespeare",), "tfds sources are not yet supported"),
+    (("tokens:/tmp/x",), "expected 'text:PATH[,PATH...]' or 'tfds:NAME[/CONFIG]'"),
     (("text:",), "no path given"),
     (("text:/nonexistent/c.txt",), "no such file"),
     (("text:{path}", "char", None, "blocks:1:10"), "--split='blocks:1:10'"),
@@ -208,3 +233,159 @@ def test_prepare_data_script(tmp_path):
   assert "train" in proc.stdout and "MB/s" in proc.stdout and "<u2" in proc.stdout
   again = subprocess.run(cmd, cwd=helpers.REPO, env=env, capture_output=True, text=True, timeout=120)
   assert "already prepared" in again.stdout, again.stdout
+
+
+def test_user_mistakes_with_max_chars(tmp_path):
+  path = tmp_path / "c.txt"
+  _write_corpus(path, 1000)
+  with pytest.raises(UsageError, match="--max_chars=0: expected a positive number"):
+    token_store.prepare(f"text:{path}", tmp_path / "out", max_chars=0)
+
+
+@pytest.mark.parametrize("split", ["tail", "blocks:3:500"])
+@pytest.mark.parametrize("max_chars", [12_345, 10**9])
+def test_max_chars_cuts_the_text_before_it_is_split(tmp_path, split, max_chars):
+  a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+  _write_corpus(a, 10_000, seed=9)
+  _write_corpus(b, 10_000, seed=10)
+  out = tmp_path / "out"
+  manifest = token_store.prepare(f"text:{a},{b}", out, "char", split=split, max_chars=max_chars,
+                                 chunk_bytes=1000, workers=1)
+  train_ids, val_ids, tokenizer, _ = token_store.open(out)
+  text = _joined_text([a, b])[:max_chars]  # data.load's former rule: cut, then split.
+  if split == "tail":
+    train_text, val_text = _tail(text)
+  else:
+    blocks = _reference_blocks(text, 500)
+    train_text = "".join(b for i, b in enumerate(blocks) if i % 3 != 2)
+    val_text = "".join(b for i, b in enumerate(blocks) if i % 3 == 2)
+  expected_train, expected_val, expected = _reference(train_text, val_text, "char")
+  np.testing.assert_array_equal(train_ids, expected_train)
+  np.testing.assert_array_equal(val_ids, expected_val)
+  assert tokenizer.chars == expected.chars
+  assert manifest["max_chars"] == max_chars
+  assert manifest["splits"]["train"]["chars"] + manifest["splits"]["val"]["chars"] == len(text)
+  # Another max_chars is another preparation.
+  other = token_store.prepare(f"text:{a},{b}", out, "char", split=split, max_chars=1000)
+  assert not other["reused"] and other["hash"] != manifest["hash"]
+
+
+def test_join_pieces_equals_the_join_and_reads_lazily():
+  rng = random.Random(11)
+  texts = []
+  for _ in range(60):
+    lines = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(0, 30)))
+             for _ in range(rng.choice([0, 1, 1, 3, 20]))]
+    texts.append("\n".join(lines))
+  texts.append("x" * 5000)  # One line longer than a chunk.
+  texts += ["", "", "end"]
+  joined = "\n".join(texts)
+  for chunk_chars in (7, 100, 1000, 10**6):
+    for max_chars in (None, 1, len(texts[0]) + 1, 777, len(joined) - 1, len(joined) + 5):
+      read = []
+
+      def reading(read=read):
+        for t in texts:
+          read.append(t)
+          yield t
+
+      pieces = list(token_store.join_pieces(reading(), max_chars, chunk_chars))
+      assert "".join(pieces) == joined[:max_chars]
+      assert all(p.endswith("\n") for p in pieces[:-1]) and all(pieces)
+      if max_chars is not None and max_chars < len(joined):  # Nothing read past max_chars.
+        assert len("\n".join(read[:-1])) < max_chars <= len("\n".join(read))
+  assert not list(token_store.join_pieces([]))
+
+
+def test_unigram_counts_equal_the_bincount_of_the_ids(tmp_path):
+  path = tmp_path / "c.txt"
+  _write_corpus(path, 30_000, seed=12)
+  out = tmp_path / "out"
+  manifest = token_store.prepare(f"text:{path}", out, "sentencepiece", vocab_size=300,
+                                 chunk_bytes=3000, workers=1)
+  assert manifest["splits"]["train"]["counts_file"] == "train.counts.npy"
+  train_ids, val_ids, tokenizer, _ = token_store.open(out)
+  for split, ids in (("train", train_ids), ("val", val_ids)):
+    counts = token_store.unigram_counts(out, split)
+    assert counts.dtype == np.int64 and counts.shape == (tokenizer.vocab_size,)
+    np.testing.assert_array_equal(counts, np.bincount(np.asarray(ids), minlength=300))
+  (out / "val.counts.npy").unlink()  # Counts missing: not a usable directory, prepared again.
+  with pytest.raises(UsageError, match="val.counts.npy"):
+    token_store.open(out)
+  assert not token_store.prepare(f"text:{path}", out, "sentencepiece", vocab_size=300)["reused"]
+
+
+_TFDS_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "tfds")
+
+
+@pytest.fixture(name="shakespeare")
+def _shakespeare():
+  """The tiny_shakespeare examples of each split, {split: [text, ...]}, read directly with tfds."""
+  if not os.path.isdir(_TFDS_DIR):
+    pytest.skip(f"no prepared tfds data_dir at {_TFDS_DIR}")
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    source = tfds.data_source("tiny_shakespeare", data_dir=_TFDS_DIR, download=False)
+    return {split: [source[split][i]["text"].decode("utf-8") for i in range(len(source[split]))]
+            for split in ("train", "validation")}
+  except Exception as e:  # pylint: disable=broad-except
+    pytest.skip(f"tensorflow_datasets cannot open tiny_shakespeare under {_TFDS_DIR}: {e}")
+
+
+@pytest.mark.parametrize("kind,vocab_size,max_chars,chunk_bytes", [
+    ("char", None, None, 1 << 20),
+    ("sentencepiece", 400, None, 1 << 20),
+    ("sentencepiece", 400, 120_001, 5000),  # Several chunks, each ending at a line break.
+    ("byte", None, 50_000, 3000),
+])
+def test_tfds_ids_equal_tokenizing_the_joined_splits(tmp_path, shakespeare, kind, vocab_size,
+                                                     max_chars, chunk_bytes):
+  out = tmp_path / "out"
+  manifest = token_store.prepare("tfds:tiny_shakespeare", out, kind, vocab_size,
+                                 max_chars=max_chars, chunk_bytes=chunk_bytes, workers=1,
+                                 tfds_data_dir=_TFDS_DIR)
+  train_ids, val_ids, tokenizer, manifest = token_store.open(out)
+  # The reference: data.load's former path, each split joined whole and tokenized at once.
+  train_text = "\n".join(shakespeare["train"])[:max_chars]
+  val_text = "\n".join(shakespeare["validation"])[:max_chars]
+  expected_train, expected_val, expected = _reference(train_text, val_text, kind, vocab_size)
+  np.testing.assert_array_equal(train_ids, expected_train)
+  np.testing.assert_array_equal(val_ids, expected_val)
+  assert tokenizer.vocab_size == expected.vocab_size
+  if kind == "char":
+    assert tokenizer.chars == expected.chars
+  assert manifest["split"] == "tfds train/validation"
+  assert manifest["source_dataset"]["name"] == "tiny_shakespeare"
+  assert (manifest["splits"]["train"]["chars"], manifest["splits"]["val"]["chars"]) == (
+      len(train_text), len(val_text))
+  np.testing.assert_array_equal(token_store.unigram_counts(out, "val"),
+                                np.bincount(np.asarray(val_ids), minlength=tokenizer.vocab_size))
+  before = _mtimes(out)
+  again = token_store.prepare("tfds:tiny_shakespeare", out, kind, vocab_size, max_chars=max_chars,
+                              chunk_bytes=chunk_bytes, workers=1, tfds_data_dir=_TFDS_DIR)
+  assert again["reused"] and again["hash"] == manifest["hash"] and _mtimes(out) == before
+
+
+def test_tfds_user_mistakes(tmp_path, shakespeare):
+  del shakespeare
+  with pytest.raises(UsageError, match="a tfds source is split by its own splits") as e:
+    token_store.prepare("tfds:tiny_shakespeare", tmp_path / "out", split="tail",
+                        tfds_data_dir=_TFDS_DIR)
+  assert "\n" not in str(e.value)
+  with pytest.raises(UsageError, match="has no dataset of that name") as e:
+    token_store.prepare("tfds:no_such_dataset_xyz", tmp_path / "out", tfds_data_dir=_TFDS_DIR)
+  assert "\n" not in str(e.value)
+  assert not (tmp_path / "out").exists()
+
+
+def test_prepare_data_script_reads_tfds(tmp_path, shakespeare):
+  del shakespeare
+  cmd = [sys.executable, "-m", "experiments.prepare_data", "--data=tfds:tiny_shakespeare",
+         f"--tfds_data_dir={_TFDS_DIR}", "--tokenizer=byte", "--max_chars=20000",
+         f"--out={tmp_path / 'out'}"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(cmd, cwd=helpers.REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  assert "split tfds train/validation" in proc.stdout
+  manifest = token_store.read_manifest(tmp_path / "out")
+  assert manifest["splits"]["train"]["tokens"] == manifest["splits"]["val"]["tokens"] == 20_000

@@ -23,6 +23,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.vocab_size = 0  # SentencePiece vocabulary size.
   c.tfds_data_dir = ""
   c.max_chars = 0  # Read at most this many characters of a text corpus (0 = all).
+  # Split of text: sources: '' or 'tail' (last 10% of characters is validation) or 'blocks:K:N'
+  # (every K-th block of N characters, cut at a line break, is validation). tfds has its own splits.
+  c.data_split = ""
   c.synthetic = ml_collections.ConfigDict(dict(
       vocab_size=32, lag=16, copy_prob=0.8, zipf_exponent=1.0,
       train_tokens=1 << 20, val_tokens=1 << 16))
