@@ -21,7 +21,6 @@ import numpy as np
 
 from benchmarks import cpu_info
 from benchmarks.shapes import SHAPES
-from experiments import common
 from experiments.configs import perplexity as default_config
 from llm_math import flops as flops_lib
 from llm_math import model as model_lib
@@ -65,7 +64,7 @@ def peak_memory_bytes() -> tuple[int, str]:
 def main(argv):
   del argv
   config, vocab = benchmark_config()
-  devices = xla_cpu.host_devices(lambda n: common.mesh_fits(
+  devices = xla_cpu.host_devices(lambda n: sharding.mesh_fits(
       config.mesh, config.batch_size, config.grad_accum_steps, n))
   started = xla_cpu.tune(devices, fusion_flag=TUNING.value)
   tuned = started and TUNING.value and xla_cpu.should_tune()

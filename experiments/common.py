@@ -7,7 +7,6 @@ flows back. User mistakes end with one line `error: ...` and exit status 2.
 """
 
 import json
-import math
 import os
 import sys
 
@@ -175,29 +174,13 @@ def is_primary() -> bool:
   return sharding.is_primary()
 
 
-def mesh_fits(mesh_spec: str, batch_size: int, grad_accum_steps: int, devices: int) -> bool:
-  """Whether `devices` devices can hold the mesh `mesh_spec` and split its micro-batches over the
-  batch axes (data, fsdp)."""
-  from llm_math import sharding  # pylint: disable=g-import-not-at-top
-  try:
-    shape = sharding.parse_mesh(mesh_spec)
-  except UsageError:
-    return devices == 1
-  known = math.prod(v for v in shape.values() if v != -1)
-  if -1 not in shape.values():
-    return devices == known
-  if devices % known:
-    return False
-  shape = {k: devices // known if v == -1 else v for k, v in shape.items()}
-  micro = batch_size // max(grad_accum_steps, 1)
-  return micro % (shape["data"] * shape["fsdp"]) == 0
-
-
 def _mesh_fits(devices: int) -> bool:
   """mesh_fits for the --config (and --mesh) of this run; False when the config does not load."""
   try:
     config = flags.FLAGS.config
-    return mesh_fits(MESH.value or config.mesh, config.batch_size, config.grad_accum_steps, devices)
+    from llm_math import sharding  # pylint: disable=g-import-not-at-top
+    return sharding.mesh_fits(MESH.value or config.mesh, config.batch_size, config.grad_accum_steps,
+                              devices)
   except Exception:  # pylint: disable=broad-except
     return False  # The config is checked (with a clear error) once main starts.
 

@@ -81,11 +81,15 @@ def plot_loss_vs_time(results: dict, path: str):
   records = [r for r in results["records"] if r["tokenizer"] == tokenizer]
   to_bpc = ev["tokens_scored"] / ev["chars_scored"] / LN2  # nats/token -> bits/char
   fig, ax = plt.subplots(figsize=(8, 5))
+  shown = []  # Values the y-axis must show: every point after the first, and the lines.
   for name, curve in results["curves"].items():
     if curve.get("tokenizer", tokenizer) != tokenizer or not curve.get("elapsed_s"):
       continue
     minutes = np.asarray(curve["elapsed_s"], float) / 60
-    ax.plot(minutes, np.asarray(curve["val_nll"]) * to_bpc, marker="o", ms=4, label=name)
+    bpc = np.asarray(curve["val_nll"]) * to_bpc
+    ax.plot(minutes, bpc, marker="o", ms=4,
+            label=f"{name}: {bpc[-1]:.3f} bits/char after {minutes[-1]:.1f} min")
+    shown += list(bpc[1:])
   lines = [r for r in records if r["name"].startswith("unigram")]
   for context in ("equal", "full"):
     grams = [r for r in records if r["kind"] == "ngram" and r.get("context") == context]
@@ -94,6 +98,20 @@ def plot_loss_vs_time(results: dict, path: str):
   for rec, style in zip(lines, (":", "--", "-.")):
     ax.axhline(rec["bits_per_char"], color="tab:gray" if style == ":" else "tab:purple", ls=style,
                lw=1.2, label=f"{rec['name']}: {rec['bits_per_char']:.3f} bits/char")
+    shown.append(rec["bits_per_char"])
+  if len(lines) > 1:
+    best = min(r["bits_per_char"] for r in lines[1:])
+    ax.axhline(0.9 * best, color="tab:green", ls=":", lw=1.0,
+               label=f"10% below the best n-gram: {0.9 * best:.3f} bits/char")
+    shown.append(0.9 * best)
+  if shown:  # The untrained model's first point (~ln|V|) would flatten the rest: it is left above.
+    low, high = min(shown), max(shown)
+    ax.set_ylim(low - 0.05 * (high - low), high + 0.08 * (high - low))
+    first = [np.asarray(c["val_nll"])[0] * to_bpc for c in results["curves"].values()
+             if c.get("tokenizer", tokenizer) == tokenizer and c.get("elapsed_s")]
+    if first and max(first) > ax.get_ylim()[1]:
+      ax.text(0.01, 0.98, f"step 0 (untrained): {max(first):.2f} bits/char, above the axis",
+              transform=ax.transAxes, fontsize=8, va="top")
   ax.set(xlabel="training wall time (minutes, evaluation included)",
          ylabel="validation bits per character")
   nats = ax.secondary_yaxis("right", functions=(lambda b: b / to_bpc, lambda n: n * to_bpc))

@@ -37,7 +37,8 @@ MAX_CHARS = flags.DEFINE_integer(
 SAMPLE_CHARS = flags.DEFINE_integer(
     "sample_chars", token_store.DEFAULT_SAMPLE_CHARS,
     "SentencePiece trains on at most about this many characters of the training split.")
-WORKERS = flags.DEFINE_integer("workers", None, "Tokenizing processes (default: one per core).")
+WORKERS = flags.DEFINE_integer("workers", None,
+                               "Tokenizing processes (default: cores - 1, at least 1).")
 
 
 def summary(manifest: dict, wall_s: float) -> str:

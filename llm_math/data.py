@@ -282,11 +282,22 @@ class EvalWindows:
             "context_max": t}
 
 
-def eval_windows(ids: np.ndarray, seq_len: int, stride: int | None = None) -> EvalWindows:
-  """The windows of `ids` at `stride` (default seq_len); see EvalWindows."""
+def eval_windows(ids: np.ndarray, seq_len: int, stride: int | None = None,
+                 every: int = 1) -> EvalWindows:
+  """The windows of `ids` at `stride` (default seq_len); see EvalWindows.
+
+  every > 1 keeps every `every`-th of the independent windows (stride == seq_len) and scores all of
+  their tokens: a sample spread evenly over the whole stream, at 1/every of the cost.
+  """
   stride = seq_len if stride is None else stride
   if not 1 <= stride <= seq_len:
     raise UsageError(f"--config.eval_stride={stride}: expected 1 <= stride <= seq_len={seq_len}")
+  if every < 1 or (every > 1 and stride != seq_len):
+    raise UsageError(f"--config.eval_sample_every={every}: expected 1, or more with independent "
+                     f"windows (eval_stride 0 or seq_len={seq_len})")
+  if every > 1:
+    starts_N = np.arange(0, len(ids) - seq_len, seq_len)[::every]
+    return EvalWindows(ids, starts_N, np.zeros(len(starts_N), np.int64), seq_len)
   n_targets = len(ids) - 1
   starts_N = np.arange(0, n_targets - seq_len + 1, stride)
   if starts_N[-1] + seq_len < n_targets:  # A last window flush with the end of the stream.

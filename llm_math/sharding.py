@@ -40,6 +40,23 @@ def parse_mesh(spec: str) -> dict[str, int]:
   return shape
 
 
+def mesh_fits(mesh_spec: str, batch_size: int, grad_accum_steps: int, devices: int) -> bool:
+  """Whether `devices` devices can hold the mesh `mesh_spec` and split its micro-batches over the
+  batch axes (data, fsdp)."""
+  try:
+    shape = parse_mesh(mesh_spec)
+  except UsageError:
+    return devices == 1
+  known = math.prod(v for v in shape.values() if v != -1)
+  if -1 not in shape.values():
+    return devices == known
+  if devices % known:
+    return False
+  shape = {k: devices // known if v == -1 else v for k, v in shape.items()}
+  micro = batch_size // max(grad_accum_steps, 1)
+  return micro % (shape["data"] * shape["fsdp"]) == 0
+
+
 def make_mesh(shape: dict[str, int] | str = "data:-1", devices=None) -> Mesh:
   """A mesh over `devices` (default: all) with axes (data, fsdp, tensor); one size may be -1 (the rest)."""
   if isinstance(shape, str):

@@ -42,6 +42,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import mmap
 import multiprocessing
 import os
 import socket
@@ -539,6 +540,15 @@ def read_manifest(directory) -> dict | None:
   return files.read_json(path) if path.exists() else None
 
 
+def _random_access(ids: np.memmap) -> np.memmap:
+  """Tells the kernel that `ids` is read at random places (training windows): no read-ahead, so the
+  pages resident stay those of the windows read, not megabytes around each of them."""
+  advise = getattr(getattr(ids, "_mmap", None), "madvise", None)
+  if advise is not None and hasattr(mmap, "MADV_RANDOM"):
+    advise(mmap.MADV_RANDOM)
+  return ids
+
+
 def open(directory, expected_hash: str | None = None):  # pylint: disable=redefined-builtin
   """(train_ids, val_ids, tokenizer, manifest) of a prepared directory; the ids are read-only
   np.memmap arrays, so memory does not grow with the corpus."""
@@ -560,7 +570,8 @@ def open(directory, expected_hash: str | None = None):  # pylint: disable=redefi
   ids = []
   for split in SPLITS:
     if manifest["splits"][split]["tokens"]:
-      ids.append(np.memmap(os.fspath(_bin_path(directory, split)), dtype=dtype, mode="r"))
+      ids.append(_random_access(np.memmap(os.fspath(_bin_path(directory, split)), dtype=dtype,
+                                          mode="r")))
     else:
       ids.append(np.zeros(0, dtype))  # mmap cannot map an empty file.
   return ids[0], ids[1], tokenizers.load(directory), manifest
@@ -652,7 +663,8 @@ def prepare(source_spec: str, out_dir, tokenizer_kind: str = "char", vocab_size:
         counts[s]["chars"] += len(text)
       yield pair
 
-  workers = workers or os.cpu_count() or 1
+  # One core reads, splits and writes; the others tokenize (on 2 cores one process is fastest).
+  workers = workers or max((os.cpu_count() or 1) - 1, 1)
   if scan.source_bytes <= chunk_bytes:
     workers = 1  # One chunk: starting processes would cost more than it saves.
   tmp = {s: out / f".{s}.bin.tmp.{os.getpid()}" for s in SPLITS}

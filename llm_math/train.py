@@ -19,7 +19,6 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax.training import train_state
 
@@ -144,6 +143,10 @@ def check_config(config):
   if "eval_max_tokens" in config:
     need(is_int(config.eval_max_tokens) and config.eval_max_tokens >= 0, "eval_max_tokens",
          "a non-negative integer (0 = all)")
+  if "eval_sample_every" in config:
+    need(is_int(config.eval_sample_every) and config.eval_sample_every >= 1
+         and (config.eval_sample_every == 1 or config.get("eval_stride", 0) in (0, config.seq_len)),
+         "eval_sample_every", "an integer >= 1, and 1 unless eval_stride is 0 (independent windows)")
   check_loss_chunk(config.get("loss_chunk", 0), config.seq_len)
   model_config(config, vocab_size=2)  # The model block's own checks (sizes, names, dtypes).
   if "batch_size" in config:
@@ -346,7 +349,8 @@ def _duration(seconds: float) -> str:
 def validation_windows(config, dataset: data_lib.Dataset) -> data_lib.EvalWindows:
   """The validation windows every model and baseline of a run is scored on."""
   val_ids = dataset.val_ids[: (config.eval_max_tokens or None)]
-  return data_lib.eval_windows(val_ids, config.seq_len, config.eval_stride or None)
+  return data_lib.eval_windows(val_ids, config.seq_len, config.eval_stride or None,
+                               config.get("eval_sample_every") or 1)
 
 
 def train(config, dataset: data_lib.Dataset, workdir, windows=None, log=print) -> TrainResult:
@@ -394,6 +398,9 @@ def train(config, dataset: data_lib.Dataset, workdir, windows=None, log=print) -
                     in_shardings=(state_sharding, batch_sh, batch_sh, None),
                     out_shardings=(state_sharding, None), donate_argnums=0)
   rows = sharding.process_rows(config.batch_size)
+  if jax.process_count() > 1:  # Every process says which rows it reads (one line each).
+    print(f"process {jax.process_index()} of {jax.process_count()} reads rows {rows.start}:"
+          f"{rows.stop} of each global batch of {config.batch_size}", flush=True)
   batches = data_lib.prefetch(
       lambda step: tuple(sharding.global_batch(x, batch_sh) for x in data_lib.train_batch(
           dataset.train_ids, config.seq_len, config.batch_size, config.seed, step, rows)),

@@ -194,3 +194,15 @@ def test_text_sources_are_tokenized_once_into_the_cache(tmp_path, capsys):
   assert len(blocks.val_ids) > 0 and len(list(cache.glob("corpus.txt-char-*/"))) == 2
   with pytest.raises(UsageError, match="--data_cache=gs://b: token files are memory-mapped"):
     data_lib.load(f"text:{path}", cache_dir="gs://b")
+
+
+def test_eval_sample_every_kth_window_scores_whole_windows_spread_over_the_stream():
+  ids = np.arange(1000, dtype=np.int32) * 7 % 101
+  every = data_lib.eval_windows(ids, 16, every=4)
+  all_ = data_lib.eval_windows(ids, 16)
+  np.testing.assert_array_equal(every.starts_N, np.arange(0, 1000 - 16, 16)[::4])
+  np.testing.assert_array_equal(every.inputs_NxT, all_.inputs_NxT[::4][:len(every)])
+  assert every.weights_NxT.all() and every.describe()["tokens_scored"] == 16 * len(every)
+  assert every.describe()["context_min"] == 1 and every.describe()["context_max"] == 16
+  with pytest.raises(UsageError, match="eval_sample_every"):
+    data_lib.eval_windows(ids, 16, 8, every=2)

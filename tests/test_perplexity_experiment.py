@@ -126,9 +126,13 @@ def test_size_sweep_fits_a_power_law_and_draws_figures(tmp_path):
     fit = results["power_law"]["synthetic"][axis]
     _check_against_independent_fit(fit, [r[key] for r in models],
                                    [r["val_nll_nats"] for r in models])
-  for name in ("perplexity.png", "ngram_orders.png", "scaling.png", "results.md"):
+  for name in ("perplexity.png", "loss_vs_time.png", "ngram_orders.png", "scaling.png",
+               "results.md"):
     assert (tmp_path / name).stat().st_size > 0
   assert (tmp_path / "models" / "synthetic" / "d16_L1" / "metrics.jsonl").exists()
+  for curve in results["curves"].values():  # The time axis of loss_vs_time.png: measured, increasing.
+    assert len(curve["elapsed_s"]) == len(curve["step"]) and curve["elapsed_s"][0] >= 0
+    assert all(b > a for a, b in zip(curve["elapsed_s"], curve["elapsed_s"][1:]))
   # Figures regenerate from results.json alone.
   os.remove(tmp_path / "scaling.png")
   subprocess.run([sys.executable, "-m", "experiments.plot_perplexity", f"--workdir={tmp_path}"],

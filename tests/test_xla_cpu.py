@@ -65,15 +65,15 @@ def test_host_devices(monkeypatch, environ, cores, fits, expected):
     ("nonsense", 12, 1, 2, False),
 ])
 def test_mesh_fits(mesh, batch, accum, devices, expected):
-  from experiments import common  # pylint: disable=g-import-not-at-top
-  assert common.mesh_fits(mesh, batch, accum, devices) is expected
+  from llm_math import sharding  # pylint: disable=g-import-not-at-top
+  assert sharding.mesh_fits(mesh, batch, accum, devices) is expected
 
 
 def test_experiments_split_the_cpu_into_one_device_per_core(tmp_path):
   """Without LLM_MATH_CPU_DEVICES, a run gets min(cores, what the batch divides) devices."""
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "LLM_MATH_CPU_DEVICES")}
-  code = ("from llm_math import xla_cpu; import jax; from experiments import common; "
-          "n = xla_cpu.host_devices(lambda n: common.mesh_fits('data:-1', 12, 1, n)); "
+  code = ("from llm_math import xla_cpu; import jax; from llm_math import sharding; "
+          "n = xla_cpu.host_devices(lambda n: sharding.mesh_fits('data:-1', 12, 1, n)); "
           "xla_cpu.tune(n); print(n, jax.device_count(), xla_cpu.cpu_cores())")
   out = subprocess.run([sys.executable, "-c", code], cwd=helpers.REPO, env=env, check=True,
                        capture_output=True, text=True).stdout.split()

@@ -63,6 +63,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_stride = 32
   c.eval_batch_size = 64
   c.eval_max_tokens = 0  # Score at most this many validation tokens (0 = all).
+  # Score every K-th of the independent windows (eval_stride 0): a sample spread over the split.
+  c.eval_sample_every = 1
 
   # Baselines: n-gram LMs (orders, 'kneser_ney' and/or 'add_k' with constant add_k), scored on the
   # Transformer's evaluation windows (window 0) or with context reset every `window` tokens, and
