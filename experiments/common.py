@@ -84,7 +84,8 @@ def load_dataset(config, workdir=None, tokenizer=None, vocab_size=None):
       vocab_size=(config.vocab_size if vocab_size is None else vocab_size) or None,
       seed=config.seed, synthetic_config=config.synthetic,
       tfds_data_dir=config.tfds_data_dir or None, max_chars=config.max_chars or None,
-      workdir=workdir, split=config.get("data_split") or None, cache_dir=DATA_CACHE.value,
+      workdir=workdir, split=config.get("data_split") or None,
+      cache_dir=DATA_CACHE.value if flags.FLAGS.is_parsed() else None,
       log=print if is_primary() else None)
   data_lib.check_fits(dataset, config.seq_len)
   return dataset
