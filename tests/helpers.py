@@ -1,5 +1,6 @@
 """Small configs, datasets and parameter trees shared by the tests."""
 import os
+import random
 
 import jax
 import jax.numpy as jnp
@@ -79,3 +80,20 @@ def transformer_params(seed=0, n_layers=2):
   params["ln_final"] = ln()
   params["lm_head"] = {"kernel": f(D, V)}
   return params
+
+
+CORPUS_WORDS = ["the", "cat", "sat", "on", "a", "mat", "naïve", "café", "日本", "zebra", "of", "and",
+                "\t"]
+
+
+def write_corpus(path, n_chars: int, seed: int = 0, newline: str = "\n") -> str:
+  """A random text of about `n_chars` characters (some lines empty, some non-ASCII); returns it."""
+  rng = random.Random(seed)
+  lines, n = [], 0
+  while n < n_chars:
+    line = " ".join(rng.choice(CORPUS_WORDS) for _ in range(rng.randint(0, 12)))
+    lines.append(line)
+    n += len(line) + 1
+  text = newline.join(lines)
+  path.write_bytes(text.encode("utf-8"))
+  return text

@@ -1,25 +1,11 @@
 """benchmarks.data end to end on a tiny generated corpus: every part prints its lines, with positive
 numbers, and a missing corpus is a one-line error naming --text."""
 import os
-import random
 import re
 import subprocess
 import sys
 
 from tests import helpers
-
-_WORDS = ["the", "whale", "sea", "of", "and", "ship", "naïve", "café", "captain", "ahab", "white"]
-
-
-def _write_corpus(path, n_chars: int, seed: int = 0):
-  rng = random.Random(seed)
-  lines, n = [], 0
-  while n < n_chars:
-    line = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(0, 12)))
-    lines.append(line)
-    n += len(line) + 1
-  path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-
 
 def _run(args, timeout=120):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
@@ -29,7 +15,7 @@ def _run(args, timeout=120):
 
 def test_benchmark_prints_every_part_and_rejects_a_missing_corpus(tmp_path):
   corpus = tmp_path / "corpus.txt"
-  _write_corpus(corpus, 300_000)
+  helpers.write_corpus(corpus, 300_000)
   tmp = tmp_path / "bench"
   proc = _run([f"--text={corpus}", "--repeat=2", "--tokenizers=char,byte,sentencepiece",
                "--vocab_size=300", "--startup_steps=2", "--startup_seq_len=16",

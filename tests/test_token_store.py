@@ -15,20 +15,8 @@ from llm_math.errors import UsageError
 
 from tests import helpers
 
-_WORDS = ["the", "cat", "sat", "on", "a", "mat", "naïve", "café", "日本", "zebra", "of", "and", "\t"]
-
-
-def _write_corpus(path, n_chars: int, seed: int = 0, newline: str = "\n") -> str:
-  """A random text of about `n_chars` characters (some lines empty, some non-ASCII)."""
-  rng = random.Random(seed)
-  lines, n = [], 0
-  while n < n_chars:
-    line = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(0, 12)))
-    lines.append(line)
-    n += len(line) + 1
-  text = newline.join(lines)
-  path.write_bytes(text.encode("utf-8"))
-  return text
+_WORDS = helpers.CORPUS_WORDS
+_write_corpus = helpers.write_corpus
 
 
 def _joined_text(paths) -> str:
