@@ -155,22 +155,29 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
   assert kernel.sharding.mesh.shape["tensor"] == 4
 
 
-@pytest.mark.slow
-def test_two_processes_train_like_one(tmp_path):
-  """launch/local_multiprocess.sh: 2 processes x 1 device == 1 process x 2 devices, loss for loss."""
-  args = helpers.TINY_OVERRIDES + ["--config.num_steps=8", "--config.log_every=1"]
+def _two_processes_and_one(tmp_path, args: list[str]) -> str:
+  """Runs perplexity as 2 processes (launch/local_multiprocess.sh) and as 1 process with 2 devices
+  (launch/local.sh); checks their losses are equal and returns the 2-process run's stdout."""
   env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
   multi = subprocess.run(
       ["bash", "launch/local_multiprocess.sh", "perplexity", f"--workdir={tmp_path / 'multi'}"] + args,
       cwd=helpers.REPO, env={**env, "NUM_PROCESSES": "2"}, capture_output=True, text=True,
       timeout=600)
   assert multi.returncode == 0, multi.stdout[-3000:] + multi.stderr[-3000:]
-  assert "2 cpu in 2 process(es)" in multi.stdout
   single = subprocess.run(
       ["bash", "launch/local.sh", "perplexity", f"--workdir={tmp_path / 'single'}"] + args,
       cwd=helpers.REPO, env={**env, "DEVICES": "2"}, capture_output=True, text=True, timeout=600)
   assert single.returncode == 0, single.stderr[-3000:]
   np.testing.assert_allclose(_losses(tmp_path / "multi"), _losses(tmp_path / "single"), rtol=1e-6)
+  return multi.stdout
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(tmp_path):
+  """launch/local_multiprocess.sh: 2 processes x 1 device == 1 process x 2 devices, loss for loss."""
+  out = _two_processes_and_one(
+      tmp_path, helpers.TINY_OVERRIDES + ["--config.num_steps=8", "--config.log_every=1"])
+  assert "2 cpu in 2 process(es)" in out
   assert len(_losses(tmp_path / "multi")) == 8
 
 
@@ -182,24 +189,14 @@ def test_two_processes_train_on_prepared_tokens_like_one(tmp_path):
   corpus.write_text("".join(f"{i} the quick brown fox {i % 7} jumps over the lazy dog\n"
                             for i in range(2000)))
   tokens = tmp_path / "tokens"
-  env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
   subprocess.run([sys.executable, "-m", "experiments.prepare_data", f"--data=text:{corpus}",
-                  f"--out={tokens}"], cwd=helpers.REPO, env=env, check=True, capture_output=True)
-  args = [f"--data=tokens:{tokens}", "--config.num_steps=6", "--config.seq_len=16",
-          "--config.batch_size=8", "--config.model.num_layers=1", "--config.model.d_model=32",
-          "--config.model.d_ff=64", "--config.model.num_heads=2", "--config.eval_every=6",
-          "--config.log_every=1", "--config.checkpoint_every=6", "--config.warmup_steps=2",
-          "--config.eval_max_tokens=2000", "--config.eval_stride=0", "--ngram_orders=1"]
-  multi = subprocess.run(
-      ["bash", "launch/local_multiprocess.sh", "perplexity", f"--workdir={tmp_path / 'multi'}"] + args,
-      cwd=helpers.REPO, env={**env, "NUM_PROCESSES": "2"}, capture_output=True, text=True,
-      timeout=600)
-  assert multi.returncode == 0, multi.stdout[-3000:] + multi.stderr[-3000:]
+                  f"--out={tokens}"], cwd=helpers.REPO, check=True, capture_output=True)
+  out = _two_processes_and_one(tmp_path, [
+      f"--data=tokens:{tokens}", "--config.num_steps=6", "--config.seq_len=16",
+      "--config.batch_size=8", "--config.model.num_layers=1", "--config.model.d_model=32",
+      "--config.model.d_ff=64", "--config.model.num_heads=2", "--config.eval_every=6",
+      "--config.log_every=1", "--config.checkpoint_every=6", "--config.warmup_steps=2",
+      "--config.eval_max_tokens=2000", "--config.eval_stride=0", "--ngram_orders=1"])
   for process, rows in ((0, "0:4"), (1, "4:8")):
-    assert f"process {process} of 2 reads rows {rows} of each global batch of 8" in multi.stdout
-  single = subprocess.run(
-      ["bash", "launch/local.sh", "perplexity", f"--workdir={tmp_path / 'single'}"] + args,
-      cwd=helpers.REPO, env={**env, "DEVICES": "2"}, capture_output=True, text=True, timeout=600)
-  assert single.returncode == 0, single.stderr[-3000:]
-  np.testing.assert_allclose(_losses(tmp_path / "multi"), _losses(tmp_path / "single"), rtol=1e-6)
+    assert f"process {process} of 2 reads rows {rows} of each global batch of 8" in out
   assert len(_losses(tmp_path / "multi")) == 6
