@@ -76,11 +76,13 @@ def main(argv):
   model = model_lib.Transformer(mcfg)
   mesh = sharding.make_mesh(config.mesh)
   rules = tuple(tuple(r) for r in config.logical_axis_rules)
-  state, state_sh = train_lib.create_train_state(
-      model, train_lib.optimizer(config), mesh, rules, config.seq_len, jax.random.PRNGKey(0))
+  state, state_sh = train_lib.create_state(
+      train_lib.lm_init(model, config.seq_len), train_lib.optimizer(config), mesh, rules,
+      jax.random.PRNGKey(0))
   batch_sh = sharding.batch_sharding(mesh, rules)
-  step = jax.jit(lambda s, x, y, r: train_lib.train_step(s, x, y, r, config.grad_accum_steps,
-                                                         LOSS_CHUNK.value),
+  loss_fn = train_lib.lm_loss(model, LOSS_CHUNK.value)
+  step = jax.jit(lambda s, x, y, r: train_lib.train_step(
+                     s, (x, y), r, loss_fn=loss_fn, grad_accum_steps=config.grad_accum_steps),
                  in_shardings=(state_sh, batch_sh, batch_sh, None), out_shardings=(state_sh, None),
                  donate_argnums=0)
   rng = np.random.default_rng(0)

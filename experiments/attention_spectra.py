@@ -3,7 +3,7 @@ r"""Spectra of attention over training, entropy at a high learning rate, and ran
 An attention matrix A = softmax(Q K^T / sqrt(d_k)) is row-stochastic: a Markov chain on positions
 with spectral radius 1. This script trains three versions of one model on the same data and, at
 `spectra.track_steps`, analyses every layer and head on a fixed batch of validation windows
-(`llm_math.spectra`):
+(`llm_math.analysis.spectra`):
 
   causal          next-token prediction, the default learning rate;
   causal_high_lr  the same at `high_lr_factor` x the learning rate, `high_lr_warmup_steps` warmup;
@@ -51,7 +51,7 @@ from llm_math import files
 from llm_math import flops as flops_lib
 from llm_math import model as model_lib
 from llm_math import sharding
-from llm_math import spectra
+from llm_math.analysis import spectra
 from llm_math import train as train_lib
 from llm_math import xla_cpu
 from llm_math.errors import UsageError
@@ -218,7 +218,7 @@ def train_and_track(config, mcfg: model_lib.ModelConfig, dataset, objective: str
     arrays.append(snapshot_arrays)
     return True
 
-  with train_lib.use_mesh(mesh):
+  with sharding.use_mesh(mesh):
     if 0 in tracked:
       snapshot(0)
     for step in range(config.num_steps):

@@ -43,9 +43,9 @@ from experiments import common
 from experiments import plot_batch_size
 from llm_math import data as data_lib
 from llm_math import flops as flops_lib
-from llm_math import gradient_noise as gn
+from llm_math.analysis import gradient_noise as gn
 from llm_math import model as model_lib
-from llm_math import sharpness as sharpness_lib
+from llm_math.analysis import sharpness as sharpness_lib
 from llm_math import train as train_lib
 from llm_math.errors import UsageError
 

@@ -154,6 +154,29 @@ def save_config(config, directory, what: str, ignored=frozenset(), write: bool =
     files.write_json(path, current, indent=2)
 
 
+def run_dir(config, parent, *names: str) -> str:
+  """The workdir of one point of a sweep, `parent/names...`: created, and checked like a single run's
+  (a different config there is a one-line error naming the field; the same one resumes)."""
+  directory = os.path.join(str(parent), *names)
+  files.path(directory).mkdir(parents=True, exist_ok=True)
+  save_config(config, directory, f"{directory} holds a run", write=is_primary())
+  return directory
+
+
+def markdown_table(header: list[str], rows: list[list], align: str | None = None) -> list[str]:
+  """The lines of a markdown table; `align` has one character per column, 'l' or 'r' (default:
+  the first column left, the rest right). Cells are written with str()."""
+  align = align or "l" + "r" * (len(header) - 1)
+  line = lambda cells: "| " + " | ".join(str(c) for c in cells) + " |"
+  return [line(header), "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"] + [
+      line(r) for r in rows]
+
+
+def fmt(value, spec: str, missing: str = "-") -> str:
+  """format(value, spec), or `missing` for None (a number results.json could not hold)."""
+  return missing if value is None else format(value, spec)
+
+
 def write_results(directory, results: dict, report: str):
   """Writes results.json (the machine-readable record, strict JSON: no NaN) and results.md (the
   report) in `directory`."""

@@ -50,13 +50,13 @@ import numpy as np
 
 from experiments import common
 from experiments import plot_compression
-from llm_math import compression
+from llm_math.analysis import compression
 from llm_math import data as data_lib
-from llm_math import distillation
+from llm_math.analysis import distillation
 from llm_math import files
 from llm_math import flops as flops_lib
-from llm_math import information
-from llm_math import lora as lora_lib
+from llm_math.analysis import information
+from llm_math.analysis import lora as lora_lib
 from llm_math import model as model_lib
 from llm_math import sharding
 from llm_math import train as train_lib

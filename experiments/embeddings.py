@@ -37,7 +37,7 @@ from absl import logging
 
 from experiments import common
 from experiments import plot_embeddings
-from llm_math import embeddings as emb_lib
+from llm_math.analysis import embeddings as emb_lib
 from llm_math import files
 from llm_math import train as train_lib
 from llm_math.errors import UsageError
@@ -336,7 +336,7 @@ def main(argv):
           "similarity": "cosine of embedding rows",
           "class_purity": "mean over a class's tokens of the share of their k nearest tokens (by "
                           "cosine, self excluded) in the same class; chance (n-1)/(V-1)",
-          "analogy": "3CosAdd on unit rows (llm_math.embeddings.analogy), a, b, c excluded; all "
+          "analogy": "3CosAdd on unit rows (llm_math.analysis.embeddings.analogy), a, b, c excluded; all "
                      "ordered pairs of distinct letters present in both cases",
           "only_c_baseline": "the nearest token to c alone (a, b, c excluded)",
           "effective_rank": "exp of the entropy of s_i^2 / sum s^2, s = singular values of the "

@@ -32,9 +32,9 @@ from experiments import common
 from experiments import plot_perplexity
 from llm_math import data as data_lib
 from llm_math import files
-from llm_math import information
-from llm_math import ngram
-from llm_math import scaling_laws
+from llm_math.analysis import information
+from llm_math.analysis import ngram
+from llm_math.analysis import scaling_laws
 from llm_math import train as train_lib
 from llm_math.errors import UsageError
 

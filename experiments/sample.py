@@ -5,7 +5,7 @@ r"""Text from a trained model: sampling with a key/value cache, its entropy and 
 
 Loads the latest checkpoint of a training run (e.g. of experiments.perplexity) and draws
 --num_samples continuations of --prompt from the model: each token from temperature -> top-k ->
-top-p filtered conditionals (`llm_math.sampling`; --temperature=0 is greedy). Prints the text, the
+top-p filtered conditionals (`llm_math.analysis.sampling`; --temperature=0 is greedy). Prints the text, the
 mean entropy per token of the distributions actually sampled from, and the speed in generated
 tokens/s with the key/value cache and (--compare_cache, on by default) without it, after
 compilation; both paths use the same key and must give the same tokens. The model sees at most its
@@ -29,7 +29,7 @@ from absl import logging
 from experiments import common
 from llm_math import files
 from llm_math import generate as generate_lib
-from llm_math import information
+from llm_math.analysis import information
 from llm_math import train as train_lib
 from llm_math.errors import UsageError
 

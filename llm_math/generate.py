@@ -32,9 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llm_math import information
+from llm_math.analysis import information
 from llm_math import model as model_lib
-from llm_math import sampling
+from llm_math.analysis import sampling
 
 
 class Generation(NamedTuple):
@@ -167,7 +167,7 @@ def generate(params, model_config: model_lib.ModelConfig, prompt_BxP, max_new_to
     prompt_BxP: int token ids `[B, P]`, P >= 1 (rows are independent samples).
     max_new_tokens: N >= 1.
     key: PRNG key; new token j is drawn with `jax.random.fold_in(key, j)` (rows are independent).
-    temperature, top_k, top_p: the sampling pipeline of `llm_math.sampling` (0 = greedy).
+    temperature, top_k, top_p: the sampling pipeline of `llm_math.analysis.sampling` (0 = greedy).
     use_cache: True: prefill + one-token cached steps; False: recompute every window in full.
     keep: tokens kept when the window is cut (module docstring); default max_len // 2.
 

@@ -392,8 +392,9 @@ def output_kernel(params) -> jax.Array:
   return params["token_embed"]["embedding"].T
 
 
-def chunked_cross_entropy(hidden_BxTxD, kernel_DxV, targets_BxT, chunk: int):
-  """`cross_entropy(hidden @ kernel, targets)` without holding the [B, T, V] logits: (nll sum, count).
+def chunked_cross_entropy(hidden_BxTxD, kernel_DxV, targets_BxT, chunk: int, weights_BxT=None):
+  """`cross_entropy(hidden @ kernel, targets, weights)` without holding the [B, T, V] logits:
+  (weighted nll sum, weight sum).
 
   The sequence is cut into T / chunk pieces; a `lax.map` computes each piece's float32 logits
   [B, chunk, V] and its summed NLL, and `jax.checkpoint` makes the backward pass recompute them piece
@@ -407,17 +408,20 @@ def chunked_cross_entropy(hidden_BxTxD, kernel_DxV, targets_BxT, chunk: int):
     raise ValueError(f"loss chunk {chunk} must be positive and divide the sequence length {t}")
   h_NxBxCxD = jnp.moveaxis(hidden_BxTxD.reshape(b, t // chunk, chunk, d), 1, 0)
   y_NxBxC = jnp.moveaxis(targets_BxT.reshape(b, t // chunk, chunk), 1, 0)
+  if weights_BxT is None:
+    weights_BxT = jnp.ones((b, t), jnp.float32)
+  w_NxBxC = jnp.moveaxis(weights_BxT.astype(jnp.float32).reshape(b, t // chunk, chunk), 1, 0)
   dtype = hidden_BxTxD.dtype
   w_DxV = kernel_DxV.astype(dtype)
 
   @jax.checkpoint
-  def piece(h_y):
-    h_BxCxD, y_BxC = h_y
+  def piece(h_y_w):
+    h_BxCxD, y_BxC, weights_BxC = h_y_w
     logits_BxCxV = jnp.einsum("bcd,dv->bcv", h_BxCxD, w_DxV,
                               preferred_element_type=jnp.float32)
-    return cross_entropy(logits_BxCxV, y_BxC)[0]
+    return cross_entropy(logits_BxCxV, y_BxC, weights_BxC)[0]
 
-  return jnp.sum(jax.lax.map(piece, (h_NxBxCxD, y_NxBxC))), jnp.asarray(b * t, jnp.float32)
+  return jnp.sum(jax.lax.map(piece, (h_NxBxCxD, y_NxBxC, w_NxBxC))), jnp.sum(weights_BxT)
 
 
 def cross_entropy(logits_BxTxV, targets_BxT, weights_BxT=None):

@@ -92,6 +92,16 @@ def _device_grid(sizes: list[int], devices) -> np.ndarray:
   return np.asarray(devices).reshape(sizes)
 
 
+def from_config(config) -> tuple[Mesh, tuple]:
+  """(mesh, logical axis rules) of a config's `mesh` and `logical_axis_rules` fields."""
+  return make_mesh(config.mesh), tuple(tuple(r) for r in config.logical_axis_rules)
+
+
+def use_mesh(mesh: Mesh):
+  """Makes `mesh` the context mesh (for logical sharding constraints), on old and new JAX."""
+  return jax.set_mesh(mesh) if hasattr(jax, "set_mesh") else mesh
+
+
 def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
   """Sharding of a [batch, length] array: batch over the axes the 'batch' rule names."""
   batch_axes = dict(rules).get("batch")

@@ -15,6 +15,7 @@ import functools
 import math
 import signal
 import time
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -24,14 +25,15 @@ from flax.training import train_state
 
 from llm_math import checkpoint
 from llm_math import data as data_lib
+from llm_math import evaluation
 from llm_math import files
 from llm_math import flops as flops_lib
-from llm_math import information
 from llm_math import model as model_lib
 from llm_math import sharding
 from llm_math import summaries
 from llm_math import tokenizers
 from llm_math import xla_cpu
+from llm_math.analysis import information
 from llm_math.errors import UsageError
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -80,22 +82,68 @@ def optimizer(config) -> optax.GradientTransformation:
                   weight_decay=config.weight_decay, mask=decay_mask))
 
 
-def create_train_state(model: nn.Module, tx, mesh, rules, seq_len: int, rng):
-  """Initializes the state directly in its sharded layout; returns (state, state_sharding).
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """What one run trains; the loop (`fit`) supplies everything else.
+
+  init(rng) -> params: flax params, boxed with logical axis names (`nn.Partitioned`, what
+      `model.init` returns) where they should be sharded; unboxed leaves are replicated.
+  loss(params, batch, rng) -> (total, count): the objective summed over the batch's terms and the
+      number of terms (scored tokens, masked positions). The loop minimizes total / count, and
+      gradient accumulation sums both over micro-batches, so the update equals the full batch's.
+  batch(step, rows) -> tuple of numpy arrays [rows, T, ...]: rows `rows` of the global batch of
+      `step`, a pure function of (seed, step), so a resumed, re-sharded or multi-process run reads
+      the same data.
+  tx: the optax transformation; frozen parameters (a LoRA base, a distillation teacher) get
+      `optax.set_to_zero()` through `optax.multi_transform` and a `stop_gradient` in `loss`.
+  learning_rate(step) -> float, for the log (None: not logged).
+  """
+  init: Callable
+  loss: Callable
+  batch: Callable
+  tx: optax.GradientTransformation
+  learning_rate: Callable | None = None
+
+
+class LoopState(train_state.TrainState):
+  """TrainState plus `sums`: per-step metrics summed since the last log record (checkpointed with the
+  parameters, so a run resumed mid-window logs exactly what an uninterrupted one does)."""
+  sums: dict
+
+
+_SUMMED = ("loss", "grad_sq", "micro_grad_sq", "steps")
+
+
+def _zero_sums() -> dict:
+  return {k: jnp.zeros((), jnp.float32) for k in _SUMMED}
+
+
+def lm_init(model: nn.Module, seq_len: int) -> Callable:
+  """rng -> the model's params (boxed with logical axis names), from a [1, seq_len] dummy input."""
+  return lambda rng: model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
+
+
+def boxed_like(boxed, values):
+  """`values` (a plain params tree) boxed with the logical axis names of `boxed` (e.g. the abstract
+  params of `jax.eval_shape(lm_init(model, T), rng)`), so loaded parameters shard like fresh ones."""
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+  return jax.tree_util.tree_map(lambda b, v: b.replace_boxed(v) if is_box(b) else v, boxed, values,
+                                is_leaf=is_box)
+
+
+def create_state(init: Callable, tx, mesh, rules, rng):
+  """The LoopState of `init(rng)`, created directly in its sharded layout: (state, state_sharding).
 
   jax.eval_shape gives the abstract state with logical axis names, the rules turn them into mesh
   shardings, and jit(init, out_shardings=...) materializes every array where it belongs.
   """
-  def init(rng):
-    variables = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))
-    state = train_state.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx)
-    return state
+  def make(rng):
+    return LoopState.create(apply_fn=None, params=init(rng), tx=tx, sums=_zero_sums())
 
-  abstract = jax.eval_shape(init, rng)
+  abstract = jax.eval_shape(make, rng)
   state_sharding = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
-  state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=state_sharding)(rng)
+  state = jax.jit(lambda r: nn.meta.unbox(make(r)), out_shardings=state_sharding)(rng)
   return state, state_sharding
-
 
 def check_loss_chunk(loss_chunk: int, seq_len: int, flag: str = "--config.loss_chunk"):
   """A one-line UsageError unless loss_chunk is 0 (off) or a positive divisor of seq_len."""
@@ -169,47 +217,66 @@ def divergence_bound(config, vocab_size: int) -> float:
   return factor * math.log(vocab_size) if factor else math.inf
 
 
-def train_step(state, inputs_BxT, targets_BxT, rng, grad_accum_steps: int = 1, loss_chunk: int = 0):
-  """One AdamW step on the mean next-token cross-entropy; returns (new_state, metrics).
+def lm_loss(model: nn.Module, loss_chunk: int = 0) -> Callable:
+  """The next-token objective of a Task: loss(params, (inputs_BxT, targets_BxT[, weights_BxT]), rng)
+  -> (weighted NLL sum, weight sum), with dropout drawn from `rng`.
+
+  With loss_chunk = C > 0 the output projection and loss run C positions at a time
+  (`model.chunked_cross_entropy`), never holding the [B, T, V] logits: the same loss and gradients.
+  """
+  def loss(params, batch, rng):
+    inputs_BxT, targets_BxT = batch[:2]
+    weights_BxT = batch[2] if len(batch) > 2 else None
+    out = model.apply({"params": params}, inputs_BxT, deterministic=False, rngs={"dropout": rng},
+                      return_hidden=bool(loss_chunk))
+    if loss_chunk:
+      return model_lib.chunked_cross_entropy(out, model_lib.output_kernel(params), targets_BxT,
+                                             loss_chunk, weights_BxT)
+    return model_lib.cross_entropy(out, targets_BxT, weights_BxT)
+
+  return loss
+
+
+def train_step(state: LoopState, batch: tuple, rng, *, loss_fn: Callable, grad_accum_steps: int = 1):
+  """One optimizer step on total / count of `loss_fn` over `batch`; returns (new_state, metrics).
 
   Run under `use_mesh(mesh)`, the activations the model constrains by logical name (the residual
   stream, ('batch', 'length', 'embed')) are laid out by the model config's logical_axis_rules.
 
-  With grad_accum_steps = M > 1 the batch is split into M micro-batches whose gradients are averaged
-  (a lax.scan, so memory holds one micro-batch's activations): the same update as one big batch.
-  With loss_chunk = C > 0 the output projection and loss run C positions at a time
-  (`model.chunked_cross_entropy`), never holding the [B, T, V] logits: the same loss and gradients.
+  With grad_accum_steps = M > 1 the batch is split into M micro-batches (a lax.scan, so memory holds
+  one micro-batch's activations) whose summed objectives and counts give the same update as one big
+  batch. Each micro-batch's own mean gradient g_m also yields |g_m|^2: `micro_grad_sq` (the mean over
+  m, a batch of B / M) and `grad_sq` = |g|^2 (a batch of B) are the two batch sizes of McCandlish's
+  gradient noise estimator, summed in `state.sums` with the loss.
   """
   step_rng = jax.random.fold_in(rng, state.step)
-
-  def loss_fn(params, x_BxT, y_BxT, dropout_rng):
-    out = state.apply_fn({"params": params}, x_BxT, deterministic=False,
-                         rngs={"dropout": dropout_rng}, return_hidden=bool(loss_chunk))
-    if loss_chunk:
-      nll_sum, count = model_lib.chunked_cross_entropy(
-          out, model_lib.output_kernel(params), y_BxT, loss_chunk)
-    else:
-      nll_sum, count = model_lib.cross_entropy(out, y_BxT)
-    return nll_sum / count
-
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)  # d total / d params; count is the aux.
   if grad_accum_steps == 1:
-    loss, grads = jax.value_and_grad(loss_fn)(state.params, inputs_BxT, targets_BxT, step_rng)
+    (total, count), grads = grad_fn(state.params, batch, step_rng)
+    micro_sq = jnp.square(_norm(grads)) / jnp.square(count)
   else:
-    b, t = inputs_BxT.shape
-    # Row r of micro-batch m is row r * M + m: each device keeps its own rows (no resharding).
-    split = lambda a: jnp.moveaxis(a.reshape(b // grad_accum_steps, grad_accum_steps, t), 1, 0)
+    m = grad_accum_steps
+    # Row r of micro-batch i is row r * M + i: each device keeps its own rows (no resharding).
+    split = lambda a: jnp.moveaxis(a.reshape((a.shape[0] // m, m) + a.shape[1:]), 1, 0)
 
     def accumulate(carry, micro):
-      x_BxT, y_BxT, m = micro
-      loss, grads = jax.value_and_grad(loss_fn)(state.params, x_BxT, y_BxT,
-                                                jax.random.fold_in(step_rng, m))
-      return jax.tree_util.tree_map(jnp.add, carry, (loss, grads)), None
+      part, i = micro
+      (total, count), grads = grad_fn(state.params, part, jax.random.fold_in(step_rng, i))
+      sq = jnp.square(_norm(grads)) / jnp.square(count)
+      return jax.tree_util.tree_map(jnp.add, carry, (total, count, grads, sq)), None
 
-    zeros = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, state.params))
-    (loss, grads), _ = jax.lax.scan(
-        accumulate, zeros, (split(inputs_BxT), split(targets_BxT), jnp.arange(grad_accum_steps)))
-    loss, grads = jax.tree_util.tree_map(lambda x: x / grad_accum_steps, (loss, grads))
+    zero = jnp.zeros((), jnp.float32)
+    init = (zero, zero, jax.tree_util.tree_map(jnp.zeros_like, state.params), zero)
+    (total, count, grads, micro_sq), _ = jax.lax.scan(
+        accumulate, init, (tuple(split(a) for a in batch), jnp.arange(m)))
+    micro_sq = micro_sq / m
+  grads = jax.tree_util.tree_map(lambda g: g / count, grads)
+  loss = total / count
   new_state = state.apply_gradients(grads=grads)
+  step_sums = {"loss": loss, "grad_sq": jnp.square(_norm(grads)), "micro_grad_sq": micro_sq,
+               "steps": jnp.ones((), jnp.float32)}
+  new_state = new_state.replace(sums=jax.tree_util.tree_map(
+      lambda a, b: a + b.astype(jnp.float32), state.sums, step_sums))
   metrics = {
       "loss": loss,
       "grad_norm": _norm(grads),
@@ -220,58 +287,19 @@ def train_step(state, inputs_BxT, targets_BxT, rng, grad_accum_steps: int = 1, l
   return new_state, metrics
 
 
-def eval_step(apply_fn, params, inputs_BxT, targets_BxT, weights_BxT):
-  """(sum of NLL over scored targets, number of scored targets) for one batch of windows."""
-  logits = apply_fn({"params": params}, inputs_BxT, deterministic=True)
-  return model_lib.cross_entropy(logits, targets_BxT, weights_BxT)
-
-
-@dataclasses.dataclass
-class Evaluator:
-  """Scores fixed validation windows; `__call__(params)` -> mean NLL in nats per scored token."""
-  windows: data_lib.EvalWindows
-  apply_fn: object
-  batch_size: int
-  mesh: object
-  rules: tuple
-
-  def __post_init__(self):
-    dp = sharding.data_parallel_size(self.mesh, self.rules)
-    self.batch_size = max(dp, self.batch_size // dp * dp)
-    batch_sh = sharding.batch_sharding(self.mesh, self.rules)
-    self._step = jax.jit(functools.partial(eval_step, self.apply_fn),
-                         in_shardings=(None, batch_sh, batch_sh, batch_sh))
-
-  def __call__(self, params) -> float:
-    """Reads each batch's windows (this process's rows only) from the stream as it goes."""
-    total, count = 0.0, 0.0
-    batch_sh = sharding.batch_sharding(self.mesh, self.rules)
-    for i in range(0, len(self.windows), self.batch_size):
-      rows = sharding.process_rows(self.batch_size, offset=i)
-      with use_mesh(self.mesh):
-        nll, n = self._step(params, *(sharding.global_batch(x, batch_sh)
-                                      for x in self.windows.batch(rows.start, rows.stop)))
-      total += float(nll)
-      count += float(n)
-    return total / count
-
-
 @dataclasses.dataclass
 class TrainResult:
   state: object
   final_step: int
   val_curve: list  # [(step, val_nll_nats)]
   params: int
-  flops_per_token: float
   tokens_per_second: float
+  records: list = dataclasses.field(default_factory=list)  # metrics.jsonl, this run's steps
+  stopped: str | None = None  # why a hook (or a divergence, on_divergence="stop") ended the run
   interrupted: bool = False
   train_time_s: float = float("nan")  # Wall time of the training loop, summed over resumed sessions.
   val_elapsed_s: list = dataclasses.field(default_factory=list)  # training time at each val_curve point
-
-
-def use_mesh(mesh):
-  """Makes `mesh` the context mesh (for logical sharding constraints), on old and new JAX."""
-  return jax.set_mesh(mesh) if hasattr(jax, "set_mesh") else mesh
+  flops_per_token: float = float("nan")
 
 
 class _StopSignals:
@@ -298,7 +326,6 @@ class _StopSignals:
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
-
 
 class MetricsWriter:
   """Writes metrics as JSON lines (`workdir/metrics.jsonl`) and TensorBoard scalars (event files in
@@ -346,130 +373,168 @@ def _duration(seconds: float) -> str:
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def validation_windows(config, dataset: data_lib.Dataset) -> data_lib.EvalWindows:
-  """The validation windows every model and baseline of a run is scored on."""
-  val_ids = dataset.val_ids[: (config.eval_max_tokens or None)]
-  return data_lib.eval_windows(val_ids, config.seq_len, config.eval_stride or None,
-                               config.get("eval_sample_every") or 1)
+@dataclasses.dataclass(frozen=True)
+class Hook:
+  """Runs `fn(step, params, record)` after the steps where `when(step)` is true (step 0: before the
+  first update), once per step over all sessions of a run.
 
-
-def train(config, dataset: data_lib.Dataset, workdir, windows=None, log=print) -> TrainResult:
-  """Trains (or resumes training of) the model described by `config` on `dataset`.
-
-  `windows` (default: `validation_windows(config, dataset)`) are the validation windows evaluated
-  every `config.eval_every` steps and at the end. `workdir` is a local path or a URL (gs://...).
+  `record` holds what the loop logged at this step (loss, val_nll, ...); `fn` returns a dict of JSON
+  values added to it (written to metrics.jsonl, so a resumed run keeps them) or None. A returned
+  "stop": reason ends the run after this step, which is then saved as the run's last checkpoint.
   """
-  check_config(config)
-  data_lib.check_fits(dataset, config.seq_len)
-  mcfg = model_config(config, dataset.vocab_size)
-  model = model_lib.Transformer(mcfg)
-  mesh = sharding.make_mesh(config.mesh)
-  rules = tuple(tuple(r) for r in config.logical_axis_rules)
-  loss_chunk = config.get("loss_chunk", 0)
-  bound = divergence_bound(config, dataset.vocab_size)
+  when: Callable[[int], bool]
+  fn: Callable[[int, Any, dict], dict | None]
 
-  tx = optimizer(config)
-  schedule = learning_rate_schedule(config)
-  rng = jax.random.PRNGKey(config.seed)
-  init_rng, dropout_rng = jax.random.split(rng)
-  state, state_sharding = create_train_state(model, tx, mesh, rules, config.seq_len, init_rng)
+
+def every(k: int) -> Callable[[int], bool]:
+  """A schedule: the steps k, 2k, 3k, ..."""
+  return lambda step: step > 0 and step % k == 0
+
+
+def stop_below(target: float, key: str = "val_nll") -> Hook:
+  """Ends the run at the first record whose `key` is at or below `target` (steps-to-target)."""
+  return Hook(lambda step: True,
+              lambda step, params, record: ({"stop": "target reached"}
+                                            if record.get(key, math.inf) <= target else None))
+
+
+def _read_sums(state) -> dict:
+  """The window means of the summed metrics, and the number of steps they average."""
+  sums = {k: float(v) for k, v in jax.device_get(state.sums).items()}
+  n = max(sums.pop("steps"), 1.0)
+  return {**{k: v / n for k, v in sums.items()}, "window_steps": int(n)}
+
+
+def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
+        eval_at: Callable[[int], bool] | None = None, log_at: Callable[[int], bool] | None = None,
+        hooks=(), loss_bound: float = math.inf, on_divergence: str = "raise",
+        log=print) -> TrainResult:
+  """Trains `task` for config.num_steps steps (or until a hook stops it), resuming from `workdir`.
+
+  config supplies: seed, num_steps, batch_size (global), grad_accum_steps, mesh, logical_axis_rules,
+  log_every, eval_every, checkpoint_every, keep_checkpoints. `evaluate(params)` -> mean validation
+  NLL runs at step 0, at `eval_at` steps (default every eval_every) and at the end; log records (the
+  window means of the loss and of the gradient-noise terms, see `train_step`) are written at
+  `log_at` steps (default every log_every) and at the end. A loss that is NaN, infinite or above
+  `loss_bound` raises DivergenceError without saving (on_divergence="raise"), or ends the run with
+  stop "diverged" (on_divergence="stop", for sweeps where divergence is an outcome).
+
+  State is created sharded in place, batches are this process's rows of each global batch (made
+  ahead on a thread), checkpoints are orbax's (atomic; see `llm_math.checkpoint`), and the first
+  SIGINT/SIGTERM saves the state and returns with `interrupted`: rerunning the same call continues
+  exactly. A run that has finished (num_steps, or a hook's stop) returns its saved state at once.
+  """
+  mesh, rules = sharding.from_config(config)
+  num_steps = config.num_steps
+  eval_at = eval_at or every(config.eval_every)
+  log_at = log_at or every(config.log_every)
+  save_at = every(config.get("checkpoint_every", num_steps))
+  accum = config.get("grad_accum_steps", 1)
+  init_rng, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  state, state_sharding = create_state(task.init, task.tx, mesh, rules, init_rng)
   n_params = flops_lib.count_params(state.params)
-  fpt = flops_lib.flops_per_token(mcfg, n_params, config.seq_len)
-  if mcfg.attention_impl == "fused":
-    platform, capability = model_lib.default_platform()
-    kernel = model_lib.fused_attention_implementation(platform, mcfg.dtype, mcfg.head_dim,
-                                                      capability)
-    log(f"attention: fused, implementation={kernel} ({platform}, "
-        f"{jnp.dtype(mcfg.dtype).name}, head_dim {mcfg.head_dim})")
 
-  mngr = checkpoint.manager(workdir, config.keep_checkpoints)
+  mngr = checkpoint.manager(workdir, config.get("keep_checkpoints", 2))
   abstract = jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sharding)
   restored, start_step = checkpoint.restore_latest(mngr, abstract, log=log)
   if restored is not None:
     state = restored
-    log(f"resumed from the checkpoint at step {start_step} in {workdir}")
   start_step = start_step or 0
   last_saved = start_step if start_step else None
+  writer = MetricsWriter(workdir, start_step)
+  stopped = next((r["stop"] for r in writer.records if "stop" in r), None)
+  if restored is not None and not stopped and start_step < num_steps:
+    log(f"resumed from the checkpoint at step {start_step} in {workdir}")
 
   batch_sh = sharding.batch_sharding(mesh, rules)
-  step_fn = jax.jit(functools.partial(train_step, grad_accum_steps=config.grad_accum_steps,
-                                      loss_chunk=loss_chunk),
-                    in_shardings=(state_sharding, batch_sh, batch_sh, None),
+  step_fn = jax.jit(functools.partial(train_step, loss_fn=task.loss, grad_accum_steps=accum),
+                    in_shardings=(state_sharding, batch_sh, None),
                     out_shardings=(state_sharding, None), donate_argnums=0)
+  reset_sums = jax.jit(lambda s: s.replace(sums=_zero_sums()), in_shardings=(state_sharding,),
+                       out_shardings=state_sharding, donate_argnums=0)
   rows = sharding.process_rows(config.batch_size)
-  if jax.process_count() > 1:  # Every process says which rows it reads (one line each).
+  if jax.process_count() > 1 and start_step < num_steps and not stopped:
     print(f"process {jax.process_index()} of {jax.process_count()} reads rows {rows.start}:"
           f"{rows.stop} of each global batch of {config.batch_size}", flush=True)
-  batches = data_lib.prefetch(
-      lambda step: tuple(sharding.global_batch(x, batch_sh) for x in data_lib.train_batch(
-          dataset.train_ids, config.seq_len, config.batch_size, config.seed, step, rows)),
-      start_step, config.num_steps)
-  evaluator = Evaluator(windows or validation_windows(config, dataset), model.apply,
-                        config.eval_batch_size, mesh, rules)
-  writer = MetricsWriter(workdir, start_step)
-  val_curve = [(r["step"], r["val_nll"]) for r in writer.records if "val_nll" in r]
-  val_elapsed = [r.get("elapsed_s", math.nan) for r in writer.records if "val_nll" in r]
   timed = [r for r in writer.records if "elapsed_s" in r]
   elapsed_before = timed[-1]["elapsed_s"] if timed else 0.0  # Earlier sessions of this run.
   tokens_per_second = next((r["tokens_per_s"] for r in reversed(writer.records)
                             if "tokens_per_s" in r), None)
-
-  def run_eval(step):
-    nll = evaluator(state.params)
-    _check_loss(nll, step, bound, last_saved, what="validation")
-    val_curve.append((step, nll))
-    val_elapsed.append(elapsed())
-    writer.write({"step": step, "val_nll": nll, "val_ppl": information.perplexity(nll),
-                  "elapsed_s": val_elapsed[-1]})
-    log(f"step {step:6d} | val nll {nll:.4f} nats | val ppl {information.perplexity(nll):.3f}")
-
-  tokens_per_step = config.batch_size * config.seq_len
-  await_each_step = xla_cpu.await_each_step()
-  interrupted = None
   session_start = time.perf_counter()
   elapsed = lambda: elapsed_before + time.perf_counter() - session_start
+
+  def finish_step(step: int, record: dict) -> str | None:
+    """Evaluation and hooks after `step`; writes the record; returns a reason to stop, or None."""
+    if evaluate is not None and (step == 0 or eval_at(step) or step == num_steps):
+      nll = evaluate(state.params)
+      record.update(val_nll=nll, val_ppl=information.perplexity(nll))
+      log(f"step {step:6d} | val nll {nll:.4f} nats | val ppl {information.perplexity(nll):.3f}")
+    for hook in hooks:
+      if step == 0 or hook.when(step):
+        record.update(hook.fn(step, state.params, record) or {})
+    reason = record.get("stop")
+    for key, what in (("loss", "training"), ("val_nll", "validation")):
+      if key in record and not (math.isfinite(record[key]) and record[key] <= loss_bound):
+        if on_divergence == "raise":
+          _check_loss(record[key], step, loss_bound, last_saved, what)
+        reason = record["stop"] = "diverged"
+    if record:
+      writer.write({"step": step, **record, "elapsed_s": elapsed()})
+    return reason
+
+  interrupted = None
   try:
-    if start_step == 0:
-      run_eval(0)
-    window_start, window_steps = time.perf_counter(), 0
-    with _StopSignals() as stop, use_mesh(mesh):
-      for step in range(start_step, config.num_steps):
+    with _StopSignals() as stop, sharding.use_mesh(mesh):
+      if start_step == 0:
+        stopped = finish_step(0, {})
+      batches = data_lib.prefetch(
+          lambda step: tuple(sharding.global_batch(x, batch_sh) for x in task.batch(step, rows)),
+          start_step, num_steps) if not stopped else iter(())
+      tokens_per_step = config.batch_size * config.seq_len
+      await_each_step = xla_cpu.await_each_step()
+      window_start, window_steps = time.perf_counter(), 0
+      for step in range(start_step, num_steps if not stopped else start_step):
         if stop.received:
           interrupted = stop.received
           break
-        inputs, targets = next(batches)
-        state, metrics = step_fn(state, inputs, targets, dropout_rng)
+        state, metrics = step_fn(state, next(batches), step_rng)
         if await_each_step:
           jax.block_until_ready(metrics["loss"])
         window_steps += 1
         done = step + 1
-        if done % config.log_every == 0 or done == config.num_steps:
-          metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-          _check_loss(metrics["loss"], done, bound, last_saved)
+        record = {}
+        if log_at(done) or done == num_steps:
+          last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          record.update(_read_sums(state))
+          state = reset_sums(state)
           seconds = time.perf_counter() - window_start
           tokens_per_second = window_steps * tokens_per_step / seconds
-          eta = (config.num_steps - done) * seconds / window_steps
           window_start, window_steps = time.perf_counter(), 0
-          record = {"step": done, "loss": metrics["loss"],
-                    "ppl": information.perplexity(metrics["loss"]), "lr": float(schedule(step)),
-                    "grad_norm": metrics["grad_norm"], "param_norm": metrics["param_norm"],
-                    "update_norm": metrics["update_norm"], "tokens_per_s": tokens_per_second,
-                    "elapsed_s": elapsed()}
-          writer.write(record)
-          log(f"step {done:6d} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-              f"grad norm {record['grad_norm']:.3f} | {tokens_per_second:,.0f} tokens/s | "
-              f"{_duration(record['elapsed_s'])} elapsed, ETA {_duration(eta)}")
-        if done % config.eval_every == 0 or done == config.num_steps:
-          run_eval(done)
-        if done % config.checkpoint_every == 0 or done == config.num_steps:
-          _check_loss(float(jax.device_get(metrics["loss"])), done, bound, last_saved)
+          record.update(ppl=information.perplexity(record["loss"]),
+                        grad_norm=last["grad_norm"], param_norm=last["param_norm"],
+                        update_norm=last["update_norm"], tokens_per_s=tokens_per_second)
+          if task.learning_rate is not None:
+            record["lr"] = float(task.learning_rate(step))
+          eta = (num_steps - done) * seconds / max(record["window_steps"], 1)
+          log(f"step {done:6d} | loss {record['loss']:.4f} | "
+              + (f"lr {record['lr']:.2e} | " if "lr" in record else "")
+              + f"grad norm {record['grad_norm']:.3f} | {tokens_per_second:,.0f} tokens/s | "
+              f"{_duration(elapsed())} elapsed, ETA {_duration(eta)}")
+        stopped = finish_step(done, record)
+        if stopped or save_at(done) or done == num_steps:
+          if "loss" not in record and on_divergence == "raise":
+            _check_loss(float(jax.device_get(metrics["loss"])), done, loss_bound, last_saved)
           checkpoint.save(mngr, done, state)
           last_saved = done
+        if stopped:
+          log(f"step {done:6d} | stopped: {stopped}")
+          break
       if interrupted:
         current = int(jax.device_get(state.step))
         if current != last_saved and current > start_step:
-          _check_loss(float(jax.device_get(metrics["loss"])), current, bound, last_saved)
+          if on_divergence == "raise":
+            _check_loss(float(jax.device_get(metrics["loss"])), current, loss_bound, last_saved)
           checkpoint.save(mngr, current, state)
           last_saved = current
         log(f"received {interrupted} at step {current}: checkpoint saved; "
@@ -478,14 +543,53 @@ def train(config, dataset: data_lib.Dataset, workdir, windows=None, log=print) -
     mngr.wait_until_finished()
     mngr.close()
     writer.close()
+  vals = [r for r in writer.records if "val_nll" in r]
   timed = [r for r in writer.records if "elapsed_s" in r]
-  return TrainResult(state=state, final_step=int(jax.device_get(state.step)), val_curve=val_curve,
-                     params=n_params, flops_per_token=fpt,
+  return TrainResult(state=state, final_step=int(jax.device_get(state.step)),
+                     val_curve=[(r["step"], r["val_nll"]) for r in vals], params=n_params,
                      tokens_per_second=tokens_per_second if tokens_per_second else math.nan,
-                     interrupted=bool(interrupted),
+                     records=list(writer.records), stopped=stopped, interrupted=bool(interrupted),
                      train_time_s=timed[-1]["elapsed_s"] if timed else math.nan,
-                     val_elapsed_s=val_elapsed)
+                     val_elapsed_s=[r.get("elapsed_s", math.nan) for r in vals])
 
+
+def validation_windows(config, dataset: data_lib.Dataset) -> data_lib.EvalWindows:
+  """The validation windows every model and baseline of a run is scored on."""
+  return evaluation.validation_windows(config, dataset.val_ids)
+
+
+def lm_task(config, dataset: data_lib.Dataset, model: nn.Module | None = None) -> Task:
+  """Next-token prediction of `config`'s Transformer on (seed, step) windows of the training split."""
+  model = model or model_lib.Transformer(model_config(config, dataset.vocab_size))
+  return Task(
+      init=lm_init(model, config.seq_len), loss=lm_loss(model, config.get("loss_chunk", 0)),
+      batch=lambda step, rows: data_lib.train_batch(dataset.train_ids, config.seq_len,
+                                                    config.batch_size, config.seed, step, rows),
+      tx=optimizer(config), learning_rate=learning_rate_schedule(config))
+
+
+def train(config, dataset: data_lib.Dataset, workdir, windows=None, log=print) -> TrainResult:
+  """Trains (or resumes training of) the Transformer LM described by `config` on `dataset`.
+
+  `windows` (default: `validation_windows(config, dataset)`) are the validation windows evaluated
+  every `config.eval_every` steps and at the end. `workdir` is a local path or a URL (gs://...).
+  """
+  check_config(config)
+  data_lib.check_fits(dataset, config.seq_len)
+  mcfg = model_config(config, dataset.vocab_size)
+  model = model_lib.Transformer(mcfg)
+  if mcfg.attention_impl == "fused":
+    platform, capability = model_lib.default_platform()
+    kernel = model_lib.fused_attention_implementation(platform, mcfg.dtype, mcfg.head_dim,
+                                                      capability)
+    log(f"attention: fused, implementation={kernel} ({platform}, "
+        f"{jnp.dtype(mcfg.dtype).name}, head_dim {mcfg.head_dim})")
+  evaluate = evaluation.evaluator(config, windows or validation_windows(config, dataset),
+                                  model.apply)
+  result = fit(config, lm_task(config, dataset, model), workdir, evaluate=evaluate,
+               loss_bound=divergence_bound(config, dataset.vocab_size), log=log)
+  result.flops_per_token = flops_lib.flops_per_token(mcfg, result.params, config.seq_len)
+  return result
 
 @dataclasses.dataclass
 class TrainedModel:

@@ -1,6 +1,12 @@
 """Small configs, datasets and parameter trees shared by the tests."""
+import json
 import os
 import random
+import re
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -97,3 +103,65 @@ def write_corpus(path, n_chars: int, seed: int = 0, newline: str = "\n") -> str:
   text = newline.join(lines)
   path.write_bytes(text.encode("utf-8"))
   return text
+
+
+def run_study(study: str, workdir, args: list[str], *, devices: int = 1, processes: int = 1,
+              stop_after: str | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+  """Runs `python -m experiments.<study> --workdir=... args` through the launch scripts: one process
+  with `devices` CPU devices (launch/local.sh), or `processes` processes (launch/local_multiprocess.sh).
+
+  With `stop_after` (a regular expression), SIGTERM goes to the run's processes as soon as a line of
+  its output matches: a preemption at that point. Returns the completed process (stdout holds the
+  output of all processes).
+  """
+  env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+         "LLM_MATH_CPU_DEVICES": str(devices), "PYTHONUNBUFFERED": "1"}
+  if processes > 1:
+    cmd = ["bash", "launch/local_multiprocess.sh", study]
+    env["NUM_PROCESSES"] = str(processes)
+  else:
+    cmd = ["bash", "launch/local.sh", study]
+    env["DEVICES"] = str(devices)
+  cmd += [f"--workdir={workdir}"] + list(args)
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
+  lines, stopped = [], False
+  deadline = time.time() + timeout
+  for line in proc.stdout:
+    lines.append(line)
+    if stop_after and not stopped and re.search(stop_after, line):
+      os.kill(proc.pid, signal.SIGTERM)  # launch/local_multiprocess.sh passes it on, once.
+      stopped = True
+    if time.time() > deadline:
+      os.killpg(proc.pid, signal.SIGKILL)
+      raise AssertionError(f"{study} ran past {timeout} s:\n" + "".join(lines[-40:]))
+  proc.wait()
+  out = "".join(lines)
+  if stop_after:
+    assert stopped, f"no output line matched {stop_after!r}:\n{out[-3000:]}"
+  elif proc.returncode:
+    raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{out[-4000:]}")
+  return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+
+
+def results(workdir) -> dict:
+  with open(os.path.join(str(workdir), "results.json")) as f:
+    return json.load(f)
+
+
+def pick(tree, path: str):
+  """tree['a'][0]['b'] for the path 'a.0.b'."""
+  for key in path.split("."):
+    tree = tree[int(key)] if isinstance(tree, list) else tree[key]
+  return tree
+
+
+def assert_same_numbers(a: dict, b: dict, paths: list[str], rtol: float, atol: float = 0.0):
+  """The numbers at `paths` (see `pick`) of two results.json agree to rtol/atol (None == None)."""
+  for path in paths:
+    x, y = pick(a, path), pick(b, path)
+    if x is None or y is None or isinstance(x, (str, bool)):
+      assert x == y, (path, x, y)
+    else:
+      np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=rtol,
+                                 atol=atol, err_msg=path)

@@ -10,7 +10,7 @@ import pytest
 from experiments import attention_spectra as exp
 from experiments import plot_attention_spectra
 from experiments.configs import attention_spectra as default_config
-from llm_math import spectra
+from llm_math.analysis import spectra
 from llm_math import train as train_lib
 from llm_math.errors import UsageError
 from tests import helpers

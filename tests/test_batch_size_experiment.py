@@ -16,7 +16,7 @@ from experiments import batch_size as exp
 from experiments import plot_batch_size
 from experiments.configs import batch_size as default_config
 from llm_math import data as data_lib
-from llm_math import gradient_noise as gn
+from llm_math.analysis import gradient_noise as gn
 from llm_math.errors import UsageError
 from tests import helpers
 

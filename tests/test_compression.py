@@ -1,4 +1,4 @@
-"""Tests for llm_math.compression: SVD truncation and symmetric absmax quantization."""
+"""Tests for llm_math.analysis.compression: SVD truncation and symmetric absmax quantization."""
 import math
 
 import flax.linen as nn
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_math import compression as cp
+from llm_math.analysis import compression as cp
 
 from tests.helpers import D, DH, H, V, transformer_params
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_math import compression
+from llm_math.analysis import compression
 from llm_math import model as model_lib
 from llm_math import sharding
 from llm_math import train as train_lib

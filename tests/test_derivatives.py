@@ -1,4 +1,4 @@
-"""Closed-form derivatives in llm_math.derivatives against JAX autodiff, in float64."""
+"""Closed-form derivatives in llm_math.analysis.derivatives against JAX autodiff, in float64."""
 import functools
 
 import flax.linen as nn
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_math import derivatives as d
+from llm_math.analysis import derivatives as d
 
 
 from tests.helpers import x64 as _x64

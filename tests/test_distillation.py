@@ -1,10 +1,10 @@
-"""Tests for llm_math.distillation: the soft/hard distillation loss and its gradients."""
+"""Tests for llm_math.analysis.distillation: the soft/hard distillation loss and its gradients."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_math import distillation as ds
+from llm_math.analysis import distillation as ds
 
 
 def logits(seed, shape, scale=2.0):

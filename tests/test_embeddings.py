@@ -1,9 +1,9 @@
-"""Embedding geometry in llm_math.embeddings on constructed matrices with known answers."""
+"""Embedding geometry in llm_math.analysis.embeddings on constructed matrices with known answers."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_math import embeddings as e
+from llm_math.analysis import embeddings as e
 
 
 def _orthonormal(rng: np.random.Generator, d: int, n: int) -> np.ndarray:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from llm_math import checkpoint
-from llm_math import information
+from llm_math.analysis import information
 from llm_math import train as train_lib
 from llm_math.errors import UsageError
 

@@ -12,7 +12,7 @@ from scipy import stats
 
 from llm_math import generate as g
 from llm_math import model as model_lib
-from llm_math import sampling
+from llm_math.analysis import sampling
 from llm_math import train as train_lib
 from tests import helpers
 

@@ -1,4 +1,4 @@
-"""Tests for llm_math.gradient_noise on linear regression with Gaussian inputs.
+"""Tests for llm_math.analysis.gradient_noise on linear regression with Gaussian inputs.
 
 Model: x ~ N(0, C) in R^d, y = x^T w* + e with e ~ N(0, s^2) independent, per-example loss
 l(w; x, y) = 0.5 (x^T w - y)^2. With u = w - w*, the per-example gradient is g = x (x^T u - e), so
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_math import gradient_noise as gn
+from llm_math.analysis import gradient_noise as gn
 
 
 def _problem(d: int, seed: int, noise_std: float = 0.5, u_scale: float = 1.0):

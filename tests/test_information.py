@@ -1,4 +1,4 @@
-"""llm_math.information: identities of entropy, cross-entropy, KL and mutual information."""
+"""llm_math.analysis.information: identities of entropy, cross-entropy, KL and mutual information."""
 import math
 
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_math import information as info
+from llm_math.analysis import information as info
 
 
 def _random_simplex(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:

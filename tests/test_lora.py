@@ -1,4 +1,4 @@
-"""Tests for llm_math.lora: init, apply/merge, parameter counts and LoRA-only training."""
+"""Tests for llm_math.analysis.lora: init, apply/merge, parameter counts and LoRA-only training."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -6,8 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from llm_math import compression as cp
-from llm_math import lora as lr
+from llm_math.analysis import compression as cp
+from llm_math.analysis import lora as lr
 
 from tests.helpers import D, DH, F, H, transformer_params
 

@@ -1,4 +1,4 @@
-"""Tests for llm_math.ngram: normalization, add-k closed forms, Kneser-Ney against a dict reference,
+"""Tests for llm_math.analysis.ngram: normalization, add-k closed forms, Kneser-Ney against a dict reference,
 windowed scoring, and the tiny shakespeare sanity ordering."""
 import collections
 import itertools
@@ -8,7 +8,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from llm_math import ngram
+from llm_math.analysis import ngram
 
 SHAKESPEARE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 

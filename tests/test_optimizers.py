@@ -1,4 +1,4 @@
-"""llm_math.optimizers step by step against optax; L2 = Gaussian prior; MLE = min cross-entropy."""
+"""llm_math.analysis.optimizers step by step against optax; L2 = Gaussian prior; MLE = min cross-entropy."""
 import math
 
 import jax
@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from llm_math import optimizers as opt
+from llm_math.analysis import optimizers as opt
 
 
 from tests.helpers import x64 as _x64

@@ -9,7 +9,7 @@ import pytest
 
 from experiments import perplexity
 from llm_math import data as data_lib
-from llm_math import ngram
+from llm_math.analysis import ngram
 from llm_math import train as train_lib
 from llm_math.errors import UsageError
 
@@ -91,7 +91,7 @@ def test_fit_scaling_recovers_a_known_power_law(noise):
 
 
 def _check_against_independent_fit(fit, n, loss):
-  """A fit to 3 points, checked without llm_math.scaling_laws.
+  """A fit to 3 points, checked without llm_math.analysis.scaling_laws.
 
   With c at its bound 0 the log-space fit is the straight line of log L on log N: np.polyfit gives
   alpha and a. With c > 0 three parameters fit three points exactly: a N^-alpha + c reproduces them.

@@ -140,9 +140,9 @@ def test_embeddings_experiment_measures_the_checkpoint(run_dir, tmp_path):
 
   # The initialization is the run's own step-0 embedding (same model, initializer and seed).
   model = model_lib.Transformer(trained.model_config)
-  state, _ = train_lib.create_train_state(
-      model, train_lib.optimizer(trained.config), sharding.make_mesh(trained.config.mesh),
-      tuple(tuple(r) for r in trained.config.logical_axis_rules), trained.config.seq_len,
+  state, _ = train_lib.create_state(
+      train_lib.lm_init(model, trained.config.seq_len), train_lib.optimizer(trained.config),
+      *sharding.from_config(trained.config),
       jax.random.split(jax.random.PRNGKey(trained.config.seed))[0])
   emb0 = np.asarray(state.params["token_embed"]["embedding"], np.float64)
   s0 = np.linalg.svd(emb0 - emb0.mean(0), compute_uv=False)

@@ -1,11 +1,11 @@
-"""Decoding in llm_math.sampling: limits, exact truncation sets, and empirical frequencies."""
+"""Decoding in llm_math.analysis.sampling: limits, exact truncation sets, and empirical frequencies."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats
 
-from llm_math import sampling as s
+from llm_math.analysis import sampling as s
 
 
 # One compilation serves every numeric setting (traced temperature / top_k / top_p); the static

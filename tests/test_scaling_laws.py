@@ -1,8 +1,8 @@
-"""Tests for llm_math.scaling_laws: recovery of known power laws, optimality, argument checks."""
+"""Tests for llm_math.analysis.scaling_laws: recovery of known power laws, optimality, argument checks."""
 import numpy as np
 import pytest
 
-from llm_math import scaling_laws
+from llm_math.analysis import scaling_laws
 
 
 def _log_sse(n, loss, a, alpha, c):

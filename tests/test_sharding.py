@@ -5,6 +5,7 @@ The multi-device cases need XLA_FLAGS=--xla_force_host_platform_device_count=8 b
 child process with 8 devices, where the `needs_8_devices` tests compare against them.
 """
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -115,13 +116,14 @@ def test_residual_stream_carries_the_rules_sharding(mesh):
     mcfg = train_lib.model_config(config, 32)
     if not with_rules:
       mcfg = dataclasses.replace(mcfg, logical_axis_rules=())
-    state, state_sh = train_lib.create_train_state(
-        model_lib.Transformer(mcfg), train_lib.optimizer(config), mesh_, rules, config.seq_len,
+    model = model_lib.Transformer(mcfg)
+    state, state_sh = train_lib.create_state(
+        train_lib.lm_init(model, config.seq_len), train_lib.optimizer(config), mesh_, rules,
         jax.random.PRNGKey(0))
-    step = jax.jit(train_lib.train_step, in_shardings=(state_sh, batch_sh, batch_sh, None),
-                   out_shardings=(state_sh, None))
-    with train_lib.use_mesh(mesh_):
-      text = step.lower(state, tokens, tokens, jax.random.PRNGKey(1)).as_text()
+    step = jax.jit(functools.partial(train_lib.train_step, loss_fn=train_lib.lm_loss(model)),
+                   in_shardings=(state_sh, batch_sh, None), out_shardings=(state_sh, None))
+    with sharding.use_mesh(mesh_):
+      text = step.lower(state, (tokens, tokens), jax.random.PRNGKey(1)).as_text()
     constraints[with_rules] = [l for l in text.splitlines()
                                if "sharding_constraint" in l or "@Sharding" in l]
   assert not constraints[False]

@@ -1,4 +1,4 @@
-"""Tests for llm_math.sharpness: HVPs, power iteration, Lanczos and epsilon-sharpness on quadratics.
+"""Tests for llm_math.analysis.sharpness: HVPs, power iteration, Lanczos and epsilon-sharpness on quadratics.
 
 On L(x) = 0.5 x^T H x the Hessian is H everywhere, so every quantity has a closed form or a numpy
 reference (`eigvalsh`). For a diagonal H = diag(h), h >= 0, L is a sum of convex 1-D parabolas, each
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_math import sharpness
+from llm_math.analysis import sharpness
 
 
 def _x64():

@@ -1,11 +1,11 @@
-"""Tests for llm_math.spectra: closed forms against numpy, brute force and optimisation."""
+"""Tests for llm_math.analysis.spectra: closed forms against numpy, brute force and optimisation."""
 import itertools
 import json
 
 import numpy as np
 import pytest
 
-from llm_math import spectra
+from llm_math.analysis import spectra
 
 
 def _softmax_rows(logits, allowed):

@@ -13,6 +13,7 @@ import optax
 import pytest
 
 from llm_math import data as data_lib
+from llm_math import evaluation
 from llm_math import model as model_lib
 from llm_math import sharding
 from llm_math import train as train_lib
@@ -21,18 +22,21 @@ from tests import helpers
 
 
 def _setup(config, tx=None):
-  """Model, sharded state (train.create_train_state), mesh and rules of a tiny config."""
+  """Model, sharded state (train.create_state), mesh and rules of a tiny config."""
   dataset = helpers.tiny_dataset(config)
   model = model_lib.Transformer(train_lib.model_config(config, dataset.vocab_size))
   mesh = sharding.make_mesh(config.mesh)
   rules = tuple(tuple(r) for r in config.logical_axis_rules)
-  state, _ = train_lib.create_train_state(model, tx or train_lib.optimizer(config), mesh, rules,
-                                          config.seq_len, jax.random.PRNGKey(config.seed))
+  state, _ = train_lib.create_state(train_lib.lm_init(model, config.seq_len),
+                                    tx or train_lib.optimizer(config), mesh, rules,
+                                    jax.random.PRNGKey(config.seed))
   return dataset, model, state, mesh, rules
 
 
-def _step_fn(accum):
-  return jax.jit(functools.partial(train_lib.train_step, grad_accum_steps=accum))
+def _step_fn(model, accum):
+  step = functools.partial(train_lib.train_step, loss_fn=train_lib.lm_loss(model),
+                           grad_accum_steps=accum)
+  return jax.jit(lambda state, x, y, rng: step(state, (x, y), rng))
 
 
 def _allclose_trees(a, b, rtol, atol):
@@ -62,8 +66,8 @@ def test_gradient_accumulation_is_the_full_batch_gradient():
   grad_norm = math.sqrt(sum(float(jnp.sum(g**2)) for g in jax.tree_util.tree_leaves(grads)))
   rng = jax.random.PRNGKey(1)
   for accum in (1, 2, 4, 8):
-    with train_lib.use_mesh(mesh):
-      new, metrics = _step_fn(accum)(state, inputs, targets, rng)
+    with sharding.use_mesh(mesh):
+      new, metrics = _step_fn(model, accum)(state, inputs, targets, rng)
     assert float(metrics["loss"]) == pytest.approx(float(loss), rel=1e-6), accum
     assert float(metrics["grad_norm"]) == pytest.approx(grad_norm, rel=1e-5), accum
     _allclose_trees(new.params, expected_params, rtol=1e-5, atol=1e-7)
@@ -75,11 +79,11 @@ def test_gradient_accumulation_matches_with_the_real_optimizer():
   report the same losses and reach the same parameters as the full batch (up to float32
   rounding)."""
   config = helpers.tiny_config(warmup_steps=0, learning_rate=1e-2)
-  dataset, _, state, mesh, _ = _setup(config)
+  dataset, model, state, mesh, _ = _setup(config)
   rng = jax.random.PRNGKey(0)
   states = {1: state, 4: state}
-  step_fns = {accum: _step_fn(accum) for accum in states}
-  with train_lib.use_mesh(mesh):
+  step_fns = {accum: _step_fn(model, accum) for accum in states}
+  with sharding.use_mesh(mesh):
     for step in range(3):
       inputs, targets = data_lib.train_batch(dataset.train_ids, config.seq_len, config.batch_size,
                                              config.seed, step)
@@ -164,5 +168,5 @@ def test_strided_evaluation_equals_a_per_token_brute_force(pos_encoding):
     assert nll == pytest.approx(brute[p], abs=1e-5), p
   # ... and the evaluator's mean (batches of 4 windows: the last batch is padded).
   assert len(windows.inputs_NxT) % 4
-  evaluate = train_lib.Evaluator(windows, model.apply, 4, mesh, rules)
+  evaluate = evaluation.Evaluator(windows, evaluation.nll_score(model.apply), 4, mesh, rules)
   assert evaluate(params) == pytest.approx(expected, abs=1e-5)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from llm_math import compression
+from llm_math.analysis import compression
 
 Params = Mapping[str, Any]
 DEFAULT_TARGETS = r"attn/(query|value)/kernel$"

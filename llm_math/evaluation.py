@@ -1,0 +1,107 @@
+"""Scoring held-out tokens: the one evaluator every run uses, and the reference NLLs beside it.
+
+    windows (data.EvalWindows) + score(params, inputs, targets, weights) -> Evaluator(params) -> nats
+
+The evaluator reads its windows batch by batch (this process's rows only), lays each batch out over
+the mesh like a training batch, and sums (weighted NLL, weight) over batches, so the mean is exact
+whatever the batch size, device count or process count. `reference_nlls` scores the uniform model,
+the add-one unigram and, on the synthetic source, the true model on exactly the tokens the windows
+score, with the context each of them had.
+"""
+
+import dataclasses
+import math
+from typing import Callable
+
+import jax
+import numpy as np
+
+from llm_math import data as data_lib
+from llm_math import model as model_lib
+from llm_math import sharding
+
+
+def nll_score(apply_fn: Callable, loss_chunk: int = 0, select: Callable = lambda p: p) -> Callable:
+  """score(params, inputs_BxT, targets_BxT, weights_BxT) -> (weighted NLL sum, weight sum).
+
+  `apply_fn` is a Transformer's apply; with loss_chunk = C > 0 the output projection runs C
+  positions at a time (`model.chunked_cross_entropy`), never holding the [B, T, V] logits.
+  `select` picks the model's parameters out of the trained tree (e.g. a student's).
+  """
+  def score(params, inputs_BxT, targets_BxT, weights_BxT):
+    params = select(params)
+    out = apply_fn({"params": params}, inputs_BxT, deterministic=True,
+                   return_hidden=bool(loss_chunk))
+    if loss_chunk:
+      return model_lib.chunked_cross_entropy(out, model_lib.output_kernel(params), targets_BxT,
+                                             loss_chunk, weights_BxT)
+    return model_lib.cross_entropy(out, targets_BxT, weights_BxT)
+
+  return score
+
+
+@dataclasses.dataclass
+class Evaluator:
+  """`__call__(params)` -> mean score (nats per scored token) over fixed windows.
+
+  `score` is (params, inputs_BxT, targets_BxT, weights_BxT) -> (sum, weight), e.g. `nll_score`.
+  The batch size is rounded to a multiple of the data-parallel devices; the last batch is padded
+  with zero-weight rows.
+  """
+  windows: data_lib.EvalWindows
+  score: Callable
+  batch_size: int
+  mesh: object
+  rules: tuple
+
+  def __post_init__(self):
+    dp = sharding.data_parallel_size(self.mesh, self.rules)
+    self.batch_size = max(dp, self.batch_size // dp * dp)
+    self._batch_sh = sharding.batch_sharding(self.mesh, self.rules)
+    self._step = jax.jit(self.score, in_shardings=(None,) + (self._batch_sh,) * 3)
+
+  def __call__(self, params) -> float:
+    total, count = 0.0, 0.0
+    for i in range(0, len(self.windows), self.batch_size):
+      rows = sharding.process_rows(self.batch_size, offset=i)
+      with sharding.use_mesh(self.mesh):
+        nll, n = self._step(params, *(sharding.global_batch(x, self._batch_sh)
+                                      for x in self.windows.batch(rows.start, rows.stop)))
+      total += float(nll)
+      count += float(n)
+    return total / count
+
+
+def validation_windows(config, val_ids: np.ndarray) -> data_lib.EvalWindows:
+  """The validation windows of a config: its first `eval_max_tokens` tokens (0 = all) at
+  `eval_stride` (0 = independent windows), every `eval_sample_every`-th independent window."""
+  val_ids = val_ids[: (config.get("eval_max_tokens", 0) or None)]
+  return data_lib.eval_windows(val_ids, config.seq_len, config.get("eval_stride", 0) or None,
+                               config.get("eval_sample_every") or 1)
+
+
+def evaluator(config, windows: data_lib.EvalWindows, apply_fn: Callable,
+              select: Callable = lambda p: p) -> Evaluator:
+  """The evaluator of a config's model on `windows`: its mesh, rules, eval batch and loss_chunk."""
+  mesh, rules = sharding.from_config(config)
+  score = nll_score(apply_fn, config.get("loss_chunk", 0), select)
+  return Evaluator(windows, score, config.get("eval_batch_size", 64), mesh, rules)
+
+
+def reference_nlls(dataset: data_lib.Dataset, windows: data_lib.EvalWindows) -> dict:
+  """Mean NLL (nats) of reference models on exactly the tokens `windows` score.
+
+  uniform: ln|V|. unigram: add-one token frequencies of the training split. On a synthetic source,
+  also floor: the true model with the context each scored token had in its window, and
+  entropy_rate: the true model with unlimited context (the limit of the floor as T grows).
+  """
+  positions, contexts = windows.scored()
+  counts = np.bincount(np.asarray(dataset.train_ids), minlength=dataset.vocab_size) + 1.0
+  targets = np.asarray(windows.ids)[positions]
+  refs = {"uniform": math.log(dataset.vocab_size),
+          "unigram": float(-np.mean(np.log(counts[targets] / counts.sum())))}
+  if dataset.source is not None:
+    refs["floor"] = float(dataset.source.conditional_nll(np.asarray(windows.ids), positions,
+                                                         contexts).mean())
+    refs["entropy_rate"] = float(dataset.source.entropy_rate())
+  return refs
