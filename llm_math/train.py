@@ -131,6 +131,15 @@ def boxed_like(boxed, values):
                                 is_leaf=is_box)
 
 
+def to_host(tree):
+  """A pytree of (possibly sharded, possibly multi-process) arrays as numpy, whole, on every process:
+  what analyses of a trained model run on, identically in every process."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def create_state(init: Callable, tx, mesh, rules, rng):
   """The LoopState of `init(rng)`, created directly in its sharded layout: (state, state_sharding).
 
