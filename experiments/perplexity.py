@@ -210,24 +210,21 @@ def fit_scaling(records) -> dict:
   return fits
 
 
-def markdown_table(results: dict) -> str:
+def markdown_report(results: dict) -> str:
   lines = [f"# Perplexity: {results['data']}", ""]
   for tokenizer, ev in results["evaluations"].items():
     recs = [r for r in results["records"] if r["tokenizer"] == tokenizer]
     floor = next((r["val_nll_nats"] for r in recs if r["name"].startswith("floor")), None)
     lines += [f"## Tokenizer: {tokenizer} (|V| = {ev['vocab_size']})", "",
               f"Measured on the {plot_perplexity.measurement_caption(ev)}; "
-              f"{ev['chars_scored']:,} characters.", "",
-              "| model | params | train FLOPs | val NLL (nats/token) | perplexity | bits/token | "
-              "bits/char |" + (" NLL - floor |" if floor is not None else ""),
-              "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if floor is not None else "")]
-    for r in recs:
-      flops_ = f"{r['train_flops']:.3g}" if "train_flops" in r else "-"
-      row = (f"| {r['name']} | {r['params']:,} | {flops_} | {r['val_nll_nats']:.4f} | "
-             f"{r['val_ppl']:.3f} | {r['bits_per_token']:.4f} | {r['bits_per_char']:.4f} |")
-      if floor is not None:
-        row += f" {r['val_nll_nats'] - floor:+.4f} |"
-      lines.append(row)
+              f"{ev['chars_scored']:,} characters.", ""]
+    header = ["model", "params", "train FLOPs", "val NLL (nats/token)", "perplexity", "bits/token",
+              "bits/char"] + (["NLL - floor"] if floor is not None else [])
+    lines += common.markdown_table(header, [
+        [r["name"], f"{r['params']:,}", common.fmt(r.get("train_flops"), ".3g"),
+         f"{r['val_nll_nats']:.4f}", f"{r['val_ppl']:.3f}", f"{r['bits_per_token']:.4f}",
+         f"{r['bits_per_char']:.4f}"]
+        + ([f"{r['val_nll_nats'] - floor:+.4f}"] if floor is not None else []) for r in recs])
     lines.append("")
     for r in recs:
       if r["kind"] == "model":
@@ -295,9 +292,9 @@ def main(argv):
   results["power_law"] = fit_scaling(results["records"])
   results["config"] = json.loads(config.to_json_best_effort())
   if common.is_primary():
-    common.write_results(workdir, results, markdown_table(results))
+    common.write_results(workdir, results, markdown_report(results))
     figures = plot_perplexity.plot_all(results, workdir)
-    print(markdown_table(results))
+    print(markdown_report(results))
     print(f"wrote results.json, results.md, {', '.join(figures)} to {workdir}")
 
 
