@@ -1,176 +1,166 @@
-"""experiments/batch_size.py: the train step's noise estimate, the variance law, the sweep end to end."""
+"""experiments/batch_size.py end to end: the sweep on one device, on 8 devices, as 2 processes and
+preempted by SIGTERM; the learning-rate search, the run configs, the report, the CLI."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
-import scipy.optimize
 
 from experiments import batch_size as exp
 from experiments import plot_batch_size
 from experiments.configs import batch_size as default_config
-from llm_math import data as data_lib
-from llm_math.analysis import gradient_noise as gn
 from llm_math.errors import UsageError
 from tests import helpers
 
+# A sweep of two batch sizes in a few dozen steps each: the pilot at B=8, one run per B (sqrt rule).
+# B / noise_microbatches = 4 and 8 rows divide over the 4 data-parallel devices of the 8-device mesh.
+ARGS = [
+    "--config.seq_len=16", "--config.model.num_layers=1", "--config.model.d_model=32",
+    "--config.model.d_ff=64", "--config.model.num_heads=2", "--config.synthetic.train_tokens=20000",
+    "--config.synthetic.val_tokens=4000", "--config.synthetic.lag=4", "--config.batch_sizes=8,16",
+    "--config.noise_microbatches=2", "--config.lr_rule=sqrt", "--config.lr_reference_batch=8",
+    "--config.pilot_steps=60", "--config.num_steps=200", "--config.eval_max_tokens=1024",
+    "--config.eval_growth=1.2", "--config.gradient_variance.checkpoint_batch=8",
+    "--config.gradient_variance.fresh_batches=16", "--config.gradient_variance.num_examples=32",
+    "--config.gradient_variance.num_batches=16", "--config.sharpness.batch=8",
+    "--config.sharpness.lanczos_steps=8", "--config.sharpness.ascent_steps=3",
+]
 
-def tiny_config():
-  c = default_config.get_config()
-  c.seq_len = 16
-  c.model.update(num_layers=1, d_model=32, d_ff=64, num_heads=2)
-  c.synthetic.update(train_tokens=20000, val_tokens=4000, lag=4)
-  c.batch_sizes = (2, 4, 8)
-  c.lr_reference_batch = 4
-  c.pilot_steps = 80
-  c.max_steps = 200
-  c.eval_tokens = 1024
-  c.eval_growth = 1.2
-  c.lr_max_extend = 1
-  c.gradient_variance.update(checkpoint_batch=4, fresh_batches=16, num_examples=16, num_batches=16)
-  c.sharpness.update(batch=8, lanczos_steps=8, ascent_steps=3)
-  return c
+
+def headline_numbers(results: dict) -> list[str]:
+  """The numbers the three settings must agree on: the target, each B's steps to target, final
+  losses, noise scale and sharpness, the fit and the gradient-variance slope."""
+  per_batch = [f"sweep.{i}.{k}" for i in range(len(results["sweep"]))
+               for k in ("steps_to_target", "final_val_nll", "final_train_nll", "b_simple",
+                         "hessian_top_eigenvalue")]
+  return ["target.loss", *per_batch, "noise_scale.b_simple", "fit.b_crit",
+          "gradient_variance.slope", "gradient_variance.trace_sigma_unbiased"]
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("batch_size"))
-  config = tiny_config()
-  exp.check_config(config)
-  results = exp.run_experiment(config, workdir, log=lambda *_: None)
-  return workdir, results
+def one_device(tmp_path_factory):
+  """The reduced sweep on one device (launch/local.sh, DEVICES=1)."""
+  workdir = tmp_path_factory.mktemp("batch_size_one_device")
+  out = helpers.run_study("batch_size", workdir, ARGS, devices=1)
+  return workdir, helpers.results(workdir), out.stdout
 
 
-def test_writes_results_and_every_figure(finished):
-  workdir, results = finished
-  with open(os.path.join(workdir, "results.json"), encoding="utf-8") as f:
-    saved = json.load(f)
-  assert sorted(saved["figures"]) == sorted(plot_batch_size.FIGURES)
+@pytest.mark.parametrize("setting", [
+    pytest.param({"devices": 8, "mesh": "data:2,fsdp:2,tensor:2"}, id="8_devices"),
+    pytest.param({"processes": 2}, id="2_processes", marks=pytest.mark.slow),
+    pytest.param({"stop_after": r"b16_lr\S+ step 4:"}, id="preempted_and_resumed",
+                 marks=pytest.mark.slow),
+])
+def test_sweep_agrees_across_devices_processes_and_preemption(one_device, tmp_path, setting):
+  """The same sweep on 8 devices (data x fsdp x tensor), as 2 processes, or stopped by SIGTERM in
+  the run at B=16 and rerun with the same command, ends with the same numbers as on one device."""
+  setting = dict(setting)
+  args = ARGS + ([f"--mesh={setting.pop('mesh')}"] if "mesh" in setting else [])
+  first = helpers.run_study("batch_size", tmp_path, args, **setting)
+  if "stop_after" in setting:
+    assert "checkpoint saved" in first.stdout and not (tmp_path / "results.json").exists()
+    second = helpers.run_study("batch_size", tmp_path, args)
+    assert "resumed from the checkpoint" in second.stdout
+    assert "pilot step" not in second.stdout  # Finished runs are reused, not trained again.
+  rtol = 1e-6 if "stop_after" in setting else 1e-3
+  baseline = one_device[1]
+  helpers.assert_same_numbers(baseline, helpers.results(tmp_path), headline_numbers(baseline),
+                              rtol=rtol)
+
+
+def test_writes_results_report_figures_and_one_workdir_per_run(one_device):
+  workdir, results, _ = one_device
+  assert sorted(results["figures"]) == sorted(plot_batch_size.FIGURES)
   for name in plot_batch_size.FIGURES:
-    with open(os.path.join(workdir, name), "rb") as f:
-      assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
-  assert [r["batch_size"] for r in saved["sweep"]] == [2, 4, 8]
-  assert saved["config"]["batch_sizes"] == [2, 4, 8]
-  md = open(os.path.join(workdir, "results.md"), encoding="utf-8").read()
-  fit, ns = results["fit"], results["noise_scale"]
+    assert (workdir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+  assert [r["batch_size"] for r in results["sweep"]] == [8, 16]
+  md = (workdir / "results.md").read_text()
+  fit, ns, gv = results["fit"], results["noise_scale"], results["gradient_variance"]
   assert f"**B_crit = {fit['b_crit']:.1f}**" in md
   assert f"**{ns['b_simple']:.1f}**; B_crit / B_simple = {fit['b_crit'] / ns['b_simple']:.2f}" in md
-  assert f"**{results['gradient_variance']['slope']:.3f}** (theory -1" in md
+  assert f"**{gv['slope']:.3f}** (theory -1" in md
+  assert sorted(os.listdir(workdir / "runs")) == sorted(["pilot", "b8_lr0.002", "b16_lr0.002828"])
+  for run in results["runs"]:
+    config = json.loads((workdir / run["workdir"] / "config.json").read_text())
+    # A run's config: the study's training fields with its B, learning rate and micro-batches.
+    assert (config["batch_size"], config["learning_rate"]) == (run["batch_size"], run["learning_rate"])
+    assert config["grad_accum_steps"] == 2 and config["target_loss"] == results["target"]["loss"]
+    assert not set(exp._SWEEP_FIELDS) & set(config)  # pylint: disable=protected-access
 
 
-def test_runs_share_the_initialization_and_reach_the_target(finished):
-  _, results = finished
+def _lowest_running_mean(values, window=3):
+  return min(sum(values[i:i + window]) / window for i in range(len(values) - window + 1))
+
+
+def test_runs_share_the_initialization_and_reach_the_target(one_device):
+  _, results, _ = one_device
   target = results["target"]["loss"]
   pilot_curve = results["target"]["pilot"]["curve"]["val_nll"]
-  # The target is the pilot's best 3-point running mean plus the margin.
-  assert target == pytest.approx(np.convolve(pilot_curve, np.ones(3) / 3, "valid").min() + 0.01)
+  assert target == pytest.approx(_lowest_running_mean(pilot_curve) + 0.01, rel=1e-12)
   starts = {r["curve"]["val_nll"][0] for r in results["runs"]}
-  assert len(starts) == 1 and starts == {pilot_curve[0]}  # Same parameters at step 0.
-  for row in results["sweep"]:
-    assert row["reached"], row["batch_size"]
-    runs = [r for r in results["runs"] if r["batch_size"] == row["batch_size"]]
-    best = [r for r in runs if r["best_at_batch_size"]]
-    assert len(best) == 1 and best[0]["learning_rate"] == row["best_learning_rate"]
-    # No other learning rate reached the target in fewer steps.
-    assert all(r["steps_to_target"] >= row["steps_to_target"] for r in runs if r["reached"])
-    # Steps to target lie on the validation curve: between the two evaluations around the crossing.
-    steps, vals = best[0]["curve"]["step"], best[0]["curve"]["val_nll"]
-    assert vals[-1] <= target < vals[-2]
-    assert steps[-2] <= row["steps_to_target"] <= steps[-1]
+  assert starts == {pilot_curve[0]}  # Same parameters at step 0.
+  assert results["target"]["pilot"]["curve"]["step"][:8] == [0, 1, 2, 3, 4, 5, 6, 8]  # x1.2 apart
+  for row, run in zip(results["sweep"], results["runs"]):
+    assert row["reached"] and run["best_at_batch_size"] and run["status"] == "reached"
+    # Steps to target: linear between the two evaluations around the first crossing, where the run
+    # stopped.
+    (s0, s1), (v0, v1) = run["curve"]["step"][-2:], run["curve"]["val_nll"][-2:]
+    assert v1 <= target < v0 and s1 == run["stopped_at_step"]
+    assert row["steps_to_target"] == pytest.approx(s0 + (s1 - s0) * (v0 - target) / (v0 - v1))
     assert row["examples_to_target"] == pytest.approx(row["steps_to_target"] * row["batch_size"])
     assert row["generalization_gap"] == pytest.approx(row["final_val_nll"] - row["final_train_nll"])
     assert row["hessian_top_eigenvalue"] > 0 and row["epsilon_sharpness"] >= 0
     assert row["hessian_top_eigenvalue"] >= row["hessian_bottom_ritz_value"]
 
 
-def _log_cost(b, s, s_min, e_min):
-  """sum_i (log S_i - log(S_min + E_min / B_i))^2, written out here (not gn.tradeoff_steps)."""
-  return float(np.sum((np.log(s) - np.log(s_min + e_min / b)) ** 2))
-
-
-def test_fit_and_regimes_follow_the_sweep(finished):
-  _, results = finished
-  sweep, fit = results["sweep"], results["fit"]
-  b = np.array([r["batch_size"] for r in sweep], float)
-  s = np.array([r["steps_to_target"] for r in sweep])
-  # The fit against an independent optimizer: scipy's trust-region least squares on the same log
-  # residuals over (log S_min, log E_min), from a start unrelated to the fit's own.
-  independent = scipy.optimize.least_squares(
-      lambda th: np.log(np.exp(th[0]) + np.exp(th[1]) / b) - np.log(s),
-      x0=np.log([s.min() / 2, (b * s).min() / 2]), xtol=1e-15, ftol=1e-15, gtol=1e-15)
-  s_min, e_min = np.exp(independent.x)
-  assert _log_cost(b, s, fit["s_min"], fit["e_min"]) <= _log_cost(b, s, s_min, e_min) + 1e-12
-  np.testing.assert_allclose([fit["s_min"], fit["e_min"], fit["b_crit"]],
-                             [s_min, e_min, e_min / s_min], rtol=1e-4)
-  assert fit["rms_log_residual"] == pytest.approx(
-      np.sqrt(_log_cost(b, s, fit["s_min"], fit["e_min"]) / len(s)), rel=1e-9)
-  doublings = results["regimes"]["doublings"]
-  assert [(d["from"], d["to"]) for d in doublings] == [(2, 4), (4, 8)]
-  np.testing.assert_allclose([d["speedup"] for d in doublings], s[:-1] / s[1:])
-  np.testing.assert_allclose([d["examples_ratio"] for d in doublings], 2 * s[1:] / s[:-1])
-  # B_simple: numerator and denominator averaged over the steps, the ratio last.
-  for row, run in zip(sweep, [r for r in results["runs"] if r["best_at_batch_size"]]):
+def test_noise_scale_comes_from_the_loops_gradient_norms(one_device):
+  """Each noise window is the two-batch estimate (B_small = B/2, B_big = B) of the window means the
+  loop logged in the run's metrics.jsonl, times its steps; B_simple pools all of them, ratio last."""
+  workdir, results, _ = one_device
+  for row, run in zip(results["sweep"], results["runs"]):
+    b, small = run["batch_size"], run["batch_size"] // 2
+    lines = (workdir / run["workdir"] / "metrics.jsonl").read_text().splitlines()
+    logged = [r for r in map(json.loads, lines) if "grad_sq" in r]
     noise = run["noise"]
+    assert noise["step"] == [r["step"] for r in logged] == run["curve"]["step"][1:]
     assert sum(noise["weight"]) == run["stopped_at_step"]
-    expected = sum(noise["trace_sum"]) / sum(noise["g_sq_sum"])
-    assert row["b_simple"] == pytest.approx(expected, rel=1e-6)
+    for r, g_sq_sum, trace_sum in zip(logged, noise["g_sq_sum"], noise["trace_sum"]):
+      n, micro, big = r["window_steps"], r["micro_grad_sq"], r["grad_sq"]
+      assert g_sq_sum == pytest.approx(n * (b * big - small * micro) / (b - small), rel=1e-9)
+      assert trace_sum == pytest.approx(n * (micro - big) / (1 / small - 1 / b), rel=1e-9)
+    assert row["b_simple"] == pytest.approx(sum(noise["trace_sum"]) / sum(noise["g_sq_sum"]))
+    assert row["noise_steps"] == run["stopped_at_step"]
 
 
-def _sweep_rows(batch_sizes, steps):
-  return [{"batch_size": b, "reached": s is not None, "steps_to_target": s,
-           "examples_to_target": None if s is None else b * s} for b, s in zip(batch_sizes, steps)]
+def test_fit_passes_through_two_batch_sizes_and_regimes_follow(one_device):
+  """Two reached batch sizes determine S = S_min + E_min / B exactly: solved here by hand."""
+  _, results, _ = one_device
+  (b1, s1), (b2, s2) = [(r["batch_size"], r["steps_to_target"]) for r in results["sweep"]]
+  e_min = (s1 - s2) / (1 / b1 - 1 / b2)
+  s_min = s1 - e_min / b1
+  fit = results["fit"]
+  np.testing.assert_allclose([fit["s_min"], fit["e_min"], fit["b_crit"]],
+                             [s_min, e_min, e_min / s_min], rtol=1e-6)
+  assert fit["rms_log_residual"] < 1e-9
+  (doubling,) = results["regimes"]["doublings"]
+  assert (doubling["from"], doubling["to"]) == (8, 16)
+  assert doubling["speedup"] == pytest.approx(s1 / s2)
+  assert doubling["examples_ratio"] == pytest.approx(b2 * s2 / (b1 * s1))
 
 
-@pytest.mark.parametrize("noise", [0.0, 0.02])
-def test_tradeoff_fit_recovers_a_known_hyperbola(noise):
-  """Steps-to-target generated from S_min = 40, E_min = 640 (B_crit = 16) on the hyperbola
-  (S/S_min - 1)(E/E_min - 1) = 1, exactly or with 2% log-normal noise: the sweep's fit recovers
-  them, and the regimes follow the closed forms S(B)/S(2B) and B/B_crit."""
-  s_min, e_min = 40.0, 640.0
-  b = 2.0 ** np.arange(1, 10)  # 2 ... 512: both regimes, B_crit in the middle.
-  # On the hyperbola: E = B S with S = S_min (1 + E_min / (S_min B)), solved here from the curve.
-  s = s_min * (1 + e_min / (s_min * b))
-  np.testing.assert_allclose((s / s_min - 1) * (b * s / e_min - 1), 1.0, rtol=1e-12)
-  rng = np.random.default_rng(3)
-  measured = s * np.exp(noise * rng.standard_normal(b.size))
-  # An unreached batch size (steps None) is left out of the fit.
-  rows = _sweep_rows(list(b.astype(int)) + [1024], list(measured) + [None])
-  fit = exp.fit_tradeoff(rows)
-  assert fit["batch_sizes"] == list(b.astype(int))
-  tol = 1e-8 if noise == 0 else 0.06
-  np.testing.assert_allclose([fit["s_min"], fit["e_min"], fit["b_crit"]], [s_min, e_min, 16.0],
-                             rtol=tol)
-  if noise == 0:
-    assert fit["rms_log_residual"] < 1e-9
-  else:  # The residual is the noise the points were given (8 dof left of 9 points).
-    assert 0.5 * noise < fit["rms_log_residual"] < 1.5 * noise
-  regimes = exp.scaling_regimes(rows[:-1], fit)
-  assert (regimes["small"]["from"], regimes["large"]["to"]) == (2, 512)
-  if noise == 0:
-    closed = lambda bb: (s_min + e_min / bb) / (s_min + e_min / (2 * bb))
-    np.testing.assert_allclose([d["speedup"] for d in regimes["doublings"]], closed(b[:-1]),
-                               rtol=1e-12)
-    assert regimes["excess_examples_small"] == pytest.approx(2 / 16)
-    assert regimes["excess_examples_large"] == pytest.approx(512 / 16)
-  assert exp.fit_tradeoff(_sweep_rows([2, 4], [30.0, None])) is None  # One reached B: no fit.
-
-
-def test_gradient_variance_follows_one_over_b(finished):
-  _, results = finished
+def test_gradient_variance_follows_one_over_b(one_device):
+  _, results, _ = one_device
   gv = results["gradient_variance"]
   fresh = gv["fresh"]
-  assert fresh["batch_sizes"] == [1, 2, 4, 8]
+  assert fresh["batch_sizes"] == [1, 2, 4, 8, 16] and gv["checkpoint"]["batch_size"] == 8
   # The least-squares line through (log B, log V) in closed form, not through gn.loglog_slope.
   x, y = np.log(fresh["batch_sizes"]), np.log(fresh["variance"])
   slope = np.sum((x - x.mean()) * (y - y.mean())) / np.sum((x - x.mean()) ** 2)
   assert gv["slope"] == pytest.approx(slope, rel=1e-9)
-  assert gv["intercept"] == pytest.approx(y.mean() - slope * x.mean(), rel=1e-9, abs=1e-12)
   assert abs(gv["slope"] + 1) < 0.25  # 16 batches per B: a loose band; the default run uses 64.
   np.testing.assert_allclose(fresh["predicted"],
                              gv["trace_sigma_unbiased"] / np.asarray(fresh["batch_sizes"]))
@@ -178,120 +168,63 @@ def test_gradient_variance_follows_one_over_b(finished):
   assert np.all((ratio > 0.4) & (ratio < 2.5)), ratio  # Independent estimates of the same law.
 
 
-def test_fresh_batch_variance_on_a_closed_form():
-  """loss = mean_i w[x_i0]: per-window gradient e_{x_i0}, so tr(Sigma) = 1 - sum_v p_v^2.
+def test_learning_rate_search_widens_at_the_edge_and_caps_slower_runs(monkeypatch):
+  """With steps to target 100 + 10 (k - 2)^2 at lr = rule x 2^k, the search tries k = 0, 1, -1, then
+  2 and 3 (the best was at the edge), and stops at lr_max_extend; every run after the first is capped
+  at the best steps so far, and runs that hit the cap count as not reached."""
+  config = default_config.get_config()
+  config.lr_max_extend = 3
+  calls = []
 
-  p is the distribution of the first token of a training window, whose start is uniform over the
-  first len(ids) - T positions; E|g_B - G|^2 = tr(Sigma) / B must come out within 4 standard errors.
-  """
-  rng = np.random.default_rng(0)
-  vocab, seq_len = 5, 4
-  ids = rng.choice(vocab, size=3000, p=[0.4, 0.3, 0.15, 0.1, 0.05]).astype(np.int32)
-  p = np.bincount(ids[:len(ids) - seq_len], minlength=vocab) / (len(ids) - seq_len)
-  trace_sigma = 1.0 - np.sum(p**2)
+  def fake_run(study, batch_size, lr, num_steps, target):
+    del study
+    k = round(math.log2(lr / exp.rule_learning_rate(config, batch_size)))
+    steps = 100.0 + 10.0 * (k - 2) ** 2
+    calls.append((k, num_steps))
+    reached = steps <= num_steps
+    return {"batch_size": batch_size, "learning_rate": lr, "reached": reached,
+            "steps_to_target": steps if reached else None, "stopped_at_step": min(steps, num_steps),
+            "final_val_nll": target if reached else target + 0.1,
+            "status": "reached" if reached else "step cap", "wall_time_s": 0.0}, f"result {k}"
 
-  def loss_fn(params, inputs_BxT, targets_BxT):
-    del targets_BxT
-    return jnp.mean(params["w"][inputs_BxT[:, 0]])
-
-  params = {"w": jnp.zeros(vocab)}
-  out = exp.fresh_batch_variance(loss_fn, params, ids, seq_len, seed=1, batch_sizes=[1, 4, 32],
-                                 num_batches=2000)
-  for b, var, se in zip(out["batch_sizes"], out["variance"], out["stderr"]):
-    assert se < 0.05 * trace_sigma / b
-    assert abs(var - trace_sigma / b) <= 4 * se, b
-
-
-def test_gradient_variance_record_on_a_known_one_over_b_law():
-  """The same closed-form loss through the whole measurement: E|g_B - G|^2 = c / B with
-  c = tr(Sigma) = 1 - sum_v p_v^2 and G = p, so |G|^2 = sum_v p_v^2. The record must give slope -1,
-  intercept log c, tr(Sigma) ~ c, |G|^2 ~ sum p^2 and the prediction c / B, all known beforehand."""
-  rng = np.random.default_rng(4)
-  vocab, seq_len = 5, 4
-  ids = rng.choice(vocab, size=4000, p=[0.4, 0.3, 0.15, 0.1, 0.05]).astype(np.int32)
-  p = np.bincount(ids[:len(ids) - seq_len], minlength=vocab) / (len(ids) - seq_len)
-  c = 1.0 - np.sum(p**2)
-
-  def loss_fn(params, inputs_BxT, targets_BxT):
-    del targets_BxT
-    return jnp.mean(params["w"][inputs_BxT[:, 0]])
-
-  config = tiny_config()
-  config.seq_len, config.batch_sizes = seq_len, (2, 4, 8, 16, 32)
-  config.gradient_variance.update(num_examples=256, fresh_batches=2000, num_batches=200)
-  dataset = data_lib.Dataset("closed form", ids, ids, data_lib.SyntheticTokenizer(vocab))
-  setup = exp.Setup(config, dataset, loss_fn, *[None] * 6)
-  gv = exp.gradient_variance_record(setup, {"w": jnp.zeros(vocab)}, jax.random.PRNGKey(0))
-  fresh = gv["fresh"]
-  assert fresh["batch_sizes"] == [1, 2, 4, 8, 16, 32]
-  # Each point within 4 standard errors of c / B, the fitted line within a few hundredths of it.
-  for b, var, se in zip(fresh["batch_sizes"], fresh["variance"], fresh["stderr"]):
-    assert abs(var - c / b) <= 4 * se, b
-  assert abs(gv["slope"] + 1.0) < 0.03
-  assert gv["intercept"] == pytest.approx(np.log(c), abs=0.05)
-  # The per-example side: 256 windows give tr(Sigma) and |G|^2 to about 5% (1 s.e.; bands ~4 s.e.).
-  assert gv["trace_sigma_unbiased"] == pytest.approx(c, rel=0.15)
-  assert gv["g_sq_unbiased"] == pytest.approx(np.sum(p**2), rel=0.2)
-  assert gv["b_simple"] == pytest.approx(c / np.sum(p**2), rel=0.3)
-  np.testing.assert_allclose(fresh["predicted"],
-                             gv["trace_sigma_unbiased"] / np.array([1, 2, 4, 8, 16, 32]), rtol=1e-6)
-  assert abs(gv["resampled"]["slope_with_replacement"] + 1.0) < 0.1
+  monkeypatch.setattr(exp, "train_run", fake_run)
+  study = exp.Study(config, *[None] * 8, log=lambda *_: None)
+  records, best = exp.tune_learning_rate(study, 16, target=2.0)
+  assert [k for k, _ in calls] == [0, 1, -1, 2, 3]
+  assert [cap for _, cap in calls] == [6000, 140, 110, 110, 100]
+  assert best == "result 2"
+  assert [r["lr_exponent"] for r in records] == [-1, 0, 1, 2, 3]
+  assert [r["best_at_batch_size"] for r in records] == [False, False, False, True, False]
+  assert [r["reached"] for r in records] == [False, True, True, True, False]
+  config.lr_rule, calls[:] = "sqrt", []
+  records, _ = exp.tune_learning_rate(study, 16, target=2.0)
+  assert calls == [(0, 6000)] and records[0]["best_at_batch_size"]
 
 
-def test_train_step_gradient_and_two_batch_estimate():
-  """One step with SGD(1): params move by -lr x the batch gradient; the noise accumulator holds the
-  two-batch estimates from the M micro-batch gradients computed independently."""
-  rng = np.random.default_rng(1)
-  x_BxT = jnp.asarray(rng.standard_normal((8, 3)), jnp.float32)
-  y_BxT = jnp.asarray(rng.standard_normal((8, 3)), jnp.float32)
-
-  def loss_fn(params, inputs, targets):
-    return jnp.mean((jnp.tanh(inputs * params["a"]) + params["b"] - targets) ** 2)
-
-  params = {"a": jnp.asarray(0.7), "b": jnp.asarray(0.1)}
-  step = exp.make_train_step(loss_fn, optax.sgd(1.0), batch_size=8, num_microbatches=4)
-  new, _, noise, loss = step(params, optax.sgd(1.0).init(params), gn.noise_scale_init(), x_BxT,
-                             y_BxT, 0.5)
-  grad = jax.grad(loss_fn)(params, x_BxT, y_BxT)
-  assert float(loss) == pytest.approx(float(loss_fn(params, x_BxT, y_BxT)), rel=1e-6)
-  for k in params:
-    assert float(new[k]) == pytest.approx(float(params[k] - 0.5 * grad[k]), rel=1e-5)
-  micro = [jax.grad(loss_fn)(params, x_BxT[i:i + 2], y_BxT[i:i + 2]) for i in range(0, 8, 2)]
-  sq = lambda g: float(g["a"]) ** 2 + float(g["b"]) ** 2
-  g_sq, trace = gn.two_batch_estimates(np.mean([sq(g) for g in micro]), sq(grad), 2, 8)
-  assert float(noise.weight) == 1.0
-  assert float(noise.g_sq_sum) == pytest.approx(float(g_sq), rel=1e-4, abs=1e-7)
-  assert float(noise.trace_sum) == pytest.approx(float(trace), rel=1e-4)
-
-
-def test_pure_helpers():
-  assert exp.crossing_step([0, 10, 20], [3.0, 2.0, 1.0], 1.5) == pytest.approx(15.0)
-  assert exp.crossing_step([0, 10], [1.0, 0.5], 2.0) == 0.0
-  assert exp.crossing_step([0, 10], [3.0, 2.5], 1.0) is None
-  assert [exp.next_eval_step(d, 1.5) for d in (0, 1, 2, 10)] == [1, 2, 3, 15]
-  assert exp.target_from_curve([5.0, 1.0, 4.0, 2.0, 2.0, 2.0], 0.1) == pytest.approx(2.1)
-  noise = {"step": [1, 2, 4], "weight": [1, 1, 2], "g_sq_sum": [1.0, 3.0, 4.0],
-           "trace_sum": [10.0, 20.0, 60.0]}
-  late = exp.noise_scale_between(noise, 1, math.inf)
-  assert late["b_simple"] == pytest.approx(80.0 / 7.0) and late["steps_averaged"] == 3
-  assert exp.noise_scale_between(noise, 4, 10)["b_simple"] is None
-  config = tiny_config()
+def test_eval_steps_and_learning_rate_rules():
+  assert exp.eval_steps(1.5, 15) == [1, 2, 3, 5, 8, 12, 15]
+  assert exp.eval_steps(1.05, 3) == [1, 2, 3]
+  config = default_config.get_config()
   config.lr_rule, config.learning_rate, config.lr_reference_batch = "sqrt", 1e-3, 4
   assert exp.rule_learning_rate(config, 16) == pytest.approx(2e-3)
   config.lr_rule = "linear"
   assert exp.rule_learning_rate(config, 16) == pytest.approx(4e-3)
+  run = exp.run_config(default_config.get_config(), 4, 3e-3, 500, 2.5)
+  assert (run.batch_size, run.grad_accum_steps, run.num_steps) == (4, 4, 500)  # min(M, B) = B
+  assert run.learning_rate == run.min_learning_rate == 3e-3 and run.target_loss == 2.5
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("lr_rule", "cubic", "lr_rule"),
+    ("lr_rule", "cubic", "lr_rule='cubic'"),
     ("batch_sizes", (8, 4), "batch_sizes"),
-    ("noise_microbatches", 3, "noise_microbatches"),
-    ("gradient_variance.checkpoint_batch", 32, "checkpoint_batch"),
-    ("gradient_variance.fresh_batches", 1, "fresh_batches"),
-    ("max_steps", 0, "max_steps"),
+    ("noise_microbatches", 3, "noise_microbatches=3"),
+    ("gradient_variance.checkpoint_batch", 24, "checkpoint_batch=24"),
+    ("gradient_variance.fresh_batches", 1, "fresh_batches=1"),
+    ("model.dropout_rate", 0.1, "dropout_rate=0.1"),
+    ("num_steps", 0, "num_steps=0"),
 ])
 def test_bad_config_raises_usage_error(field, value, match):
-  config = tiny_config()
+  config = default_config.get_config()
   target = config
   *path, last = field.split(".")
   for name in path:
@@ -301,18 +234,35 @@ def test_bad_config_raises_usage_error(field, value, match):
     exp.check_config(config)
 
 
-def test_cli_error_is_one_line_and_plots_regenerate_without_jax(finished, tmp_path):
+def test_batch_sizes_must_divide_over_the_data_parallel_devices(monkeypatch):
+  monkeypatch.setattr(exp.sharding, "data_parallel_size", lambda mesh, rules: 4)
+  config = default_config.get_config()  # B = 2 in 2 micro-batches of 1 row: not over 4 devices.
+  with pytest.raises(UsageError, match=r"batch_sizes=.*4 data-parallel devices.*B=2"):
+    exp.check_config(config)
+  config.batch_sizes, config.noise_microbatches = (8, 16, 32), 2
+  exp.check_config(config)
+
+
+def test_cli_errors_are_one_line_and_plots_regenerate_without_jax(one_device, tmp_path):
   proc = subprocess.run([sys.executable, "-m", "experiments.batch_size", f"--workdir={tmp_path}",
                          "--config.lr_rule=cubic"], cwd=helpers.REPO, capture_output=True, text=True,
                         timeout=120)
-  assert proc.returncode == 2
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
   assert proc.stderr.strip().splitlines()[-1].startswith("error: --config.lr_rule='cubic'")
-  assert "Traceback" not in proc.stderr
-  workdir, _ = finished
-  os.remove(os.path.join(workdir, "tradeoff.png"))
+  # A run's config changed (b2) in a workdir that holds it: one line naming the field.
+  workdir = tmp_path / "copy"
+  shutil.copytree(one_device[0], workdir)
+  proc = subprocess.run([sys.executable, "-m", "experiments.batch_size", f"--workdir={workdir}",
+                         *ARGS, "--config.b2=0.95"], cwd=helpers.REPO, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f"error: {workdir}/runs/pilot holds a run with a different config (b2: 0.99 there, 0.95 now); "
+      "use a new --workdir to start another run")
+  os.remove(workdir / "tradeoff.png")
   code = ("import sys; from experiments import plot_batch_size as p; "
           f"p.main(['--workdir={workdir}']); assert 'jax' not in sys.modules")
   proc = subprocess.run([sys.executable, "-c", code], cwd=helpers.REPO, capture_output=True,
                         text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr
-  assert os.path.exists(os.path.join(workdir, "tradeoff.png"))
+  assert (workdir / "tradeoff.png").exists()

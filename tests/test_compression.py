@@ -5,6 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from llm_math.analysis import compression as cp
@@ -304,3 +305,138 @@ def test_int8_per_channel_tree_is_close():
   _, report = cp.quantize_tree(params, bits=8)
   assert max(r["relative_error"] for r in report["matrices"].values()) < 0.01
   assert report["total"]["bits_per_param"] > 8
+
+
+# ------------------------------------------------------------------------------------------------
+# Training part of a tree; abstract shapes.
+
+
+def test_unflatten_inverts_flatten_and_abstract_shapes():
+  params = transformer_params()
+  flat = cp.flatten_tree(params)
+  assert cp.flatten_tree(cp.unflatten_tree(flat)) == flat
+  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  shapes = cp.matrix_shapes(abstract, r"block_0/attn/.*/kernel$")
+  assert shapes == {"block_0/attn/query/kernel": (D, H * DH), "block_0/attn/key/kernel": (D, H * DH),
+                    "block_0/attn/value/kernel": (D, H * DH), "block_0/attn/out/kernel": (H * DH, D)}
+
+
+def test_train_only_freezes_every_other_subtree():
+  tree = {"a": {"w": jnp.arange(6.0).reshape(2, 3)},
+          "b": {"w": nn.Partitioned(jnp.ones((4, 4)), ("embed", "mlp")), "v": jnp.ones(3)}}
+  grads = {"a": {"w": jnp.full((2, 3), 0.5)}, "b": {"w": jnp.ones((4, 4)), "v": jnp.ones(3)}}
+  inner = optax.adamw(0.1, weight_decay=0.5)  # Weight decay would move a frozen leaf.
+  tx = cp.train_only(inner, "a")
+  state = tx.init(tree)
+  updates, _ = tx.update(grads, state, tree)
+  alone, _ = inner.update(grads["a"], inner.init(tree["a"]), tree["a"])
+  np.testing.assert_array_equal(updates["a"]["w"], alone["w"])
+  assert not any(np.any(np.asarray(u)) for u in jax.tree_util.tree_leaves(updates["b"]))
+  # No optimizer state for the frozen subtree (Adam's moments of "a" and the step count only), and
+  # its boxes are masked whole: the state's logical partition specs have the unboxed state's
+  # structure, which is what laying the state out over a mesh needs.
+  assert sum(np.size(x) for x in jax.tree_util.tree_leaves(nn.meta.unbox(state))) == 2 * 6 + 1
+  is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
+  assert (jax.tree_util.tree_structure(nn.meta.unbox(state))
+          == jax.tree_util.tree_structure(nn.get_partition_spec(state), is_leaf=is_spec))
+
+
+# ------------------------------------------------------------------------------------------------
+# Sweeps.
+
+
+def test_parse_scheme_and_nll_record():
+  assert cp.parse_scheme(" int4-group32") == {
+      "name": "int4-group32", "bits": 4, "granularity": "group", "group_size": 32}
+  assert cp.parse_scheme("int8-per_channel")["granularity"] == "per_channel"
+  for bad in ("int16-per_tensor", "int4-group0", "fp8-per_tensor", "int4-per_row"):
+    with pytest.raises(ValueError, match="scheme"):
+      cp.parse_scheme(bad)
+  record = cp.nll_record(math.log(3.0), math.log(2.0))
+  assert record["val_ppl"] == pytest.approx(3.0)
+  assert record["bits_per_token"] == pytest.approx(math.log2(3.0))
+  assert record["ppl_change_pct"] == pytest.approx(50.0)
+  assert "ppl_change_pct" not in cp.nll_record(1.0)
+
+
+def _energy_score(params):
+  """A stand-in for an evaluator: the tree's sum of squares over the original tree's (so 1.0 for
+  the original). For truncated matrices it is what Eckart-Young predicts from the spectra."""
+  total = lambda p: sum(float(np.sum(np.asarray(x, np.float64)**2))
+                        for x in cp.flatten_tree(p).values())
+  return lambda p: total(p) / total(params)
+
+
+def test_svd_sweep_records_follow_the_spectra():
+  params = transformer_params(seed=11)
+  pattern = r"block_\d/.*kernel$"
+  score = _energy_score(params)
+  sweep = cp.svd_sweep(params, score, 1.0, rank_fractions=(0.25, 1.0), energies=(0.6, 0.9),
+                       pattern=pattern)
+  flat = cp.flatten_tree(params)
+  matrices = {p: np.asarray(cp.kernel_to_matrix(flat[p], n), np.float64)
+              for p, n in cp.select_matrices(params, pattern).items()}
+  numpy_s = {p: np.linalg.svd(m, compute_uv=False) for p, m in matrices.items()}
+  assert list(sweep["spectra"]) == list(numpy_s)
+  for p, s in numpy_s.items():
+    np.testing.assert_allclose(sweep["spectra"][p], s, rtol=1e-4)
+    assert sweep["matrix_shapes"][p] == list(matrices[p].shape)
+  recs = sweep["records"]
+  assert [(r["method"], r["setting"]) for r in recs] == [
+      ("uniform", 0.25), ("uniform", 1.0), ("global energy", 0.6), ("global energy", 0.9)]
+  total_s2 = sum(np.sum(s**2) for s in numpy_s.values())
+  other = sum(float(np.sum(np.asarray(x, np.float64)**2)) for p, x in flat.items()
+              if p not in numpy_s)
+  for r in recs:
+    if r["method"] == "uniform":
+      assert r["ranks"] == {p: max(1, round(r["setting"] * s.size)) for p, s in numpy_s.items()}
+    kept = sum(np.sum(numpy_s[p][:k]**2) for p, k in r["ranks"].items())
+    assert r["singular_values_kept"] == pytest.approx(
+        sum(r["ranks"].values()) / sum(s.size for s in numpy_s.values()))
+    assert r["energy_kept"] == pytest.approx(kept / total_s2, rel=1e-5)
+    assert r["relative_error"] == pytest.approx(math.sqrt(1 - kept / total_s2), rel=1e-3, abs=1e-4)
+    # The score ran on the truncated tree: ||W_r||_F^2 = sum of the kept s_i^2.
+    assert r["val_nll"] == pytest.approx((other + kept) / (other + total_s2), rel=1e-5)
+    assert r["ppl_change_pct"] == pytest.approx(100 * (math.exp(r["val_nll"] - 1.0) - 1))
+  assert recs[1]["val_nll"] == pytest.approx(1.0, rel=1e-5) and recs[1]["energy_kept"] == 1.0
+  assert recs[2]["energy_kept"] >= 0.6 and recs[3]["energy_kept"] >= 0.9
+
+
+def test_quant_sweep_records_match_a_numpy_quantizer():
+  params = transformer_params(seed=12)
+  pattern = r"mlp/.*kernel$"
+  sweep = cp.quant_sweep(params, _energy_score(params), 1.0, ["int8-per_channel", "int4-group8"],
+                         scale_dtype="float16", pattern=pattern)
+  flat = cp.flatten_tree(params)
+  mats = {p: np.asarray(flat[p], np.float64) for p in cp.select_matrices(params, pattern)}
+  n = sum(m.size for m in mats.values())
+  assert sweep["params_quantized"] == n and sweep["params_total"] == sum(
+      np.size(x) for x in flat.values())
+  first, int8, int4 = sweep["records"]
+  assert first["scheme"] == "float32" and first["ppl_change_pct"] == 0.0
+  assert first["model_bytes"] == 4 * sweep["params_total"]
+
+  def rtn(w, bits, group):
+    """Symmetric absmax round-to-nearest with float16 scales, in numpy."""
+    q = 2 ** (bits - 1) - 1
+    blocks = w.reshape(-1, group, w.shape[1])
+    scale = (np.abs(blocks).max(axis=1, keepdims=True) / q).astype(np.float16).astype(np.float64)
+    return (np.clip(np.round(blocks / scale), -q, q) * scale).reshape(w.shape)
+
+  for rec, bits, group in ((int8, 8, None), (int4, 4, 8)):
+    w_hat = {p: rtn(m, bits, group or m.shape[0]) for p, m in mats.items()}
+    err2 = sum(np.sum((mats[p] - w_hat[p])**2) for p in mats)
+    norm2 = sum(np.sum(m**2) for m in mats.values())
+    assert rec["relative_error"] == pytest.approx(math.sqrt(err2 / norm2), rel=1e-3)
+    n_scales = sum((m.shape[0] // (group or m.shape[0])) * m.shape[1] for m in mats.values())
+    assert rec["bits_per_param"] == pytest.approx(bits + 16 * n_scales / n)
+    assert rec["bytes"] == n * bits // 8 + 2 * n_scales
+    assert rec["model_bytes"] == rec["bytes"] + 4 * (sweep["params_total"] - n)
+    # The score ran on the dequantized tree.
+    other = sum(float(np.sum(np.asarray(x, np.float64)**2)) for p, x in flat.items()
+                if p not in mats)
+    total = other + norm2
+    assert rec["val_nll"] == pytest.approx(
+        (other + sum(np.sum(w**2) for w in w_hat.values())) / total, rel=1e-5)
+  with pytest.raises(ValueError, match="scale_dtype"):
+    cp.quant_sweep(params, _energy_score(params), 1.0, ["int8-per_channel"], scale_dtype="int8")

@@ -1,10 +1,16 @@
-"""Tests for llm_math.analysis.distillation: the soft/hard distillation loss and its gradients."""
+"""Tests for llm_math.analysis.distillation: the soft/hard loss, its gradients, the objective and task
+of a frozen teacher, and the paired comparison of students."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from llm_math import model as model_lib
+from llm_math import train
 from llm_math.analysis import distillation as ds
+
+from tests import helpers
 
 
 def logits(seed, shape, scale=2.0):
@@ -114,3 +120,89 @@ def test_bad_arguments():
     ds.distillation_loss(s, t, jnp.zeros((3,), jnp.int32))
   with pytest.raises(ValueError, match="weights"):
     ds.distillation_loss(s, t, labels, weights_N=jnp.ones((3,)))
+
+
+def test_sums_add_up_over_split_batches():
+  """(total, count) of two halves add up to the whole batch's: what gradient accumulation and
+  sharded batches rely on; their ratio is the loss."""
+  s, t = logits(12, (4, 5, 7)), logits(13, (4, 5, 7))
+  labels = jax.random.randint(jax.random.PRNGKey(14), (4, 5), 0, 7)
+  total, count = ds.distillation_sums(s, t, labels, 2.0, 0.3)
+  parts = [ds.distillation_sums(s[i:i + 2], t[i:i + 2], labels[i:i + 2], 2.0, 0.3) for i in (0, 2)]
+  np.testing.assert_allclose(total, parts[0][0] + parts[1][0], rtol=1e-6)
+  assert float(count) == 20.0 == float(parts[0][1] + parts[1][1])
+  np.testing.assert_allclose(total / count, ds.distillation_loss(s, t, labels, 2.0, 0.3), rtol=1e-6)
+
+
+def _teacher_and_student():
+  """The tiny Transformer config of the tests, its model (teacher) and a narrower one (student)."""
+  config = helpers.tiny_config()
+  teacher = model_lib.Transformer(train.model_config(config, 32))
+  config.model.update(d_model=16, d_ff=32)
+  return config, teacher, model_lib.Transformer(train.model_config(config, 32))
+
+
+def test_objective_reads_the_frozen_teacher_inside_the_loss():
+  config, teacher, student = _teacher_and_student()
+  tree = nn.meta.unbox({"student": train.lm_init(student, config.seq_len)(jax.random.PRNGKey(0)),
+                        "teacher": train.lm_init(teacher, config.seq_len)(jax.random.PRNGKey(1))})
+  inputs = jax.random.randint(jax.random.PRNGKey(2), (3, config.seq_len), 0, 32)
+  targets = jnp.roll(inputs, -1, axis=1)
+  loss = ds.distillation_objective(student.apply, teacher.apply, 2.0, 0.5)
+  total, count = loss(tree, (inputs, targets), jax.random.PRNGKey(3))
+  s = student.apply({"params": tree["student"]}, inputs)
+  t = teacher.apply({"params": tree["teacher"]}, inputs)
+  np.testing.assert_allclose([total, count], ds.distillation_sums(s, t, targets, 2.0, 0.5),
+                             rtol=1e-5)
+  assert float(count) == 3 * config.seq_len
+  grads = jax.grad(lambda p: loss(p, (inputs, targets), jax.random.PRNGKey(3))[0])(tree)
+  assert not any(np.any(np.asarray(g)) for g in jax.tree_util.tree_leaves(grads["teacher"]))
+  assert any(np.any(np.asarray(g)) for g in jax.tree_util.tree_leaves(grads["student"]))
+  with pytest.raises(ValueError, match="temperature"):
+    ds.distillation_objective(student.apply, teacher.apply, 0.0, 0.5)
+
+
+def test_task_shares_the_students_initialization_and_trains_it_alone():
+  config, teacher, student = _teacher_and_student()
+  plain = train.lm_task(config, helpers.tiny_dataset(config), student)
+  teacher_params = train.lm_init(teacher, config.seq_len)(jax.random.PRNGKey(1))
+  task = ds.distillation_task(plain, lambda rng: teacher_params, student.apply, teacher.apply,
+                              1.0, 0.5)
+  rng = jax.random.PRNGKey(7)
+  tree = task.init(rng)
+  # The distilled student starts where the plain one does (a pairing by seed), on its batches.
+  jax.tree_util.tree_map(np.testing.assert_array_equal, tree["student"], plain.init(rng))
+  assert tree["teacher"] is teacher_params and task.batch is plain.batch
+  tree = nn.meta.unbox(tree)
+  grads = jax.tree_util.tree_map(jnp.ones_like, tree)
+  state, alone_state = task.tx.init(tree), plain.tx.init(tree["student"])
+  for _ in range(3):  # Past the warmup's zero learning rate at step 0.
+    updates, state = task.tx.update(grads, state, tree)
+    alone, alone_state = plain.tx.update(grads["student"], alone_state, tree["student"])
+  assert not any(np.any(np.asarray(u)) for u in jax.tree_util.tree_leaves(updates["teacher"]))
+  assert all(np.any(np.asarray(u)) for u in jax.tree_util.tree_leaves(updates["student"]))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, updates["student"], alone)
+
+
+def test_paired_summary_by_seed():
+  run = lambda name, seed, nll, curve, alpha=0.5, t=2.0: {
+      "name": name, "seed": seed, "alpha": alpha, "temperature": t, "val_nll": nll,
+      "curve": [(0, 3.0), (10, curve)]}
+  runs = [run("scratch", 0, 2.0, 2.0, 0.0, 1.0), run("T=2", 0, 1.9, 1.9),
+          run("scratch", 1, 2.2, 2.2, 0.0, 1.0), run("T=2", 1, 2.3, 2.3)]
+  summary = ds.paired_summary(runs, "scratch")
+  assert list(summary) == ["scratch", "T=2"]
+  m = summary["T=2"]
+  np.testing.assert_allclose(m["minus_scratch_per_seed"], [-0.1, 0.1])
+  assert m["minus_scratch_mean"] == pytest.approx(0.0, abs=1e-12)
+  assert m["seeds_better_than_scratch"] == 1
+  assert (m["val_nll_mean"], m["val_nll_min"], m["val_nll_max"]) == pytest.approx((2.1, 1.9, 2.3))
+  assert m["val_ppl_mean"] == pytest.approx(np.exp(2.1))
+  assert m["steps"] == [0, 10] and m["curve_mean"] == pytest.approx([3.0, 2.1])
+  assert m["curve_min"] == pytest.approx([3.0, 1.9]) and m["curve_max"] == pytest.approx([3.0, 2.3])
+  assert (m["alpha"], m["temperature"]) == (0.5, 2.0)
+  assert summary["scratch"]["minus_scratch_per_seed"] == [0.0, 0.0]
+  with pytest.raises(ValueError, match="baseline"):
+    ds.paired_summary(runs, "teacher")
+  with pytest.raises(ValueError, match="seeds"):
+    ds.paired_summary(runs[:3], "scratch")

@@ -270,3 +270,148 @@ def test_tradeoff_fit_with_noise():
   assert errors.mean() < 0.03
   with pytest.raises(ValueError, match="batch_sizes"):
     gn.fit_steps_examples_tradeoff([8, 8], [10, 12])
+
+
+def test_per_example_grad_matrix_pads_the_last_chunk():
+  """A batch loss (the mean over its examples) differentiated one example at a time, 5 per call."""
+  chol, w_star, w, s, _, _ = _problem(4, 10)
+  batch = _sample(jax.random.PRNGKey(10), 12, chol, w_star, s)
+  batch_loss = lambda params, b: jnp.mean(jax.vmap(_loss, in_axes=(None, 0))(params, b))
+  x, y = np.asarray(batch["x"]), np.asarray(batch["y"])
+  expected_NxD = x * (x @ w - y)[:, None]
+  for chunk in (5, 12, 64):
+    np.testing.assert_allclose(gn.per_example_grad_matrix(batch_loss, _params(w), batch, chunk),
+                               expected_NxD, rtol=1e-5, atol=1e-5)
+
+
+# The first token of each window decides its loss, w[x_0]: the gradient of one window is the one-hot
+# vector e_{x_0}, so for i.i.d. first tokens with probabilities p, G = p and tr(Sigma) = 1 - sum p^2.
+_P = np.array([0.4, 0.3, 0.15, 0.1, 0.05])
+
+
+def _first_token_loss(params, batch):
+  inputs_BxT, _ = batch
+  return jnp.mean(params["w"][inputs_BxT[:, 0]])
+
+
+def _windows(rng, *shape):
+  tokens = rng.choice(_P.size, size=shape + (4,), p=_P).astype(np.int32)
+  return tokens, tokens
+
+
+def test_batch_gradient_variance_on_a_closed_form():
+  """Each batch gradient is the histogram of its first tokens / B: the estimate equals their sample
+  variance computed here directly, and E|g_B - G|^2 = (1 - sum p^2) / B within 4 standard errors."""
+  rng = np.random.default_rng(0)
+  trace_sigma = 1.0 - np.sum(_P**2)
+  for b, k in ((1, 2000), (4, 2000), (32, 600)):
+    batches = _windows(rng, k, b)
+    var, se = gn.batch_gradient_variance(_first_token_loss, {"w": jnp.zeros(_P.size)}, batches,
+                                         chunk=100)
+    hist_KxV = np.stack([np.bincount(row, minlength=_P.size) / b for row in batches[0][:, :, 0]])
+    direct = np.sum((hist_KxV - hist_KxV.mean(axis=0)) ** 2) / (k - 1)
+    assert var == pytest.approx(direct, rel=1e-6)
+    assert se < 0.06 * trace_sigma / b
+    assert abs(var - trace_sigma / b) <= 4 * se, b
+  with pytest.raises(ValueError, match="batches"):
+    gn.batch_gradient_variance(_first_token_loss, {"w": jnp.zeros(_P.size)}, _windows(rng, 1, 4))
+
+
+def test_variance_law_record_on_a_known_one_over_b_law():
+  """The whole measurement on the closed form: slope -1, intercept log c with c = 1 - sum p^2,
+  tr(Sigma) ~ c and |G|^2 ~ sum p^2 from the per-example side, the prediction c / B."""
+  rng = np.random.default_rng(4)
+  c = 1.0 - np.sum(_P**2)
+  sizes = [1, 2, 4, 8, 16, 32]
+  fresh = [_windows(rng, 1000, b) for b in sizes]
+  gv = gn.variance_law_record(_first_token_loss, {"w": jnp.zeros(_P.size)}, _windows(rng, 256),
+                              fresh, 200, jax.random.PRNGKey(0))
+  assert gv["fresh"]["batch_sizes"] == sizes and gv["fresh"]["num_batches"] == 1000
+  assert (gv["num_examples"], gv["num_params"]) == (256, _P.size)
+  for b, var, se in zip(sizes, gv["fresh"]["variance"], gv["fresh"]["stderr"]):
+    assert abs(var - c / b) <= 4 * se, b
+  assert abs(gv["slope"] + 1.0) < 0.04
+  assert gv["intercept"] == pytest.approx(np.log(c), abs=0.06)
+  # 256 windows give tr(Sigma) and |G|^2 to about 5% (1 s.e.; bands ~4 s.e.).
+  assert gv["trace_sigma_unbiased"] == pytest.approx(c, rel=0.15)
+  assert gv["trace_sigma_population"] == pytest.approx(gv["trace_sigma_unbiased"] * 255 / 256)
+  assert gv["g_sq_unbiased"] == pytest.approx(np.sum(_P**2), rel=0.2)
+  assert gv["b_simple"] == pytest.approx(c / np.sum(_P**2), rel=0.3)
+  np.testing.assert_allclose(gv["fresh"]["predicted"],
+                             gv["trace_sigma_unbiased"] / np.array(sizes), rtol=1e-6)
+  rs = gv["resampled"]
+  assert rs["batch_sizes"] == [1, 2, 4, 8, 16, 32, 64, 128]
+  assert abs(rs["slope_with_replacement"] + 1.0) < 0.1
+  np.testing.assert_allclose(rs["expected_without_replacement"],
+                             np.array(rs["expected_with_replacement"])
+                             * (256 - np.array(rs["batch_sizes"])) / 255)
+
+
+def test_noise_windows_and_pooled_noise_scale_from_log_records():
+  """Window means of |g_m|^2 (B_small = 2) and |g|^2 (B_big = 8) over n steps, as the loop logs them:
+  the window sums are n (8 |g|^2 - 2 |g_m|^2) / 6 and n (|g_m|^2 - |g|^2) / (1/2 - 1/8)."""
+  records = [{"step": 0, "val_nll": 3.0},  # The step-0 evaluation: no window.
+             {"step": 1, "loss": 2.9, "grad_sq": 1.0, "micro_grad_sq": 2.5, "window_steps": 1,
+              "val_nll": 2.8},
+             {"step": 3, "loss": 2.5, "grad_sq": 0.5, "micro_grad_sq": 2.0, "window_steps": 2}]
+  w = gn.noise_windows(records, 2, 8)
+  assert w["step"] == [1, 3] and w["weight"] == [1, 2] and w["train_loss"] == [2.9, 2.5]
+  assert w["val_nll"] == [2.8, None]
+  np.testing.assert_allclose(w["g_sq_sum"], [(8 * 1.0 - 2 * 2.5) / 6, 2 * (8 * 0.5 - 2 * 2.0) / 6])
+  np.testing.assert_allclose(w["trace_sum"], [1.5 / 0.375, 2 * 1.5 / 0.375])
+  pooled = gn.pooled_noise_scale(w)
+  assert pooled["steps_averaged"] == 3
+  assert pooled["g_sq"] == pytest.approx(0.5 / 3) and pooled["trace_sigma"] == pytest.approx(12 / 3)
+  assert pooled["b_simple"] == pytest.approx(12 / 0.5)
+  # Windows ending in (start, stop] only; none there, or |G|^2 <= 0: no B_simple.
+  windows = {"step": [1, 2, 4], "weight": [1, 1, 2], "g_sq_sum": [1.0, 3.0, 4.0],
+             "trace_sum": [10.0, 20.0, 60.0]}
+  late = gn.pooled_noise_scale(windows, 1)
+  assert late["b_simple"] == pytest.approx(80.0 / 7.0) and late["steps_averaged"] == 3
+  assert gn.pooled_noise_scale(windows, 4, 10)["b_simple"] is None
+  assert gn.pooled_noise_scale(w, 2)["b_simple"] is None  # |G|^2 estimate 0 in the last window.
+
+
+def test_steps_to_target_and_target_from_curve():
+  assert gn.steps_to_target([0, 10, 20], [3.0, 2.0, 1.0], 1.5) == pytest.approx(15.0)
+  assert gn.steps_to_target([0, 10], [1.0, 0.5], 2.0) == 0.0
+  assert gn.steps_to_target([0, 10], [3.0, 2.5], 1.0) is None
+  # Running means of 3: 10/3, 7/3, 8/3, 2: the lowest is 2, plus the margin.
+  assert gn.target_from_curve([5.0, 1.0, 4.0, 2.0, 2.0, 2.0], 0.1) == pytest.approx(2.1)
+  with pytest.raises(ValueError, match="values"):
+    gn.target_from_curve([1.0, 2.0], 0.1)
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.02])
+def test_tradeoff_record_recovers_a_known_hyperbola(noise):
+  """Steps-to-target generated from S_min = 40, E_min = 640 (B_crit = 16) on the hyperbola
+  (S/S_min - 1)(E/E_min - 1) = 1, exactly or with 2% log-normal noise: the fit recovers them, and
+  the doublings follow the closed forms S(B)/S(2B) and B/B_crit."""
+  s_min, e_min = 40.0, 640.0
+  b = [2**i for i in range(1, 10)]  # 2 ... 512: both regimes, B_crit in the middle.
+  s = np.array([s_min * (1 + e_min / (s_min * bi)) for bi in b])
+  np.testing.assert_allclose((s / s_min - 1) * (np.array(b) * s / e_min - 1), 1.0, rtol=1e-12)
+  measured = s * np.exp(noise * np.random.default_rng(3).standard_normal(len(b)))
+  fit = gn.tradeoff_record(b, list(measured))
+  assert fit["batch_sizes"] == b
+  tol = 1e-8 if noise == 0 else 0.06
+  np.testing.assert_allclose([fit["s_min"], fit["e_min"], fit["b_crit"]], [s_min, e_min, 16.0],
+                             rtol=tol)
+  if noise == 0:
+    assert fit["rms_log_residual"] < 1e-9
+  else:  # The residual is the noise the points were given (7 dof left of 9 points).
+    assert 0.5 * noise < fit["rms_log_residual"] < 1.5 * noise
+  regimes = gn.doubling_speedups(b, list(measured), fit["b_crit"])
+  assert (regimes["small"]["from"], regimes["large"]["to"]) == (2, 512)
+  assert len(regimes["doublings"]) == 8
+  if noise == 0:
+    closed = lambda bb: (s_min + e_min / bb) / (s_min + e_min / (2 * bb))
+    np.testing.assert_allclose([d["speedup"] for d in regimes["doublings"]],
+                               closed(np.array(b[:-1], float)), rtol=1e-12)
+    np.testing.assert_allclose([d["examples_ratio"] for d in regimes["doublings"]],
+                               2 / closed(np.array(b[:-1], float)), rtol=1e-12)
+    assert regimes["excess_examples_small"] == pytest.approx(2 / 16)
+    assert regimes["excess_examples_large"] == pytest.approx(512 / 16)
+  assert gn.tradeoff_record([4, 4], [30.0, 31.0]) is None  # One batch size: no fit.
+  assert gn.doubling_speedups([2, 8], [30.0, 10.0]) is None  # No doubling.
+  assert "excess_examples_small" not in gn.doubling_speedups([2, 4], [30.0, 16.0])

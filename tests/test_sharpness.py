@@ -259,3 +259,25 @@ def test_bad_arguments_raise():
     sharpness.epsilon_sharpness(loss, jnp.zeros(3), epsilon=0.0)
   with pytest.raises(ValueError, match="step_size"):
     sharpness.epsilon_sharpness(loss, jnp.zeros(3), step_size=-1.0)
+
+
+def test_sharpness_record_on_diagonal_quadratics_compiles_once():
+  """loss(x, h) = 0.5 sum h_i x_i^2: Lanczos with k = P steps gives max h and min h, and the
+  epsilon-sharpness is the corner value of `_diag_box_max`; a second batch h reuses the compilation."""
+  rng = np.random.default_rng(13)
+  loss = lambda x, h_P: 0.5 * jnp.sum(h_P * x * x)
+  with _x64():
+    before = sharpness._sharpness_measures._cache_size()  # pylint: disable=protected-access
+    for _ in range(2):
+      h, w = rng.uniform(0.1, 5.0, 6), rng.standard_normal(6)
+      out = sharpness.sharpness_record(loss, jnp.asarray(w), jnp.asarray(h), jax.random.PRNGKey(0),
+                                       lanczos_steps=6, epsilon=1e-3, ascent_steps=4)
+      l0 = 0.5 * np.sum(h * w * w)
+      box_max, _ = _diag_box_max(h, w, 1e-3)
+      np.testing.assert_allclose([out["hessian_top_eigenvalue"], out["hessian_bottom_ritz_value"]],
+                                 [h.max(), h.min()], rtol=1e-9)
+      np.testing.assert_allclose(out["sharpness_batch_loss"], l0, rtol=1e-12)
+      np.testing.assert_allclose(out["epsilon_sharpness"], 100 * (box_max - l0) / (1 + l0),
+                                 rtol=1e-9)
+      assert all(isinstance(v, float) for v in out.values())
+    assert sharpness._sharpness_measures._cache_size() == before + 1  # pylint: disable=protected-access

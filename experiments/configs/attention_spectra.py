@@ -8,9 +8,11 @@ batch of validation windows. Rank collapse is measured on `deep.num_layers`-laye
 architectures (pure attention, attention + skip, attention + MLP, the full block; one shared
 initial draw), at initialization and after `deep.num_steps` steps.
 
-Fields of the perplexity config that this experiment does not read (eval_every, eval_stride,
-eval_batch_size, eval_max_tokens, checkpoint_every, keep_checkpoints) are dropped: nothing is
-checkpointed, and every snapshot is evaluated on `spectra.eval_windows` fixed windows.
+Every run is checkpointed every `checkpoint_every` steps in its own directory under the workdir.
+Fields of the perplexity config that this experiment does not read are dropped: the evaluation
+fields but eval_batch_size (every snapshot is scored on `spectra.eval_windows` fixed windows),
+max_loss_factor (only a non-finite loss stops a run, as diverged: the high learning rate may) and
+the n-gram and sweep fields.
 """
 import ml_collections
 
@@ -19,8 +21,8 @@ from experiments.configs import perplexity
 
 def get_config() -> ml_collections.ConfigDict:
   c = perplexity.get_config()
-  for unused in ("eval_every", "eval_stride", "eval_batch_size", "eval_max_tokens",
-                 "checkpoint_every", "keep_checkpoints"):
+  for unused in ("eval_every", "eval_stride", "eval_max_tokens", "eval_sample_every",
+                 "max_loss_factor", "ngram", "train_transformer", "model_sizes", "tokenizers"):
     del c[unused]
   c.model.num_layers = 4
   c.model.pos_encoding = "learned"  # GPT-2-style positions, as the README numbers were measured.
@@ -30,6 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.min_learning_rate = 3e-4
   c.warmup_steps = 50
   c.log_every = 25
+  c.checkpoint_every = 200
 
   c.spectra = ml_collections.ConfigDict(dict(
       # Training steps at which every run is analysed (0 = initialization; must include num_steps).

@@ -21,8 +21,12 @@ Quantization. Symmetric absmax round-to-nearest with b bits: qmax = 2^(b-1) - 1 
 for int4), scale = absmax / qmax over a block (the whole tensor, an output column, or a group of g
 inputs of one output column), codes = clip(round(w / scale), -qmax, qmax), w_hat = codes * scale, so
 |w - w_hat| <= scale / 2 elementwise.
+
+Sweeps. `svd_sweep` and `quant_sweep` score a model after each compression setting with a given
+`score(params) -> mean NLL` (an evaluator) and return JSON-ready records: what was kept or stored,
+the weight error, and the NLL, perplexity and perplexity change against the uncompressed model.
 """
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 import functools
 import math
 import re
@@ -32,6 +36,9 @@ from flax.core import meta as flax_meta
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+
+from llm_math.analysis import information
 
 Params = Mapping[str, Any]
 InputAxesRules = Sequence[tuple[str, int]]
@@ -40,6 +47,8 @@ InputAxesRules = Sequence[tuple[str, int]]
 DEFAULT_INPUT_AXES: tuple[tuple[str, int], ...] = ((r"attn/out/kernel$", 2),)
 DEFAULT_PATTERN = r"kernel$"
 GRANULARITIES = ("per_tensor", "per_channel", "group")
+SCALE_DTYPES = {"float16": jnp.float16, "bfloat16": jnp.bfloat16, "float32": jnp.float32}
+_SCHEME = re.compile(r"^int(\d+)-(per_tensor|per_channel|group(\d+))$")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -63,6 +72,18 @@ def flatten_tree(tree: Params, prefix: str = "") -> dict[str, Any]:
   return flat
 
 
+def unflatten_tree(flat: Mapping[str, Any]) -> dict[str, Any]:
+  """{'a/b': x} -> {'a': {'b': x}}: the inverse of `flatten_tree`."""
+  tree = {}
+  for path, leaf in flat.items():
+    *parents, name = path.split("/")
+    node = tree
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[name] = leaf
+  return tree
+
+
 def replace_leaves(tree: Params, updates: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   """A copy of `tree` (as plain dicts) with the leaves at the '/'-joined paths in `updates`
   replaced.
@@ -77,6 +98,19 @@ def replace_leaves(tree: Params, updates: Mapping[str, Any], prefix: str = "") -
     else:
       out[key] = updates.get(path, value)
   return out
+
+
+def train_only(tx: optax.GradientTransformation, trainable: str) -> optax.GradientTransformation:
+  """`tx` on the subtree `params[trainable]`; every other top-level subtree is frozen (zero updates,
+  no optimizer state): the optimizer of {"lora": factors, "base": model} or {"student": ...,
+  "teacher": ...}. Clipping and weight decay in `tx` see the trainable subtree only.
+
+  The labels are a prefix of the params tree (one per top-level key), so a frozen subtree is masked
+  whole, boxes with logical axis names included.
+  """
+  return optax.multi_transform(
+      {"train": tx, "frozen": optax.set_to_zero()},
+      lambda params: {key: "train" if key == trainable else "frozen" for key in params})
 
 
 def num_input_axes(path: str, input_axes: InputAxesRules = DEFAULT_INPUT_AXES) -> int:
@@ -125,6 +159,18 @@ def select_matrices(
   if not selected:
     raise ValueError(f"pattern: expected to match at least one leaf path, '{pattern}' matched none")
   return selected
+
+
+def matrix_shapes(
+    params: Params,
+    pattern: str = DEFAULT_PATTERN,
+    input_axes: InputAxesRules = DEFAULT_INPUT_AXES,
+) -> dict[str, tuple[int, int]]:
+  """{path: (in, out)} of the matrices `pattern` selects; the leaves may be abstract
+  (jax.ShapeDtypeStruct, from jax.eval_shape), so nothing is computed."""
+  flat = flatten_tree(params)
+  return {path: (math.prod(jnp.shape(flat[path])[:n_in]), math.prod(jnp.shape(flat[path])[n_in:]))
+          for path, n_in in select_matrices(params, pattern, input_axes).items()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -459,3 +505,133 @@ def broadcast_scales(scales: jax.Array, shape: tuple[int, int]) -> jax.Array:
   if scales.ndim == 1:
     return jnp.broadcast_to(scales[None, :], shape)
   return jnp.repeat(scales, shape[0] // scales.shape[0], axis=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sweeps: the model scored after each compression setting.
+
+
+def nll_record(nll: float, reference_nll: float | None = None) -> dict[str, float]:
+  """val_nll (nats/token), val_ppl, bits_per_token and, against `reference_nll` (the uncompressed
+  model), ppl_change_pct = 100 (exp(nll - reference) - 1)."""
+  record = {"val_nll": float(nll), "val_ppl": information.perplexity(nll),
+            "bits_per_token": information.nats_to_bits(nll)}
+  if reference_nll is not None:
+    record["ppl_change_pct"] = 100.0 * (information.perplexity(nll - reference_nll) - 1.0)
+  return record
+
+
+def parse_scheme(name: str) -> dict[str, Any]:
+  """'int8-per_channel' -> {name, bits, granularity, group_size}; 'int4-group32' has group_size 32.
+
+  Raises ValueError for anything but int<bits 2-8>-per_tensor | -per_channel | -group<g>.
+  """
+  m = _SCHEME.match(name.strip())
+  if not m or not 2 <= int(m.group(1)) <= 8 or (m.group(3) and int(m.group(3)) < 1):
+    raise ValueError(f"scheme: {name.strip()!r} is not int<bits 2-8>-per_tensor, "
+                     "int<bits>-per_channel or int<bits>-group<g>")
+  group = int(m.group(3)) if m.group(3) else None
+  return {"name": name.strip(), "bits": int(m.group(1)),
+          "granularity": "group" if group else m.group(2), "group_size": group}
+
+
+def svd_sweep(
+    params: Params,
+    score: Callable[[Params], float],
+    reference_nll: float,
+    *,
+    rank_fractions: Sequence[float] = (),
+    energies: Sequence[float] = (),
+    pattern: str = DEFAULT_PATTERN,
+    input_axes: InputAxesRules = DEFAULT_INPUT_AXES,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+  """Perplexity vs rank: each rank fraction kept in every matrix ('uniform', r = max(1,
+  round(fraction * min(in, out)))), then each energy budget over all matrices ('global energy').
+
+  Returns {pattern, records, spectra {path: singular values}, matrix_shapes {path: [in, out]}}. A
+  record has method, setting, ranks {path: r}, singular_values_kept = sum r / sum min(in, out),
+  energy_kept, relative_error = sqrt(sum_m ||W_m - W_m,r||_F^2 / sum_m ||W_m||_F^2),
+  params_dense, params_factored (sum r (in + out)) and the `nll_record` of score(truncated params).
+  """
+  flat = flatten_tree(params)
+  spectra = {path: np.asarray(svd(kernel_to_matrix(jnp.asarray(flat[path]), n_in))[1], np.float64)
+             for path, n_in in select_matrices(params, pattern, input_axes).items()}
+  total_s2 = sum(float(np.sum(s**2)) for s in spectra.values())
+  records = []
+  for method, key, values in (("uniform", "rank_fraction", rank_fractions),
+                              ("global energy", "energy", energies)):
+    for value in values:
+      compressed, report = svd_compress_tree(params, pattern=pattern, input_axes=input_axes,
+                                             **{key: value})
+      ranks = {path: m["rank"] for path, m in report["matrices"].items()}
+      total = report["total"]
+      records.append({
+          "method": method, "setting": float(value), "ranks": ranks,
+          "singular_values_kept": sum(ranks.values()) / sum(s.size for s in spectra.values()),
+          "energy_kept": total["energy_kept"],
+          "relative_error": total["frobenius_error"] / math.sqrt(total_s2),
+          "params_dense": total["params_dense"], "params_factored": total["params_factored"],
+          **nll_record(score(compressed), reference_nll)})
+      if log:
+        r = records[-1]
+        log(f"  svd {method:14s} {value:6.3f}: {r['singular_values_kept']:.3f} of singular values, "
+            f"ppl {r['val_ppl']:.3f} ({r['ppl_change_pct']:+.2f}%)")
+  return {"pattern": pattern, "records": records,
+          "spectra": {path: s.tolist() for path, s in spectra.items()},
+          "matrix_shapes": {path: list(shape) for path, shape in
+                            matrix_shapes(params, pattern, input_axes).items()}}
+
+
+def quant_sweep(
+    params: Params,
+    score: Callable[[Params], float],
+    reference_nll: float,
+    schemes: Sequence[str],
+    *,
+    scale_dtype: str = "float16",
+    pattern: str = DEFAULT_PATTERN,
+    input_axes: InputAxesRules = DEFAULT_INPUT_AXES,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+  """Perplexity and storage per quantization scheme ('int4-group32', see `parse_scheme`), after a
+  float32 record (the reference itself), with scales stored as `scale_dtype`.
+
+  Returns {pattern, scale_dtype, params_quantized, params_total, records}. A record has scheme,
+  bits, granularity, group_size, bits_per_param (codes + scales), bytes (of the quantized
+  matrices), model_bytes (+ the other parameters in float32), relative_error
+  (||W - W_hat||_F / ||W||_F over all quantized matrices), max_relative_error (the worst matrix)
+  and the `nll_record` of score(dequantized params).
+  """
+  if scale_dtype not in SCALE_DTYPES:
+    raise ValueError(f"scale_dtype: expected one of {', '.join(SCALE_DTYPES)}, got {scale_dtype!r}")
+  flat = flatten_tree(params)
+  selected = select_matrices(params, pattern, input_axes)
+  n_quantized = sum(int(np.size(flat[path])) for path in selected)
+  n_total = sum(int(np.size(leaf)) for leaf in flat.values())
+  norms2 = {path: float(jnp.sum(jnp.asarray(flat[path], jnp.float32)**2)) for path in selected}
+  records = [{"scheme": "float32", "bits": 32, "granularity": "-", "group_size": None,
+              "bits_per_param": 32.0, "bytes": 4 * n_quantized, "model_bytes": 4 * n_total,
+              "relative_error": 0.0, "max_relative_error": 0.0,
+              **nll_record(reference_nll, reference_nll)}]
+  for scheme in map(parse_scheme, schemes):
+    quantized, report = quantize_tree(
+        params, bits=scheme["bits"], granularity=scheme["granularity"],
+        group_size=scheme["group_size"], scale_dtype=SCALE_DTYPES[scale_dtype], pattern=pattern,
+        input_axes=input_axes)
+    mats = report["matrices"]
+    err2 = sum(m["relative_error"]**2 * norms2[path] for path, m in mats.items())
+    records.append({
+        "scheme": scheme["name"], "bits": scheme["bits"], "granularity": scheme["granularity"],
+        "group_size": scheme["group_size"], "bits_per_param": report["total"]["bits_per_param"],
+        "bytes": report["total"]["bytes"],
+        "model_bytes": report["total"]["bytes"] + 4 * (n_total - n_quantized),
+        "relative_error": math.sqrt(err2 / sum(norms2.values())),
+        "max_relative_error": max(m["relative_error"] for m in mats.values()),
+        **nll_record(score(quantized), reference_nll)})
+    if log:
+      r = records[-1]
+      log(f"  quant {r['scheme']:16s}: {r['bits_per_param']:.3f} bits/param, "
+          f"ppl {r['val_ppl']:.3f} ({r['ppl_change_pct']:+.2f}%)")
+  return {"pattern": pattern, "scale_dtype": scale_dtype, "params_quantized": n_quantized,
+          "params_total": n_total, "records": records}

@@ -25,12 +25,15 @@ E[X/Y] != E[X]/E[Y] (for independent X and positive Y, Jensen gives E[1/Y] > 1/E
 blows up whenever the denominator comes near zero. So numerator and denominator are averaged over
 steps separately and divided only at read-out. In data-parallel training B_small is the per-device
 batch and B_big the global batch: the per-device gradient norms come for free before the all-reduce.
+With gradient accumulation B_small is the micro-batch: `llm_math.train` logs the window means of both
+squared norms, and `noise_windows` turns its log records into the estimates.
 
 Steps/examples trade-off (same paper). Training to a fixed loss with batch size B takes S steps and
 E = B S examples, with (S/S_min - 1)(E/E_min - 1) = 1, equivalently S = S_min (1 + B_crit/B) and
 E = E_min (1 + B/B_crit), with the critical batch size B_crit = E_min / S_min.
 """
 import functools
+import math
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -96,6 +99,33 @@ def microbatch_grads(loss_fn: Callable[[PyTree, PyTree], jax.Array], params: PyT
 def flatten_stacked(grads: PyTree) -> jax.Array:
   """Stacked gradient pytree (leading axis N) as an N x P matrix, P = total parameter count."""
   return jax.vmap(lambda g: ravel_pytree(g)[0])(grads)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _flat_per_example_grads(loss_fn, params, batch):
+  one = lambda p, example: loss_fn(p, jax.tree_util.tree_map(lambda x: x[None], example))
+  return flatten_stacked(per_example_grads(one, params, batch))
+
+
+def per_example_grad_chunks(loss_fn: Callable[[PyTree, PyTree], jax.Array], params: PyTree,
+                            batch: PyTree, chunk: int = 128):
+  """Yields (first example, n x P numpy) per-example gradients, `chunk` examples at a time.
+
+  g_i = grad_w loss_fn(w, example i as a batch of 1): `loss_fn(params, batch)` takes a batch (leaves
+  with a leading axis N), e.g. the mean NLL of a batch of windows. The last chunk is padded to the
+  full size, so one compilation serves every call with the same `loss_fn` object and shapes.
+  """
+  n = jax.tree_util.tree_leaves(batch)[0].shape[0]
+  for start in range(0, n, chunk):
+    rows = np.minimum(np.arange(start, start + chunk), n - 1)  # Padding repeats the last example.
+    part = jax.tree_util.tree_map(lambda x: np.asarray(x)[rows], batch)
+    yield start, np.asarray(_flat_per_example_grads(loss_fn, params, part))[:n - start]
+
+
+def per_example_grad_matrix(loss_fn: Callable[[PyTree, PyTree], jax.Array], params: PyTree,
+                            batch: PyTree, chunk: int = 128) -> np.ndarray:
+  """N x P matrix (numpy) of the per-example gradients of `per_example_grad_chunks`."""
+  return np.concatenate([g for _, g in per_example_grad_chunks(loss_fn, params, batch, chunk)])
 
 
 def tree_sq_norm(tree: PyTree) -> jax.Array:
@@ -213,6 +243,80 @@ def loglog_slope(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
   return float(slope), float(intercept)
 
 
+def batch_gradient_variance(loss_fn: Callable[[PyTree, PyTree], jax.Array], params: PyTree,
+                            batches: PyTree, chunk: int = 128) -> tuple[float, float]:
+  """E|g_B - G|^2 from K independent mini-batches, without a reference G: (estimate, standard error).
+
+  `batches` has leaves shaped [K, B, ...]; g_k is the gradient of the mean of loss_fn over the B
+  examples of batch k, formed as the mean of their per-example gradients (`per_example_grad_chunks`:
+  one compiled function for every B). With m the mean of the K gradients,
+  V_B = 1/(K - 1) sum_k |g_k - m|^2 is unbiased for E|g_B - G|^2; its standard error is the standard
+  deviation of the K terms K/(K - 1) |g_k - m|^2 over sqrt(K).
+  """
+  k, b = jax.tree_util.tree_leaves(batches)[0].shape[:2]
+  if k < 2:
+    raise ValueError(f"batches: expected at least 2 batches on the leading axis, got {k}")
+  examples = jax.tree_util.tree_map(lambda x: np.asarray(x).reshape((k * b,) + x.shape[2:]), batches)
+  sums_KxP = np.zeros((k, ravel_pytree(params)[0].size))
+  for start, g_nxP in per_example_grad_chunks(loss_fn, params, examples, chunk):
+    batch_n = (start + np.arange(len(g_nxP))) // b
+    firsts = np.flatnonzero(np.diff(batch_n, prepend=-1))  # Each batch's first row in this chunk.
+    sums_KxP[batch_n[firsts]] += np.add.reduceat(g_nxP.astype(np.float64), firsts, axis=0)
+  grads_KxP = sums_KxP / b
+  dev_K = np.sum(np.square(grads_KxP - grads_KxP.mean(axis=0)[None, :]), axis=1) * k / (k - 1)
+  return float(dev_K.mean()), float(dev_K.std(ddof=1) / np.sqrt(k))
+
+
+def variance_law_record(loss_fn: Callable[[PyTree, PyTree], jax.Array], params: PyTree,
+                        examples: PyTree, fresh_batches: Sequence[PyTree], num_resampled: int,
+                        key: jax.Array) -> dict:
+  """The 1/B law of the mini-batch gradient variance at `params`, measured two ways (JSON values).
+
+  Measured: E|g_B - G|^2 from independent mini-batches (`fresh_batches`, one [K, B, ...] batch set
+  per B, see `batch_gradient_variance`) and its log-log slope against B ('slope', theory -1).
+  Predicted: tr(Sigma)/B with tr(Sigma) from the N per-example gradients of `examples` (independent of
+  the mini-batches), so the comparison tests the law on the data, not an identity of resampling.
+  For reference, `num_resampled` mini-batches re-drawn from the N per-example gradients follow
+  tr(Sigma_pop)/B with replacement (by construction) and the finite-population law
+  tr(Sigma_pop)/B (N - B)/(N - 1) without. B_simple = tr(Sigma) / |G|^2 with the unbiased
+  |G|^2 ~= |mean g_i|^2 - tr(Sigma_unbiased) / N.
+  """
+  grads_NxP = jnp.asarray(per_example_grad_matrix(loss_fn, params, examples))
+  n, p = grads_NxP.shape
+  trace_pop = float(trace_covariance(grads_NxP, ddof=0))
+  trace_unbiased = float(trace_covariance(grads_NxP, ddof=1))
+  g_sq = float(jnp.sum(jnp.square(jnp.mean(grads_NxP, axis=0)))) - trace_unbiased / n
+
+  sizes = [int(jax.tree_util.tree_leaves(b)[0].shape[1]) for b in fresh_batches]
+  measured = [batch_gradient_variance(loss_fn, params, b) for b in fresh_batches]
+  slope, intercept = loglog_slope(sizes, [v for v, _ in measured])
+
+  resampled_sizes = [2**i for i in range(int(math.log2(n)))]  # 1, 2, ..., N/2
+  k_with, k_without = jax.random.split(key)
+  with_repl = minibatch_gradient_variance(grads_NxP, resampled_sizes, num_resampled, k_with)
+  without = minibatch_gradient_variance(grads_NxP, resampled_sizes, num_resampled, k_without,
+                                        replace=False)
+  return {
+      "num_examples": n, "num_params": p,
+      "fresh": {"batch_sizes": sizes, "variance": [v for v, _ in measured],
+                "stderr": [se for _, se in measured],
+                "num_batches": int(jax.tree_util.tree_leaves(fresh_batches[0])[0].shape[0]),
+                "predicted": expected_minibatch_variance(trace_unbiased, sizes).tolist()},
+      "slope": slope, "intercept": intercept,
+      "resampled": {
+          "batch_sizes": resampled_sizes, "num_batches": num_resampled,
+          "variance_with_replacement": with_repl.tolist(),
+          "variance_without_replacement": without.tolist(),
+          "expected_with_replacement": expected_minibatch_variance(trace_pop,
+                                                                   resampled_sizes).tolist(),
+          "expected_without_replacement": expected_minibatch_variance(trace_pop, resampled_sizes,
+                                                                      n).tolist(),
+          "slope_with_replacement": loglog_slope(resampled_sizes, with_repl)[0]},
+      "trace_sigma_population": trace_pop, "trace_sigma_unbiased": trace_unbiased,
+      "g_sq_unbiased": g_sq, "b_simple": trace_unbiased / g_sq if g_sq > 0 else None,
+  }
+
+
 # ----------------------------------------------------------------------------------------------
 # McCandlish et al. simple noise scale.
 # ----------------------------------------------------------------------------------------------
@@ -312,6 +416,47 @@ def shard_sq_norms(local_grads: PyTree, global_grads: PyTree,
   return jax.lax.all_gather(tree_sq_norm(local_grads), axis_name), tree_sq_norm(global_grads)
 
 
+def noise_windows(records: Sequence[dict], batch_size_small: float, batch_size_big: float) -> dict:
+  """The two-batch estimates of a training run, window by window, from its log records.
+
+  A record with `grad_sq` (|g|^2 at B_big) and `micro_grad_sq` (the mean |g_m|^2 of the step's
+  micro-batches, at B_small) holds their means over its `window_steps` steps (what
+  `llm_math.train.fit` logs). Both one-step estimators are linear in the squared norms, so a window's
+  summed estimates are window_steps x `two_batch_estimates` of those means. Returns lists, one entry
+  per window: step (its last), val_nll (None where not evaluated), train_loss (its mean), g_sq_sum,
+  trace_sum and weight (its steps): the input of `pooled_noise_scale`.
+  """
+  out = {k: [] for k in ("step", "val_nll", "train_loss", "g_sq_sum", "trace_sum", "weight")}
+  for r in records:
+    if "grad_sq" not in r:
+      continue
+    g_sq, trace = two_batch_estimates(r["micro_grad_sq"], r["grad_sq"], batch_size_small,
+                                      batch_size_big)
+    for key, value in (("step", r["step"]), ("val_nll", r.get("val_nll")),
+                       ("train_loss", r["loss"]), ("g_sq_sum", r["window_steps"] * g_sq),
+                       ("trace_sum", r["window_steps"] * trace), ("weight", r["window_steps"])):
+      out[key].append(value)
+  return out
+
+
+def pooled_noise_scale(windows: dict, start: float = 0.0, stop: float = math.inf) -> dict:
+  """|G|^2, tr(Sigma) and B_simple averaged over the steps of the windows ending in (start, stop].
+
+  `windows` holds per-window sums of the one-step estimates (`g_sq_sum`, `trace_sum`) and the number
+  of steps (`weight`), as `noise_windows` gives them; numerator and denominator are averaged
+  separately and the ratio taken last (see the module docstring). B_simple is None unless |G|^2 > 0.
+  """
+  steps = np.asarray(windows["step"], np.float64)
+  keep = (steps > start) & (steps <= stop)
+  weight = float(np.sum(np.asarray(windows["weight"], np.float64)[keep]))
+  if weight == 0:
+    return {"g_sq": None, "trace_sigma": None, "b_simple": None, "steps_averaged": 0}
+  g_sq = float(np.sum(np.asarray(windows["g_sq_sum"], np.float64)[keep])) / weight
+  trace = float(np.sum(np.asarray(windows["trace_sum"], np.float64)[keep])) / weight
+  return {"g_sq": g_sq, "trace_sigma": trace, "b_simple": trace / g_sq if g_sq > 0 else None,
+          "steps_averaged": int(weight)}
+
+
 # ----------------------------------------------------------------------------------------------
 # Steps / examples trade-off and the critical batch size.
 # ----------------------------------------------------------------------------------------------
@@ -322,6 +467,29 @@ class TradeoffFit(NamedTuple):
   s_min: float
   e_min: float
   b_crit: float
+
+
+def steps_to_target(steps: Sequence[float], values: Sequence[float], target: float) -> float | None:
+  """The first step where a loss curve reaches `target`, linear between the evaluations around it.
+
+  Returns None when no value is <= target, and steps[0] when the first one already is.
+  """
+  for i, value in enumerate(values):
+    if value <= target:
+      if i == 0:
+        return float(steps[0])
+      s0, s1, v0 = steps[i - 1], steps[i], values[i - 1]
+      return float(s0 + (s1 - s0) * (v0 - target) / (v0 - value))
+  return None
+
+
+def target_from_curve(values: Sequence[float], margin: float, window: int = 3) -> float:
+  """A target loss from a loss curve: its lowest `window`-point running mean plus `margin` (robust
+  to one lucky evaluation)."""
+  v = np.asarray(values, np.float64)
+  if v.size < window:
+    raise ValueError(f"values: expected at least {window} points, got {v.size}")
+  return float(np.convolve(v, np.ones(window) / window, mode="valid").min() + margin)
 
 
 def tradeoff_steps(batch_size: float | np.ndarray, s_min: float, e_min: float) -> np.ndarray:
@@ -410,3 +578,36 @@ def _refine_log_fit(b: np.ndarray, s: np.ndarray, s_min: float, e_min: float,
       break
     cost = new_cost
   return float(np.exp(theta[0])), float(np.exp(theta[1]))
+
+
+def tradeoff_record(batch_sizes: Sequence[float], steps: Sequence[float]) -> dict | None:
+  """`fit_steps_examples_tradeoff` of measured (B, S) pairs as JSON values, with the rms of the log
+  residuals log(S / S_fit); None with fewer than two distinct batch sizes."""
+  if len(set(batch_sizes)) < 2:
+    return None
+  fit = fit_steps_examples_tradeoff(batch_sizes, steps)
+  residual = np.log(np.asarray(steps, np.float64) / tradeoff_steps(batch_sizes, fit.s_min, fit.e_min))
+  return {"s_min": fit.s_min, "e_min": fit.e_min, "b_crit": fit.b_crit,
+          "batch_sizes": list(batch_sizes), "rms_log_residual": float(np.sqrt(np.mean(residual**2)))}
+
+
+def doubling_speedups(batch_sizes: Sequence[int], steps: Sequence[float],
+                      b_crit: float | None = None) -> dict | None:
+  """Speed-up S(B) / S(2B) of each doubling between consecutive measured batch sizes, and the
+  examples ratio E(2B) / E(B); 'small' and 'large' are the first and last doubling.
+
+  Perfect scaling is a speed-up of 2 with the examples unchanged; diminishing returns, a speed-up near
+  1 with twice the examples. With `b_crit`, the fit's excess examples E(B) / E_min - 1 = B / B_crit
+  at the small end ('from' of the first doubling) and the large end ('to' of the last). None when no
+  two consecutive batch sizes double.
+  """
+  pairs = zip(zip(batch_sizes, steps), zip(batch_sizes[1:], steps[1:]))
+  doublings = [{"from": b0, "to": b1, "speedup": s0 / s1, "examples_ratio": b1 * s1 / (b0 * s0)}
+               for (b0, s0), (b1, s1) in pairs if b1 == 2 * b0]
+  if not doublings:
+    return None
+  out = {"doublings": doublings, "small": doublings[0], "large": doublings[-1]}
+  if b_crit:
+    out["excess_examples_small"] = doublings[0]["from"] / b_crit
+    out["excess_examples_large"] = doublings[-1]["to"] / b_crit
+  return out

@@ -1,9 +1,11 @@
 """Sharpness of the loss landscape: Hessian-vector products, extreme eigenvalues, epsilon-sharpness.
 
-All functions take a scalar `loss_fn(params)` (data closed over) and work on arbitrary parameter
-pytrees; eigen-solvers flatten internally to one vector of P parameters. Memory is O(P) per
+The solvers take a scalar `loss_fn(params)` (data closed over) and work on arbitrary parameter
+pytrees; eigen-solvers flatten internally to one vector of P parameters. `sharpness_record` takes
+`loss_fn(params, batch)` and the batch, so one compiled measurement serves many solutions. Memory is O(P) per
 Hessian-vector product (power iteration) or O(k P) for k Lanczos steps; the Hessian is never formed.
 """
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -245,3 +247,28 @@ def epsilon_sharpness(loss_fn: Callable[[PyTree], jax.Array], params: PyTree, ep
 
   phi, best_val, loss, best_delta = run(flat_w)
   return EpsilonSharpness(phi, best_val, loss, unravel(best_delta))
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "lanczos_steps", "epsilon", "ascent_steps"))
+def _sharpness_measures(loss_fn, params, batch, key, lanczos_steps, epsilon, ascent_steps):
+  loss = lambda p: loss_fn(p, batch)
+  ritz = hessian_lanczos(loss, params, key, lanczos_steps).ritz_values
+  eps = epsilon_sharpness(loss, params, epsilon=epsilon, num_steps=ascent_steps)
+  return {"hessian_top_eigenvalue": ritz[-1], "hessian_bottom_ritz_value": ritz[0],
+          "epsilon_sharpness": eps.sharpness, "sharpness_batch_loss": eps.loss}
+
+
+def sharpness_record(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree, batch: Any,
+                     key: jax.Array, lanczos_steps: int = 20, epsilon: float = 1e-3,
+                     ascent_steps: int = 10) -> dict:
+  """The sharpness of `loss_fn(params, batch)` at `params` on one fixed batch, as JSON numbers.
+
+  hessian_top_eigenvalue / hessian_bottom_ritz_value: the extreme Ritz values of `lanczos_steps`-step
+  Lanczos on the Hessian (random start from `key`): the top one converges first, the bottom one is
+  an upper bound on the smallest eigenvalue. epsilon_sharpness: Keskar et al.'s measure
+  (`epsilon_sharpness`, box radius epsilon (|w| + 1), `ascent_steps` projected-ascent steps).
+  sharpness_batch_loss: the loss on the batch. One compilation serves every call with the same
+  `loss_fn` object, settings and shapes (e.g. the solutions of a batch-size sweep).
+  """
+  out = _sharpness_measures(loss_fn, params, batch, key, lanczos_steps, epsilon, ascent_steps)
+  return {k: float(v) for k, v in out.items()}
