@@ -142,7 +142,8 @@ def save_config(config, directory, what: str, ignored=frozenset(), write: bool =
   `ignored` may differ)."""
   path = files.path(directory) / "config.json"
   current = json.loads(config.to_json_best_effort())
-  trained = [files.path(directory) / sub for sub in ("checkpoints", "models")]  # models/: a sweep
+  trained = [files.path(directory) / sub  # models/, runs/: a sweep's runs
+             for sub in ("checkpoints", "models", "runs")]
   if path.exists() and any(d.is_dir() and any(d.iterdir()) for d in trained):
     saved = files.read_json(path)
     for key in sorted((set(saved) | set(current)) - RESUMABLE_FIELDS - set(ignored)):

@@ -95,7 +95,9 @@ class Task:
       `step`, a pure function of (seed, step), so a resumed, re-sharded or multi-process run reads
       the same data.
   tx: the optax transformation; frozen parameters (a LoRA base, a distillation teacher) get
-      `optax.set_to_zero()` through `optax.multi_transform` and a `stop_gradient` in `loss`.
+      `optax.set_to_zero()` through `optax.multi_transform` and a `stop_gradient` in `loss`. Label
+      whole top-level subtrees (`analysis.compression.train_only`): per-leaf labels would land
+      inside the logical-axis boxes of `init`'s params.
   learning_rate(step) -> float, for the log (None: not logged).
   """
   init: Callable
@@ -451,7 +453,7 @@ def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
     state = restored
   start_step = start_step or 0
   last_saved = start_step if start_step else None
-  writer = MetricsWriter(workdir, start_step)
+  writer = MetricsWriter(workdir, start_step if restored is not None else -1)  # -1: a fresh run
   stopped = next((r["stop"] for r in writer.records if "stop" in r), None)
   if restored is not None and not stopped and start_step < num_steps:
     log(f"resumed from the checkpoint at step {start_step} in {workdir}")
@@ -539,6 +541,7 @@ def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
         if stopped:
           log(f"step {done:6d} | stopped: {stopped}")
           break
+      interrupted = interrupted or stop.received  # Also a signal during the last step or hooks.
       if interrupted:
         current = int(jax.device_get(state.step))
         if current != last_saved and current > start_step:
@@ -546,8 +549,8 @@ def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
             _check_loss(float(jax.device_get(metrics["loss"])), current, loss_bound, last_saved)
           checkpoint.save(mngr, current, state)
           last_saved = current
-        log(f"received {interrupted} at step {current}: checkpoint saved; "
-            "rerun the same command to resume")
+        saved = "checkpoint saved" if last_saved == current else "nothing to save yet"
+        log(f"received {interrupted} at step {current}: {saved}; rerun the same command to resume")
   finally:  # Also on a divergence stop: in-flight async saves complete before the error surfaces.
     mngr.wait_until_finished()
     mngr.close()

@@ -621,5 +621,7 @@ def test_masked_windows_do_not_depend_on_the_batching():
   padded = windows.batch(n - 1, n + 2)
   assert np.all(padded[2][1:] == 0)  # rows past the last window score nothing
   inputs, targets, weights = whole
-  np.testing.assert_array_equal(targets, data_lib.eval_windows(ids, 10).targets_NxT)
-  assert np.all(inputs[weights > 0] == 7) and abs(weights.mean() - 0.3) < 0.1
+  tokens = data_lib.eval_windows(ids, 10).inputs_NxT  # A masked LM predicts the masked tokens.
+  np.testing.assert_array_equal(targets, tokens)
+  np.testing.assert_array_equal(inputs, np.where(weights > 0, 7, tokens))
+  assert abs(weights.mean() - 0.3) < 0.1

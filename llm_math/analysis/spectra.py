@@ -779,9 +779,10 @@ def masked_lm_batch(ids: np.ndarray, seq_len: int, batch_size: int, seed: int, s
 
 @dataclasses.dataclass(frozen=True)
 class MaskedWindows:
-  """Evaluation windows (`data.EvalWindows`) scored as a masked LM: window n's inputs are masked
-  by row n of `masked_NxT`, and only masked positions are scored. Duck-types EvalWindows for
-  `evaluation.Evaluator`: the masks do not depend on the batch size or the process count."""
+  """Evaluation windows (`data.EvalWindows`) scored as a masked LM: window n's tokens are masked
+  by row n of `masked_NxT`, and the targets are the original tokens at the masked positions (use
+  independent windows, stride seq_len, to score each token at most once). Duck-types EvalWindows
+  for `evaluation.Evaluator`: the masks do not depend on the batch size or the process count."""
   windows: data_lib.EvalWindows
   masked_NxT: np.ndarray
   mask_id: int
@@ -790,11 +791,12 @@ class MaskedWindows:
     return len(self.windows)
 
   def batch(self, lo: int, hi: int):
-    tokens_BxT, targets_BxT, weights_BxT = self.windows.batch(lo, hi)
+    """(inputs_BxT, targets_BxT, weights_BxT) of windows lo..hi-1; rows past the last window are
+    padding with weight 0."""
+    tokens_BxT = self.windows.batch(lo, hi)[0]
     masked_BxT = np.zeros(tokens_BxT.shape, bool)
     masked_BxT[: max(min(hi, len(self)) - lo, 0)] = self.masked_NxT[lo:hi]
-    inputs_BxT, _, masked_weights_BxT = mask_tokens(tokens_BxT, masked_BxT, self.mask_id)
-    return inputs_BxT, targets_BxT, weights_BxT * masked_weights_BxT
+    return mask_tokens(tokens_BxT, masked_BxT, self.mask_id)
 
 
 def masked_windows(windows: data_lib.EvalWindows, mask_id: int, rate: float,
