@@ -32,10 +32,7 @@ def nll_score(apply_fn: Callable, loss_chunk: int = 0, select: Callable = lambda
     params = select(params)
     out = apply_fn({"params": params}, inputs_BxT, deterministic=True,
                    return_hidden=bool(loss_chunk))
-    if loss_chunk:
-      return model_lib.chunked_cross_entropy(out, model_lib.output_kernel(params), targets_BxT,
-                                             loss_chunk, weights_BxT)
-    return model_lib.cross_entropy(out, targets_BxT, weights_BxT)
+    return model_lib.output_nll(out, params, targets_BxT, weights_BxT, loss_chunk)
 
   return score
 

@@ -424,6 +424,14 @@ def chunked_cross_entropy(hidden_BxTxD, kernel_DxV, targets_BxT, chunk: int, wei
   return jnp.sum(jax.lax.map(piece, (h_NxBxCxD, y_NxBxC, w_NxBxC))), jnp.sum(weights_BxT)
 
 
+def output_nll(out, params, targets_BxT, weights_BxT=None, loss_chunk: int = 0):
+  """(weighted NLL sum, weight sum) from a Transformer's output: logits, or with loss_chunk > 0 the
+  hidden states (`return_hidden=True`), projected `loss_chunk` positions at a time."""
+  if loss_chunk:
+    return chunked_cross_entropy(out, output_kernel(params), targets_BxT, loss_chunk, weights_BxT)
+  return cross_entropy(out, targets_BxT, weights_BxT)
+
+
 def cross_entropy(logits_BxTxV, targets_BxT, weights_BxT=None):
   """Mean negative log-likelihood in nats over weighted target tokens, and the weight total.
 
