@@ -454,6 +454,8 @@ def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
   stopped = next((r["stop"] for r in writer.records if "stop" in r), None)
   if restored is not None and not stopped and start_step < num_steps:
     log(f"resumed from the checkpoint at step {start_step} in {workdir}")
+  elif restored is not None:
+    log(f"reusing the finished run in {workdir} (step {start_step})")
 
   batch_sh = sharding.batch_sharding(mesh, rules)
   step_fn = jax.jit(functools.partial(train_step, loss_fn=task.loss, grad_accum_steps=accum),

@@ -257,7 +257,7 @@ def test_cli_errors_are_one_line_and_plots_regenerate_without_jax(one_device, tm
                         text=True, timeout=300)
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
   assert proc.stderr.strip().splitlines()[-1] == (
-      f"error: {workdir}/runs/pilot holds a run with a different config (b2: 0.99 there, 0.95 now); "
+      f"error: --workdir={workdir} holds a run with a different config (b2: 0.99 there, 0.95 now); "
       "use a new --workdir to start another run")
   os.remove(workdir / "tradeoff.png")
   code = ("import sys; from experiments import plot_batch_size as p; "

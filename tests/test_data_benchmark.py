@@ -43,7 +43,8 @@ def test_benchmark_prints_every_part_and_rejects_a_missing_corpus(tmp_path):
   assert all("reused=False" in l for l in runs if "first" in l), runs
   for line in runs:
     assert float(re.search(r"total startup ([\d.]+) s", line)[1]) > 0
-    assert float(re.search(r"data ([\d.]+) s", line)[1]) > 0
+    data_s = float(re.search(r"data ([\d.]+) s", line)[1])
+    assert data_s > 0 if "first" in line else data_s >= 0  # A reused dataset opens in ~1 ms.
     assert float(re.search(r"peak RSS at step 2 ([\d,]+) MiB", line)[1].replace(",", "")) > 0
   assert len(find(r"    time: imports ", 2)) == len(find(r"    memory: RSS after load ", 2))
   find(r"startup +2x data work: first run", 1)

@@ -52,5 +52,7 @@ def test_sweep_refuses_a_changed_config_and_continues_after_an_interruption(tmp_
   resumed = subprocess.run(_command(part), cwd=helpers.REPO, env=_ENV, capture_output=True,
                            text=True, timeout=300)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert resumed.stdout.count("resumed from the checkpoint at step") == 2  # Both points continue.
+  # The first point had finished and is reused; the second continues from its checkpoint.
+  assert resumed.stdout.count("reusing the finished run in") == 1, resumed.stdout
+  assert resumed.stdout.count("resumed from the checkpoint at step") == 1, resumed.stdout
   assert _model_nll(part) == reference
