@@ -47,11 +47,17 @@ except ImportError:
 from benchmarks import cpu_info
 from benchmarks.shapes import SHAPES
 
-SHAPE = flags.DEFINE_enum("shape", "nanogpt_cpu", list(SHAPES), "Named model/batch shape.")
-STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after the warm-up steps).")
-WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps first (the JAX benchmark runs 3).")
-SEED = flags.DEFINE_integer("seed", 0, "Seed of the parameters and of the random token batch.")
-THREADS = flags.DEFINE_integer("threads", 0, "torch.set_num_threads (0 = os.cpu_count()).")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The command line. Defined only when this file runs as a script: importing its model (tests)
+  then leaves the flags of our other scripts, which share these names, alone."""
+  flags.DEFINE_enum("shape", "nanogpt_cpu", list(SHAPES), "Named model/batch shape.")
+  flags.DEFINE_integer("steps", 20, "Timed steps (after the warm-up steps).")
+  flags.DEFINE_integer("warmup", 3, "Untimed steps first (the JAX benchmark runs 3).")
+  flags.DEFINE_integer("seed", 0, "Seed of the parameters and of the random token batch.")
+  flags.DEFINE_integer("threads", 0, "torch.set_num_threads (0 = os.cpu_count()).")
 
 # The JAX benchmark's optimizer settings (experiments/configs/perplexity.py, which imports JAX).
 LEARNING_RATE = 3e-3
@@ -211,44 +217,45 @@ def random_batch(shape, seed: int):
 
 def main(argv):
   del argv
-  if STEPS.value < 1 or WARMUP.value < 0 or THREADS.value < 0:
+  if FLAGS.steps < 1 or FLAGS.warmup < 0 or FLAGS.threads < 0:
     raise app.UsageError("--steps must be positive, --warmup and --threads non-negative")
-  torch.set_num_threads(THREADS.value or os.cpu_count())
-  torch.manual_seed(SEED.value)
-  shape = SHAPES[SHAPE.value]
+  torch.set_num_threads(FLAGS.threads or os.cpu_count())
+  torch.manual_seed(FLAGS.seed)
+  shape = SHAPES[FLAGS.shape]
   model = GPT(shape.layers, shape.d_model, shape.heads, shape.context, shape.vocab, bias=False)
   model.train()
   optimizer = make_optimizer(model)
-  x, y = random_batch(shape, SEED.value)
+  x, y = random_batch(shape, FLAGS.seed)
 
   step = 0
   warmup_start = time.perf_counter()
-  for _ in range(WARMUP.value):
+  for _ in range(FLAGS.warmup):
     train_step(model, optimizer, x, y, learning_rate(step))
     step += 1
   warmup = time.perf_counter() - warmup_start
   start = time.perf_counter()
-  for _ in range(STEPS.value):
+  for _ in range(FLAGS.steps):
     loss = train_step(model, optimizer, x, y, learning_rate(step))
     step += 1
   final_loss = float(loss)  # CPU ops run eagerly: nothing left in flight.
-  seconds = (time.perf_counter() - start) / STEPS.value
+  seconds = (time.perf_counter() - start) / FLAGS.steps
 
   n_params = count_params(model)
   fpt = flops_per_token(model, n_params, shape.context)
   tokens_per_s = shape.batch * shape.context / seconds
   memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-  print(f"shape {SHAPE.value}: {shape.layers} layers, d {shape.d_model}, {shape.heads} heads, "
+  print(f"shape {FLAGS.shape}: {shape.layers} layers, d {shape.d_model}, {shape.heads} heads, "
         f"context {shape.context}, batch {shape.batch}, vocab {shape.vocab}, float32, "
         f"nanoGPT model and step (eager, tied embeddings, no bias, dropout 0)")
   print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
   print(f"cpu: {cpu_info.describe()}")
   print(f"params {n_params:,}; FLOPs/token {fpt:.4g} (6N + 12LTd)")
-  print(f"warm-up ({WARMUP.value} steps) {warmup:.1f} s")
+  print(f"warm-up ({FLAGS.warmup} steps) {warmup:.1f} s")
   print(f"step time {seconds * 1e3:.2f} ms | {tokens_per_s:,.0f} tokens/s | "
         f"{tokens_per_s * fpt / 1e12:.3f} model TFLOP/s | MFU n/a (no peak for CPU) | "
         f"{memory / 2**20:,.0f} MiB host peak resident set | final loss {final_loss:.3f}")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -353,8 +353,10 @@ def run_experiment(config, workdir: str, log=print) -> dict:
 
 def use_compilation_cache(workdir: str):
   """Keeps compiled programs in workdir/compile_cache (one process, local disk): every run at one B
-  then loads the step the first one compiled, and a rerun loads them all."""
-  if jax.process_count() == 1 and files.is_local(workdir):
+  then loads the step the first one compiled, and a rerun loads them all. A cache set by the user
+  ($JAX_COMPILATION_CACHE_DIR) is kept."""
+  if (jax.process_count() == 1 and files.is_local(workdir)
+      and not jax.config.jax_compilation_cache_dir):
     jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "compile_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 

@@ -267,8 +267,10 @@ def plot_distill(results: dict, path: str):
               ls="--" if name == scratch_name else "-", marker="o", ms=3, lw=1.5, label=label)
       ax.fill_between(steps, np.asarray(m["curve_min"]) - shift,
                       np.asarray(m["curve_max"]) - shift, color=colors[name], alpha=0.15, lw=0)
+    value = (f"{teacher - shift:+.4f} nats over the floor" if panel == "excess"
+             else f"{teacher:.4f} nats")
     ax.axhline(teacher - shift, color="tab:red", ls="-.", lw=1.2,
-               label=f"teacher ({d['teacher_params']:,} params): {teacher:.4f} nats")
+               label=f"teacher ({d['teacher_params']:,} params): {value}")
     ax.set_xlabel("student training step")
     ax.grid(alpha=0.3, which="both")
     if panel == "excess":

@@ -1,7 +1,8 @@
 """The PyTorch nanoGPT reference: its step trains; its model has our JAX model's parameter count.
 
 Skipped without torch (an optional extra: pip install -e ".[torch]"). benchmarks.pytorch_reference
-defines absl flags at import; benchmarks.throughput, whose flags share names, is not imported here.
+defines its absl flags only when run as a script, so importing it here is safe next to the
+experiments' flags of the same names.
 """
 import math
 

@@ -174,8 +174,7 @@ def _two_processes_and_one(tmp_path, args: list[str]) -> str:
   return multi.stdout
 
 
-@pytest.mark.slow
-def test_two_processes_train_like_one(tmp_path):
+def test_two_processes_train_like_one(tmp_path):  # The default run's one 2-process case.
   """launch/local_multiprocess.sh: 2 processes x 1 device == 1 process x 2 devices, loss for loss."""
   out = _two_processes_and_one(
       tmp_path, helpers.TINY_OVERRIDES + ["--config.num_steps=8", "--config.log_every=1"])

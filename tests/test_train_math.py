@@ -65,7 +65,7 @@ def test_gradient_accumulation_is_the_full_batch_gradient():
   expected_params = jax.tree_util.tree_map(jnp.subtract, state.params, grads)
   grad_norm = math.sqrt(sum(float(jnp.sum(g**2)) for g in jax.tree_util.tree_leaves(grads)))
   rng = jax.random.PRNGKey(1)
-  for accum in (1, 2, 4, 8):
+  for accum in (1, 8):  # The plain step, and one row per micro-batch.
     with sharding.use_mesh(mesh):
       new, metrics = _step_fn(model, accum)(state, inputs, targets, rng)
     assert float(metrics["loss"]) == pytest.approx(float(loss), rel=1e-6), accum
