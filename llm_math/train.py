@@ -531,7 +531,9 @@ def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
               + (f"lr {record['lr']:.2e} | " if "lr" in record else "")
               + f"grad norm {record['grad_norm']:.3f} | {tokens_per_second:,.0f} tokens/s | "
               f"{_duration(elapsed())} elapsed, ETA {_duration(eta)}")
+        paused = time.perf_counter()
         stopped = finish_step(done, record)
+        window_start += time.perf_counter() - paused  # tokens/s counts training steps only
         if stopped or save_at(done) or done == num_steps:
           if "loss" not in record and on_divergence == "raise":
             _check_loss(float(jax.device_get(metrics["loss"])), done, loss_bound, last_saved)

@@ -59,7 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Evaluation: contiguous validation windows; stride 0 = seq_len (nanoGPT's independent windows).
   # Stride 32 of 64 gives every scored token at least 33 tokens of context, more than the lag, so
   # the floor at that context is (up to the first window) the entropy rate.
-  c.eval_every = 100
+  # Each evaluation of the default scores all 65,535 validation tokens (~1.2 s on 2 CPU cores); every
+  # 250 steps gives the curve 7 points for 9% of the run's time (every 100: 16 points, 20%).
+  c.eval_every = 250
   c.eval_stride = 32
   c.eval_batch_size = 64
   c.eval_max_tokens = 0  # Score at most this many validation tokens (0 = all).
