@@ -11,6 +11,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from experiments.configs import perplexity as default_config
 from llm_math import data as data_lib
@@ -103,6 +104,17 @@ def write_corpus(path, n_chars: int, seed: int = 0, newline: str = "\n") -> str:
   text = newline.join(lines)
   path.write_bytes(text.encode("utf-8"))
   return text
+
+
+def other_settings(stop_after: str) -> list:
+  """`run_study` settings a study's one-device result must survive: 8 devices on a data x fsdp x
+  tensor mesh (not slow, so the default run has it), 2 processes, and SIGTERM once a line matching
+  `stop_after` is printed, then the same command again."""
+  return [
+      pytest.param({"devices": 8, "mesh": "data:2,fsdp:2,tensor:2"}, id="8_devices"),
+      pytest.param({"processes": 2}, id="2_processes", marks=pytest.mark.slow),
+      pytest.param({"stop_after": stop_after}, id="preempted_and_resumed", marks=pytest.mark.slow),
+  ]
 
 
 def run_study(study: str, workdir, args: list[str], *, devices: int = 1, processes: int = 1,

@@ -49,12 +49,7 @@ def one_device(tmp_path_factory):
   return workdir, helpers.results(workdir), out.stdout
 
 
-@pytest.mark.parametrize("setting", [
-    pytest.param({"devices": 8, "mesh": "data:2,fsdp:2,tensor:2"}, id="8_devices"),
-    pytest.param({"processes": 2}, id="2_processes", marks=pytest.mark.slow),
-    pytest.param({"stop_after": r"b16_lr\S+ step 4:"}, id="preempted_and_resumed",
-                 marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize("setting", helpers.other_settings(r"b16_lr\S+ step 4:"))
 def test_sweep_agrees_across_devices_processes_and_preemption(one_device, tmp_path, setting):
   """The same sweep on 8 devices (data x fsdp x tensor), as 2 processes, or stopped by SIGTERM in
   the run at B=16 and rerun with the same command, ends with the same numbers as on one device."""

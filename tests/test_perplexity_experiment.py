@@ -1,5 +1,4 @@
 """The perplexity experiment: baselines on equal terms, sweeps, the power-law fit, figures."""
-import json
 import os
 import subprocess
 import sys
@@ -127,12 +126,7 @@ def sweep(tmp_path_factory):
   return workdir, helpers.results(workdir)
 
 
-@pytest.mark.parametrize("setting", [
-    pytest.param({"devices": 8, "mesh": "data:2,fsdp:2,tensor:2"}, id="8_devices"),
-    pytest.param({"processes": 2}, id="2_processes", marks=pytest.mark.slow),
-    pytest.param({"stop_after": r"^step +12 \| loss"}, id="preempted_and_resumed",
-                 marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize("setting", helpers.other_settings(r"^step +12 \| loss"))
 def test_size_sweep_agrees_across_devices_processes_and_preemption(sweep, tmp_path, setting):
   """The same sweep on 8 devices (data x fsdp x tensor), as 2 processes, or stopped by SIGTERM in
   the first model and rerun with the same command, ends with the same numbers as on one device."""
