@@ -58,11 +58,21 @@ def _checksums(leaves: list) -> jax.Array:
   return jnp.stack([leaf(x) for x in leaves])
 
 
+def _flat(state) -> dict:
+  return {"/".join(k): v for k, v in ocp.tree.to_flat_dict(state).items() if v is not None}
+
+
 def fingerprint(state) -> dict[str, list[int]]:
   """{leaf path: [checksum, checksum]}: keyed by path, so any tree type with the same leaves agrees."""
-  flat = {"/".join(k): v for k, v in ocp.tree.to_flat_dict(state).items() if v is not None}
+  flat = _flat(state)
   sums = np.asarray(jax.device_get(_checksums(list(flat.values())))).astype(np.int64)
   return dict(zip(flat, sums.tolist()))
+
+
+def compile_fingerprint(abstract_state):
+  """Compiles `fingerprint` for states like `abstract_state` (jax.ShapeDtypeStructs with their
+  shardings) ahead of the first save: the later call finds the executable in JAX's cache."""
+  _checksums.lower(list(_flat(abstract_state).values())).compile()
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, wait: bool = False):

@@ -10,6 +10,7 @@ infinite, or above `max_loss_factor` x ln|V| (never saving the diverged state, s
 checkpoint stays).
 """
 
+import concurrent.futures
 import dataclasses
 import functools
 import math
@@ -142,19 +143,34 @@ def to_host(tree):
   return multihost_utils.process_allgather(tree, tiled=True)
 
 
-def create_state(init: Callable, tx, mesh, rules, rng):
+def _make_state(init: Callable, tx) -> Callable:
+  return lambda rng: LoopState.create(apply_fn=None, params=init(rng), tx=tx, sums=_zero_sums())
+
+
+def abstract_state(init: Callable, tx, mesh, rules, rng):
+  """The LoopState of `init(rng)` as jax.ShapeDtypeStructs carrying their NamedShardings (nothing is
+  computed): jax.eval_shape gives the state with logical axis names, the rules turn them into mesh
+  shardings. What a checkpoint restores into and what the train step compiles for."""
+  boxed = jax.eval_shape(_make_state(init, tx), rng)
+  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+  return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                nn.meta.unbox(boxed), shardings)
+
+
+def shardings_of(tree):
+  return jax.tree_util.tree_map(lambda x: x.sharding, tree)
+
+
+def create_state(init: Callable, tx, mesh, rules, rng, abstract=None):
   """The LoopState of `init(rng)`, created directly in its sharded layout: (state, state_sharding).
 
-  jax.eval_shape gives the abstract state with logical axis names, the rules turn them into mesh
-  shardings, and jit(init, out_shardings=...) materializes every array where it belongs.
+  jit(init, out_shardings=...) materializes every array where `abstract_state` puts it.
   """
-  def make(rng):
-    return LoopState.create(apply_fn=None, params=init(rng), tx=tx, sums=_zero_sums())
+  shardings = shardings_of(abstract or abstract_state(init, tx, mesh, rules, rng))
+  make = _make_state(init, tx)
+  state = jax.jit(lambda r: nn.meta.unbox(make(r)), out_shardings=shardings)(rng)
+  return state, shardings
 
-  abstract = jax.eval_shape(make, rng)
-  state_sharding = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
-  state = jax.jit(lambda r: nn.meta.unbox(make(r)), out_shardings=state_sharding)(rng)
-  return state, state_sharding
 
 def check_loss_chunk(loss_chunk: int, seq_len: int, flag: str = "--config.loss_chunk"):
   """A one-line UsageError unless loss_chunk is 0 (off) or a positive divisor of seq_len."""
@@ -406,6 +422,25 @@ def stop_below(target: float, key: str = "val_nll") -> Hook:
                                             if record.get(key, math.inf) <= target else None))
 
 
+def _compile_ahead(mesh, jitted, args, *more: Callable) -> Callable[[], Callable]:
+  """Starts compiling `jitted` for `args` (arrays or ShapeDtypeStructs), then running `more`
+  (e.g. further compilations, which fill JAX's cache), on a thread; returns a function that waits
+  for the executable. XLA compiles with the GIL released, so what the caller does meanwhile
+  (creating the state, the first evaluation) overlaps the compilation."""
+  def in_mesh(fn):
+    def run():
+      with sharding.use_mesh(mesh):
+        return fn()
+    return run
+
+  pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+  future = pool.submit(in_mesh(lambda: jitted.lower(*args).compile()))
+  for fn in more:
+    pool.submit(in_mesh(fn))
+  pool.shutdown(wait=False)
+  return future.result
+
+
 def _read_sums(state) -> dict:
   """The window means of the summed metrics, and the number of steps they average."""
   sums = {k: float(v) for k, v in jax.device_get(state.sums).items()}
@@ -439,15 +474,12 @@ def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
   save_at = every(config.get("checkpoint_every", num_steps))
   accum = config.get("grad_accum_steps", 1)
   init_rng, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  state, state_sharding = create_state(task.init, task.tx, mesh, rules, init_rng)
-  n_params = flops_lib.count_params(state.params)
+  abstract = abstract_state(task.init, task.tx, mesh, rules, init_rng)
+  state_sharding = shardings_of(abstract)
+  n_params = flops_lib.count_params(abstract.params)
 
   mngr = checkpoint.manager(workdir, config.get("keep_checkpoints", 2))
-  abstract = jax.tree_util.tree_map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sharding)
   restored, start_step = checkpoint.restore_latest(mngr, abstract, log=log)
-  if restored is not None:
-    state = restored
   start_step = start_step or 0
   last_saved = start_step if start_step else None
   writer = MetricsWriter(workdir, start_step if restored is not None else -1)  # -1: a fresh run
@@ -458,12 +490,23 @@ def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
     log(f"reusing the finished run in {workdir} (step {start_step})")
 
   batch_sh = sharding.batch_sharding(mesh, rules)
+  rows = sharding.process_rows(config.batch_size)
   step_fn = jax.jit(functools.partial(train_step, loss_fn=task.loss, grad_accum_steps=accum),
                     in_shardings=(state_sharding, batch_sh, None),
                     out_shardings=(state_sharding, None), donate_argnums=0)
+  if start_step < num_steps and not stopped:  # The step compiles while the state is made and scored.
+    batch = tuple(jax.ShapeDtypeStruct((config.batch_size,) + x.shape[1:],
+                                       jax.dtypes.canonicalize_dtype(x.dtype), sharding=batch_sh)
+                  for x in task.batch(start_step, rows))
+    compiled_step = _compile_ahead(mesh, step_fn, (abstract, batch, step_rng),
+                                   lambda: checkpoint.compile_fingerprint(abstract))
   reset_sums = jax.jit(lambda s: s.replace(sums=_zero_sums()), in_shardings=(state_sharding,),
                        out_shardings=state_sharding, donate_argnums=0)
-  rows = sharding.process_rows(config.batch_size)
+  if restored is not None:
+    state = restored
+  else:
+    state, _ = create_state(task.init, task.tx, mesh, rules, init_rng, abstract)
+  learning_rate = jax.jit(task.learning_rate) if task.learning_rate is not None else None
   if jax.process_count() > 1 and start_step < num_steps and not stopped:
     print(f"process {jax.process_index()} of {jax.process_count()} reads rows {rows.start}:"
           f"{rows.stop} of each global batch of {config.batch_size}", flush=True)
@@ -501,6 +544,8 @@ def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
       batches = data_lib.prefetch(
           lambda step: tuple(sharding.global_batch(x, batch_sh) for x in task.batch(step, rows)),
           start_step, num_steps) if not stopped else iter(())
+      if start_step < num_steps and not stopped:
+        step_fn = compiled_step()
       tokens_per_step = config.batch_size * config.seq_len
       await_each_step = xla_cpu.await_each_step()
       window_start, window_steps = time.perf_counter(), 0
@@ -524,8 +569,8 @@ def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
           record.update(ppl=information.perplexity(record["loss"]),
                         grad_norm=last["grad_norm"], param_norm=last["param_norm"],
                         update_norm=last["update_norm"], tokens_per_s=tokens_per_second)
-          if task.learning_rate is not None:
-            record["lr"] = float(task.learning_rate(step))
+          if learning_rate is not None:
+            record["lr"] = float(learning_rate(step))
           eta = (num_steps - done) * seconds / max(record["window_steps"], 1)
           log(f"step {done:6d} | loss {record['loss']:.4f} | "
               + (f"lr {record['lr']:.2e} | " if "lr" in record else "")
