@@ -67,7 +67,7 @@ def main(argv):
   devices = xla_cpu.host_devices(lambda n: sharding.mesh_fits(
       config.mesh, config.batch_size, config.grad_accum_steps, n))
   started = xla_cpu.tune(devices, fusion_flag=TUNING.value)
-  tuned = started and TUNING.value and xla_cpu.should_tune()
+  tuned = started and TUNING.value and xla_cpu.should_tune(devices=devices)
   try:
     train_lib.check_loss_chunk(LOSS_CHUNK.value, config.seq_len, flag="--loss_chunk")
   except UsageError as e:

@@ -16,7 +16,8 @@ verified = pytest.mark.skipif(xla_cpu._jaxlib_minor() not in xla_cpu.VERIFIED_JA
 @pytest.mark.parametrize("environ, expected", [
     ({}, True),
     ({"JAX_PLATFORMS": "cpu"}, True),
-    ({"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}, True),
+    ({"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}, True),
+    ({"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}, False),  # Measured slower there.
     ({"JAX_PLATFORMS": "cuda"}, False),
     ({"LLM_MATH_XLA_CPU_TUNING": "0"}, False),
     ({"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise"}, False),
@@ -26,6 +27,16 @@ verified = pytest.mark.skipif(xla_cpu._jaxlib_minor() not in xla_cpu.VERIFIED_JA
 ])
 def test_should_tune(environ, expected):
   assert xla_cpu.should_tune(environ) is expected
+
+
+@verified
+@pytest.mark.parametrize("environ, devices, expected", [
+    ({}, 1, True),
+    ({}, 2, False),  # XLA's own fusions are faster on a CPU split into several devices.
+    ({"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}, 2, True),  # XLA_FLAGS' count wins.
+])
+def test_should_tune_only_a_single_cpu_device(environ, devices, expected):
+  assert xla_cpu.should_tune(environ, devices) is expected
 
 
 def test_unverified_jaxlib_is_left_alone(monkeypatch):
