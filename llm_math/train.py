@@ -99,7 +99,8 @@ class Task:
       `optax.set_to_zero()` through `optax.multi_transform` and a `stop_gradient` in `loss`. Label
       whole top-level subtrees (`analysis.compression.train_only`): per-leaf labels would land
       inside the logical-axis boxes of `init`'s params.
-  learning_rate(step) -> float, for the log (None: not logged).
+  learning_rate(step) -> float, for the log (None: not logged); JAX-traceable, like optax's
+      schedules, since the loop compiles it once.
   """
   init: Callable
   loss: Callable
@@ -435,7 +436,7 @@ def _compile_ahead(mesh, jitted, args, *more: Callable) -> Callable[[], Callable
 
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
   future = pool.submit(in_mesh(lambda: jitted.lower(*args).compile()))
-  for fn in more:
+  for fn in more:  # Only warm caches: should one fail, the real call compiles and raises there.
     pool.submit(in_mesh(fn))
   pool.shutdown(wait=False)
   return future.result
@@ -494,7 +495,8 @@ def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
   step_fn = jax.jit(functools.partial(train_step, loss_fn=task.loss, grad_accum_steps=accum),
                     in_shardings=(state_sharding, batch_sh, None),
                     out_shardings=(state_sharding, None), donate_argnums=0)
-  if start_step < num_steps and not stopped:  # The step compiles while the state is made and scored.
+  will_train = start_step < num_steps and not stopped
+  if will_train:  # The step compiles on a thread while the state is created and first scored.
     batch = tuple(jax.ShapeDtypeStruct((config.batch_size,) + x.shape[1:],
                                        jax.dtypes.canonicalize_dtype(x.dtype), sharding=batch_sh)
                   for x in task.batch(start_step, rows))
@@ -507,7 +509,7 @@ def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
   else:
     state, _ = create_state(task.init, task.tx, mesh, rules, init_rng, abstract)
   learning_rate = jax.jit(task.learning_rate) if task.learning_rate is not None else None
-  if jax.process_count() > 1 and start_step < num_steps and not stopped:
+  if jax.process_count() > 1 and will_train:
     print(f"process {jax.process_index()} of {jax.process_count()} reads rows {rows.start}:"
           f"{rows.stop} of each global batch of {config.batch_size}", flush=True)
   timed = [r for r in writer.records if "elapsed_s" in r]
@@ -544,7 +546,7 @@ def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
       batches = data_lib.prefetch(
           lambda step: tuple(sharding.global_batch(x, batch_sh) for x in task.batch(step, rows)),
           start_step, num_steps) if not stopped else iter(())
-      if start_step < num_steps and not stopped:
+      if will_train and not stopped:
         step_fn = compiled_step()
       tokens_per_step = config.batch_size * config.seq_len
       await_each_step = xla_cpu.await_each_step()
