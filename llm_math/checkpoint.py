@@ -1,20 +1,27 @@
 """Atomic, resumable, self-checking checkpoints with orbax.
 
 A checkpoint step holds two items: `state`, the whole `TrainState` (parameters, optimizer state,
-step), and `fingerprint`, two checksums of every leaf's bits (sums of the raw words and of their
-squares, modulo 2^32), computed on device when the step was saved. Integer sums do not depend on the
-order of the reduction, so a restore into another mesh reproduces them exactly. Orbax writes each step to a temporary directory and publishes it when complete, so an
-interrupted save never leaves a half checkpoint that a later run would pick up. The data position
-needs no saving: training batches are a pure function of (seed, step). Restoring goes straight into
-the target sharding (the abstract state carries it).
+step), and `fingerprint`, two position-aware checksums of every leaf, computed on device when the
+step was saved (see `fingerprint`). Orbax writes each step to a temporary directory and publishes it
+when complete, so an interrupted save never leaves a half checkpoint that a later run would pick up.
+The data position needs no saving: training batches are a pure function of (seed, step). Restoring
+goes straight into the target sharding (the abstract state carries it); readers of a finished run
+(`load_params`) restore into their own devices, whatever mesh wrote the step.
 
-Damage after the fact (a flipped or truncated data file, deleted files, a step without its commit
-marker) is found on restore: by orbax or tensorstore failing, or by the restored values disagreeing
-with their fingerprint (corrupt bytes in a compressed chunk can decode "successfully" into other
-numbers). `restore_latest` then moves the step aside to `<step>.corrupt`, says so in one line and
-tries the next older step. A checkpoint that is intact but written by another model (other shapes
-or structure) is a one-line UsageError and never a fallback.
+What a failed restore means decides what happens to the step (`classify`):
+- **damage** (the step's bytes are not what was saved): no commit marker, values that disagree with
+  their fingerprint (corrupt bytes in a compressed chunk can decode "successfully" into other
+  numbers), chunks that do not decode, files missing from a committed step. Training moves such a
+  step aside to `<step>.corrupt`, says so in one line and tries the next older step; a reader skips
+  it and never renames anything.
+- **trouble** (everything else: memory, storage access, a transient error, a layout this process
+  cannot hold): a one-line UsageError, and nothing is renamed or rewritten, so the run is intact
+  when the cause is fixed.
+A checkpoint that is intact but written by another model (other shapes or structure) is a one-line
+UsageError too. A step without its `fingerprint` item restores with a warning.
 """
+
+import errno
 
 import jax
 import jax.numpy as jnp
@@ -26,14 +33,21 @@ from llm_math import sharding
 from llm_math.errors import UsageError
 
 COMMIT_MARKER = "commit_success.txt"
+FINGERPRINT_SCHEME = "index-mixed-v2"
 
 
-def manager(workdir, max_to_keep: int = 2) -> ocp.CheckpointManager:
+class IntegrityError(RuntimeError):
+  """A checkpoint step's stored bytes are not what was saved."""
+
+
+def manager(workdir, max_to_keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
+  """The run's checkpoint manager; `read_only` for readers, which never save, delete or create."""
   return ocp.CheckpointManager(
       files.path(workdir) / "checkpoints",
       item_handlers={"state": ocp.StandardCheckpointHandler(),
                      "fingerprint": ocp.JsonCheckpointHandler()},
-      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
+                                           read_only=read_only))
 
 
 def _words(x: jax.Array) -> jax.Array:
@@ -49,12 +63,41 @@ def _words(x: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(x, narrow).astype(jnp.uint32)
 
 
+def _mix(h: jax.Array) -> jax.Array:
+  """MurmurHash3's 32-bit finalizer: a bijection of uint32 that spreads every input bit."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def _flat_index(shape: tuple) -> jax.Array:
+  """uint32 [*shape]: each element's row-major index in the whole (global) array, modulo 2^32.
+
+  Built from one iota per axis, so a sharded array computes its shards' global indices in place."""
+  index = jnp.zeros(shape, jnp.uint32)
+  for axis, size in enumerate(shape):
+    index = index * jnp.uint32(size) + jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
+  return index
+
+
+_SALTS = (0x9E3779B9, 0x7F4A7C15)  # One per checksum: two independent 32-bit hashes.
+
+
 @jax.jit
 def _checksums(leaves: list) -> jax.Array:
-  """[num_leaves, 2] uint32: sum of each leaf's words and of their squares, modulo 2^32."""
+  """[num_leaves, 2] uint32: for each leaf, sum_i mix(word_i ^ mix(i + salt)) modulo 2^32, twice.
+
+  Each word is hashed with its global index, so a value moved to another position (swapped chunks,
+  a shard written at the wrong offset) changes the sum, and so does any change of a word's bits;
+  two changes cancel only by a 2^-32 coincidence per checksum. Integer sums do not depend on the
+  order of the reduction, so any mesh, sharding or process count reproduces them exactly."""
   def leaf(x):
     w = _words(x)
-    return jnp.stack([jnp.sum(w, dtype=jnp.uint32), jnp.sum(w * w, dtype=jnp.uint32)])
+    index = _flat_index(w.shape)
+    return jnp.stack([jnp.sum(_mix(w ^ _mix(index + jnp.uint32(salt))), dtype=jnp.uint32)
+                      for salt in _SALTS])
   return jnp.stack([leaf(x) for x in leaves])
 
 
@@ -62,11 +105,12 @@ def _flat(state) -> dict:
   return {"/".join(k): v for k, v in ocp.tree.to_flat_dict(state).items() if v is not None}
 
 
-def fingerprint(state) -> dict[str, list[int]]:
-  """{leaf path: [checksum, checksum]}: keyed by path, so any tree type with the same leaves agrees."""
+def fingerprint(state) -> dict:
+  """{"scheme": FINGERPRINT_SCHEME, "leaves": {leaf path: [checksum, checksum]}}: keyed by path, so
+  any tree type with the same leaves agrees (see `_checksums`)."""
   flat = _flat(state)
   sums = np.asarray(jax.device_get(_checksums(list(flat.values())))).astype(np.int64)
-  return dict(zip(flat, sums.tolist()))
+  return {"scheme": FINGERPRINT_SCHEME, "leaves": dict(zip(flat, sums.tolist()))}
 
 
 def compile_fingerprint(abstract_state):
@@ -103,17 +147,71 @@ def _structure_mismatch(mngr, step: int, abstract_state) -> str | None:
   return None
 
 
-def _load(mngr, step: int, abstract_state):
-  """The restored state of `step` if it is intact; raises on any damage."""
-  if not (files.path(mngr.directory) / str(step) / COMMIT_MARKER).exists():
-    raise RuntimeError(f"no {COMMIT_MARKER}: the save never finished")
+def _has_item(mngr, step: int, item: str) -> bool:
+  return (files.path(mngr.directory) / str(step) / item).exists()
+
+
+def _load(mngr, step: int, abstract_state, log=print):
+  """The restored state of `step`, checked against its fingerprint; raises IntegrityError for
+  damage we can see ourselves, and whatever orbax or tensorstore raise for the rest (`classify`)."""
+  if not _has_item(mngr, step, COMMIT_MARKER):
+    raise IntegrityError(f"no {COMMIT_MARKER}: the save never finished")
+  if not _has_item(mngr, step, "fingerprint"):
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))
+    log(f"warning: checkpoint step {step} has no fingerprint item; restored without checking it")
+    return restored.state
   restored = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state), fingerprint=ocp.args.JsonRestore()))
-  saved, now = restored.fingerprint, fingerprint(restored.state)
+  saved = restored.fingerprint
+  if saved.get("scheme") != FINGERPRINT_SCHEME:
+    log(f"warning: checkpoint step {step} has a fingerprint of another scheme "
+        f"({saved.get('scheme', 'sums of words, before index-mixed-v2')}); restored without "
+        "checking it")
+    return restored.state
+  saved, now = saved["leaves"], fingerprint(restored.state)["leaves"]
   bad = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
   if bad:
-    raise RuntimeError(f"{len(bad)} arrays differ from the values that were saved ({bad[0]}, ...)")
+    raise IntegrityError(f"{len(bad)} arrays differ from the values that were saved "
+                         f"({bad[0]}, ...)")
   return restored.state
+
+
+# Status codes (tensorstore's, absl's) that say a committed step's stored bytes are bad: a chunk that
+# does not decode, a byte range past the end of a truncated file, a file that is gone.
+_DAMAGE_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "FAILED_PRECONDITION")
+# Codes of trouble around an intact step: memory, access, availability. They win over the above.
+_TROUBLE_CODES = ("RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "PERMISSION_DENIED",
+                  "UNAUTHENTICATED", "ABORTED", "CANCELLED", "INTERNAL", "UNKNOWN")
+
+
+def _chain(e: BaseException):
+  """`e` and the exceptions it was raised from or during."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    yield e
+    e = e.__cause__ or e.__context__
+
+
+def classify(e: BaseException) -> str:
+  """"damage" when a failed restore shows the step's bytes are bad, else "trouble".
+
+  Only our own IntegrityError and the storage layer's data-loss codes are damage. Anything we do not
+  recognise is trouble: the cost of a wrong "trouble" is a one-line error and a rerun, the cost of a
+  wrong "damage" is a step (and, if every step goes, a run) moved aside."""
+  codes = []
+  for x in _chain(e):
+    if isinstance(x, IntegrityError):
+      return "damage"
+    if isinstance(x, (MemoryError, PermissionError)) or (
+        isinstance(x, OSError) and x.errno not in (None, errno.ENOENT)):
+      return "trouble"
+    text = str(x)
+    codes += [c for c in _DAMAGE_CODES + _TROUBLE_CODES if f"{c}:" in text]
+  if any(c in _TROUBLE_CODES for c in codes) or not codes:
+    return "trouble"
+  return "damage"
 
 
 def move_aside(mngr, step: int) -> str:
@@ -123,71 +221,105 @@ def move_aside(mngr, step: int) -> str:
   n = 1
   while target.exists():
     target, n = source.with_name(f"{step}.corrupt.{n}"), n + 1
-  source.rename(target)
+  try:
+    source.rename(target)
+  except OSError as e:
+    raise UsageError(f"checkpoint step {step} in {mngr.directory} is damaged, and it cannot be "
+                     f"moved aside ({_first_line(e)}); make the directory writable and rerun, "
+                     "or remove the step") from None
   mngr.reload()
   return str(target)
 
 
-def _all_agree(ok: bool) -> bool:
-  """True when every process restored its part of the step (one process: `ok`)."""
+_OUTCOMES = ("intact", "damage", "trouble")
+
+
+def _agreed(outcome: str) -> str:
+  """The worst outcome over all processes (one process: its own): trouble > damage > intact."""
   if jax.process_count() == 1:
-    return ok
+    return outcome
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+  codes = multihost_utils.process_allgather(np.array(_OUTCOMES.index(outcome)))
+  return _OUTCOMES[int(np.max(codes))]
 
 
-def restore_latest(mngr: ocp.CheckpointManager, abstract_state=None, log=print):
+def _try_load(mngr, step: int, abstract_state, log) -> tuple:
+  """(state or None, outcome, problem text or None) of restoring `step` on this process."""
+  try:
+    if abstract_state is not None:
+      mismatch = _structure_mismatch(mngr, step, abstract_state)
+      if mismatch:
+        raise UsageError(
+            f"checkpoint step {step} in {mngr.directory} was written by a different model "
+            f"({mismatch}); use a new --workdir or the config that wrote it")
+    return _load(mngr, step, abstract_state, log), "intact", None
+  except UsageError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    return None, classify(e), _first_line(e)
+
+
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state=None, log=print, move_damaged=True,
+                   steps=None):
   """(state, step) of the newest intact checkpoint, or (None, None) when there is none.
 
-  `abstract_state` (ShapeDtypeStructs with shardings) gives shapes, dtypes and layout; None restores
-  host-default arrays. A damaged step is moved aside with a one-line message and the next older one
-  is tried; a step written by a different model is a UsageError.
+  `abstract_state` (ShapeDtypeStructs with shardings, or a function step -> those) gives shapes,
+  dtypes and layout. A damaged step is moved aside (`move_damaged`, the training loop) or skipped
+  (readers), with a one-line message, and the next older one of `steps` (default: all) is tried;
+  any other failure, and a step written by a different model, is a UsageError that leaves every
+  step in place. All processes take the same decision.
   """
-  for step in sorted(mngr.all_steps(), reverse=True):
-    state, problem = None, None
-    try:
-      if abstract_state is not None:
-        mismatch = _structure_mismatch(mngr, step, abstract_state)
-        if mismatch:
-          raise UsageError(
-              f"checkpoint step {step} in {mngr.directory} was written by a different model "
-              f"({mismatch}); use a new --workdir or the config that wrote it")
-      state = _load(mngr, step, abstract_state)
-    except UsageError:
-      raise
-    except Exception as e:  # pylint: disable=broad-except
-      problem = _first_line(e)
-    if _all_agree(problem is None):
+  for step in sorted(mngr.all_steps() if steps is None else steps, reverse=True):
+    target = abstract_state(step) if callable(abstract_state) else abstract_state
+    state, outcome, problem = _try_load(mngr, step, target, log)
+    agreed = _agreed(outcome)
+    problem = problem or "on another process"
+    if agreed == "intact":
       return state, step
+    if agreed == "trouble":
+      raise UsageError(f"checkpoint step {step} in {mngr.directory} could not be read ({problem}); "
+                       "nothing was changed: fix the cause (memory, storage access) and rerun")
+    if not move_damaged:
+      log(f"checkpoint step {step} is damaged ({problem}); left in place, trying the previous step")
+      continue
     moved = move_aside(mngr, step) if sharding.is_primary() else f"{step}.corrupt"
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices(f"checkpoint step {step} moved aside")
       mngr.reload()
-    log(f"checkpoint step {step} is damaged ({problem or 'on another process'}); "
-        f"kept it as {moved} and trying the previous step")
+    log(f"checkpoint step {step} is damaged ({problem}); kept it as {moved} and trying the "
+        "previous step")
   return None, None
 
 
+def _replicated_like_saved(mngr, step: int):
+  """The saved state's shapes and dtypes (from its metadata), each replicated on this job's own
+  devices: what a reader restores into, whatever mesh or process count wrote the step."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("all",))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.tree_util.tree_map(
+      lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=replicated),
+      dict(mngr.item_metadata(step)["state"]))
+
+
 def load_params(workdir, step: int | None = None, log=print):
-  """(params, step) of a training run's checkpoint (default: the newest intact one), on the host."""
+  """(params, step) of a training run's checkpoint (default: the newest intact one), as numpy.
+
+  A read: the step is restored into this job's own devices (any mesh may have written it), and
+  nothing in the run's directory is renamed or written; damaged steps are skipped with a message."""
   directory = files.path(workdir) / "checkpoints"
   if not directory.is_dir():
     raise UsageError(f"--workdir={workdir}: no checkpoints/ directory (train a model there first)")
-  mngr = manager(workdir)
+  mngr = manager(workdir, read_only=True)
   try:
-    if step is None:
-      state, step = restore_latest(mngr, log=log)
-      if state is None:
-        raise UsageError(f"--workdir={workdir}: no intact checkpoint in {directory}")
-    elif step not in mngr.all_steps():
-      raise UsageError(f"--workdir={workdir}: no checkpoint at step {step}; have {mngr.all_steps()}")
-    else:
-      try:
-        state = _load(mngr, step, None)
-      except Exception as e:  # pylint: disable=broad-except
-        raise UsageError(f"--workdir={workdir}: checkpoint step {step} is damaged "
-                         f"({_first_line(e)})") from None
+    if step is not None and step not in mngr.all_steps():
+      raise UsageError(f"--workdir={workdir}: no checkpoint at step {step}; "
+                       f"have {sorted(mngr.all_steps())}")
+    state, found = restore_latest(mngr, lambda s: _replicated_like_saved(mngr, s), log=log,
+                                  move_damaged=False, steps=None if step is None else [step])
+    if state is None:
+      raise UsageError(f"--workdir={workdir}: no intact checkpoint in {directory}"
+                       + (f" at step {step}" if step is not None else ""))
   finally:
     mngr.close()
-  return state["params"], step
+  return jax.device_get(state["params"]), found

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax.training import train_state
 
@@ -328,7 +329,12 @@ class TrainResult:
 
 
 class _StopSignals:
-  """Turns the first SIGINT/SIGTERM into a flag the loop checks between steps; a second one kills."""
+  """Turns the first SIGINT/SIGTERM into a flag the loop checks between steps; a second one kills.
+
+  With several processes each one receives its signal at its own moment (a pod's hosts are told
+  one by one), so the flag only counts once the processes agree (`agreed`): at the steps where every
+  process asks, all of them learn whether any was signalled, stop after the same step and save it.
+  """
 
   def __init__(self):
     self.received = None
@@ -339,6 +345,16 @@ class _StopSignals:
     self.received = signal.Signals(signum).name
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+
+  def agreed(self) -> str | None:
+    """The signal any process received (its name), identically on every process; a collective
+    with several processes, so every process must call it at the same steps."""
+    if jax.process_count() == 1:
+      return self.received
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    names = ("", "SIGINT", "SIGTERM")
+    codes = multihost_utils.process_allgather(np.array(names.index(self.received or "")))
+    return names[int(np.max(codes))] or None
 
   def __enter__(self):
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -352,17 +368,25 @@ class _StopSignals:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
 
+
 class MetricsWriter:
   """Writes metrics as JSON lines (`workdir/metrics.jsonl`) and TensorBoard scalars (event files in
-  `workdir`), on process 0 only. JSON records past `resume_step` (a run resumed from an older
-  checkpoint) are dropped; `records` are the kept ones."""
+  `workdir`), on process 0 only. `records` are the records up to `resume_step` (-1: a fresh run),
+  the history the resumed run continues. The file is never truncated: when records past
+  `resume_step` exist (a run resumed from an older checkpoint, or started afresh after every step
+  was damaged), the whole earlier file is kept as `metrics.earlier-N.jsonl` first (`kept_as`)."""
 
   def __init__(self, workdir, resume_step: int):
     self.path = files.path(workdir) / "metrics.jsonl"
     self.enabled = sharding.is_primary()
-    self.records = [r for r in files.read_jsonl(self.path) if r["step"] <= resume_step]
+    earlier = files.read_jsonl(self.path)
+    self.records = [r for r in earlier if r["step"] <= resume_step]
+    self.kept_as = None
     self._events = None
     if self.enabled:
+      if len(self.records) < len(earlier):
+        self.kept_as = _unused_name(self.path, "metrics.earlier-{}.jsonl")
+        self.path.rename(self.kept_as)
       files.write_jsonl(self.path, self.records)
       self._events = summaries.ScalarWriter(files.path(workdir))
 
@@ -381,16 +405,50 @@ class MetricsWriter:
       self._events.close()
 
 
-def _check_loss(loss: float, step: int, bound: float, last_saved: int | None, what: str = "training"):
-  """Raises DivergenceError when `loss` is NaN, infinite or above `bound`."""
+def _unused_name(path, pattern: str):
+  """path's sibling named `pattern` with the first free number 1, 2, ..."""
+  n = 1
+  while (path.parent / pattern.format(n)).exists():
+    n += 1
+  return path.parent / pattern.format(n)
+
+
+def _loss_problem(loss: float, bound: float, what: str = "training") -> str | None:
+  """Why `loss` counts as diverged (NaN, infinite or above `bound`), or None."""
   if math.isfinite(loss) and loss <= bound:
-    return
+    return None
+  reason = "" if not math.isfinite(loss) else f", above the divergence bound {bound:.2f}"
+  return f"{what} loss is {loss:.6g}{reason}"
+
+
+def _divergence(problem: str, step: int, last_saved: int | None) -> DivergenceError:
   kept = (f"the last good checkpoint (step {last_saved}) is kept" if last_saved is not None
           else "no checkpoint had been saved yet")
-  reason = "" if not math.isfinite(loss) else f", above the divergence bound {bound:.2f}"
-  raise DivergenceError(
-      f"{what} loss is {loss:.6g} at step {step}{reason}; stopped without saving the diverged state "
-      f"({kept}). Lower --config.learning_rate, raise --config.warmup_steps or check the data.")
+  return DivergenceError(
+      f"{problem} at step {step}; stopped without saving the diverged state ({kept}). "
+      "Lower --config.learning_rate, raise --config.warmup_steps or check the data.")
+
+
+def _check_loss(loss: float, step: int, bound: float, last_saved: int | None, what: str = "training"):
+  """Raises DivergenceError when `loss` is NaN, infinite or above `bound`."""
+  problem = _loss_problem(loss, bound, what)
+  if problem:
+    raise _divergence(problem, step, last_saved)
+
+
+def _all_finite(tree) -> jax.Array:
+  """Whether every floating-point entry of `tree` is finite (a scalar bool)."""
+  leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _unsavable(state, metrics: dict, bound: float, all_finite: Callable) -> str | None:
+  """Why the state after a step must not be saved (its loss diverged, or any number of the state,
+  parameters or optimizer moments, is not finite), or None: only finite states become checkpoints."""
+  problem = _loss_problem(float(jax.device_get(metrics["loss"])), bound)
+  if problem is None and not bool(all_finite(state)):
+    problem = "the state after the update is not finite"
+  return problem
 
 
 def _duration(seconds: float) -> str:
@@ -484,6 +542,11 @@ def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
   start_step = start_step or 0
   last_saved = start_step if start_step else None
   writer = MetricsWriter(workdir, start_step if restored is not None else -1)  # -1: a fresh run
+  if writer.kept_as is not None:
+    log(f"metrics.jsonl held records past step {start_step}; kept them in {writer.kept_as.name}")
+    if restored is None:
+      writer.write({"step": 0, "restart": "no intact checkpoint: training starts again from step 0",
+                    "earlier_metrics": writer.kept_as.name})
   stopped = next((r["stop"] for r in writer.records if "stop" in r), None)
   if restored is not None and not stopped and start_step < num_steps:
     log(f"resumed from the checkpoint at step {start_step} in {workdir}")
@@ -502,6 +565,7 @@ def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
                   for x in task.batch(start_step, rows))
     compiled_step = _compile_ahead(mesh, step_fn, (abstract, batch, step_rng),
                                    lambda: checkpoint.compile_fingerprint(abstract))
+  all_finite = jax.jit(_all_finite, in_shardings=(state_sharding,))
   reset_sums = jax.jit(lambda s: s.replace(sums=_zero_sums()), in_shardings=(state_sharding,),
                        out_shardings=state_sharding, donate_argnums=0)
   if restored is not None:
@@ -549,12 +613,15 @@ def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
       if will_train and not stopped:
         step_fn = compiled_step()
       tokens_per_step = config.batch_size * config.seq_len
+      # With several processes, a signal counts at the steps where all of them ask (`agreed`).
+      check_every = 1 if jax.process_count() == 1 else config.get("stop_check_every", 10)
       await_each_step = xla_cpu.await_each_step()
       window_start, window_steps = time.perf_counter(), 0
       for step in range(start_step, num_steps if not stopped else start_step):
-        if stop.received:
-          interrupted = stop.received
-          break
+        if (step - start_step) % check_every == 0:
+          interrupted = stop.agreed()
+          if interrupted:
+            break
         state, metrics = step_fn(state, next(batches), step_rng)
         if await_each_step:
           jax.block_until_ready(metrics["loss"])
@@ -582,21 +649,30 @@ def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
         stopped = finish_step(done, record)
         window_start += time.perf_counter() - paused  # tokens/s counts training steps only
         if stopped or save_at(done) or done == num_steps:
-          if "loss" not in record and on_divergence == "raise":
-            _check_loss(float(jax.device_get(metrics["loss"])), done, loss_bound, last_saved)
-          checkpoint.save(mngr, done, state)
-          last_saved = done
+          problem = _unsavable(state, metrics, loss_bound, all_finite)
+          if problem is None:
+            checkpoint.save(mngr, done, state)
+            last_saved = done
+          elif on_divergence == "raise":
+            raise _divergence(problem, done, last_saved)
+          else:
+            if stopped != "diverged":
+              stopped = "diverged"
+              writer.write({"step": done, "stop": stopped, "elapsed_s": elapsed()})
+            log(f"step {done:6d} | {problem}: not saved (the last saved step is {last_saved})")
         if stopped:
           log(f"step {done:6d} | stopped: {stopped}")
           break
-      interrupted = interrupted or stop.received  # Also a signal during the last step or hooks.
+      interrupted = interrupted or stop.agreed()  # Also a signal during the last step or hooks.
       if interrupted:
         current = int(jax.device_get(state.step))
         if current != last_saved and current > start_step:
-          if on_divergence == "raise":
-            _check_loss(float(jax.device_get(metrics["loss"])), current, loss_bound, last_saved)
-          checkpoint.save(mngr, current, state)
-          last_saved = current
+          problem = _unsavable(state, metrics, loss_bound, all_finite)
+          if problem is None:
+            checkpoint.save(mngr, current, state)
+            last_saved = current
+          elif on_divergence == "raise":
+            raise _divergence(problem, current, last_saved)
         saved = "checkpoint saved" if last_saved == current else "nothing to save yet"
         log(f"received {interrupted} at step {current}: {saved}; rerun the same command to resume")
   finally:  # Also on a divergence stop: in-flight async saves complete before the error surfaces.

@@ -126,8 +126,10 @@ def test_chunked_loss_trains_like_the_full_logits(tmp_path):
     runs[chunk] = train_lib.train(config, helpers.tiny_dataset(config), str(tmp_path / str(chunk)),
                                   log=_quiet)
   np.testing.assert_allclose(runs[4].val_curve, runs[0].val_curve, rtol=1e-5)
+  # Adam divides by sqrt(v): where a gradient is near zero, float summation order moves the update
+  # by a fraction of the learning rate (seen on an Intel Xeon: 1.5e-6 after 6 steps at lr <= 3e-3).
   for a, b in zip(_params_of(runs[4]), _params_of(runs[0])):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   config = helpers.tiny_config(loss_chunk=5)
   with pytest.raises(UsageError, match="--config.loss_chunk=5"):
     train_lib.train(config, helpers.tiny_dataset(config), str(tmp_path / "bad"), log=_quiet)
