@@ -19,7 +19,6 @@ stream contiguously with fixed windows and says what context every scored token 
 import collections
 import concurrent.futures
 import dataclasses
-import fcntl
 import hashlib
 import itertools
 import json
@@ -90,7 +89,8 @@ def cache_key(spec: str, settings: dict) -> str:
 def _prepared(spec: str, tokenizer: str, vocab_size, split, max_chars, tfds_data_dir, cache_dir,
               log) -> str:
   """The cache directory of `spec` prepared by `token_store.prepare` (on first use; later uses
-  reuse it). Processes sharing a disk take turns under a file lock: one prepares, the rest reuse."""
+  reuse it). Processes sharing a disk take turns under a file lock: one prepares, the rest reuse
+  (`token_store.prepare_shared`; without cross-host locks process 0 prepares, the rest wait)."""
   from llm_math import token_store  # pylint: disable=g-import-not-at-top
   settings = {"tokenizer": tokenizer, "vocab_size": vocab_size, "split": split or "",
               "max_chars": max_chars or 0,
@@ -105,9 +105,9 @@ def _prepared(spec: str, tokenizer: str, vocab_size, split, max_chars, tfds_data
   except OSError as e:
     raise UsageError(f"--data_cache={root}: cannot write there ({e.strerror or e})") from None
   with lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    manifest = token_store.prepare(spec, directory, tokenizer, vocab_size, split or None,
-                                   max_chars=max_chars, tfds_data_dir=tfds_data_dir, log=log)
+    manifest = token_store.prepare_shared(
+        lock, spec, directory, tokenizer, vocab_size, split or None, primary=sharding.is_primary(),
+        max_chars=max_chars, tfds_data_dir=tfds_data_dir, log=log)
   if not manifest["reused"]:
     log(f"prepared {spec} into {directory} in {manifest['wall_s']:.1f} s; later runs reuse it")
   return directory

@@ -13,6 +13,8 @@ import io
 import json
 import math
 import os
+import secrets
+import socket
 
 from etils import epath
 import numpy as np
@@ -54,15 +56,40 @@ def read_json(p: PathLike):
   return json.loads(path(p).read_text())
 
 
+def temp_path(target: epath.Path) -> epath.Path:
+  """A fresh name beside `target` to write it under before renaming it into place: host name,
+  process id and a random token, since processes on several hosts (containers on a pod often share
+  process ids) may write the same file of a shared disk at once."""
+  return target.with_name(f".{target.name}.tmp.{socket.gethostname()}.{os.getpid()}."
+                          f"{secrets.token_hex(4)}")
+
+
+def _write(p: PathLike, data: str | bytes):
+  """Writes `data` to `p`, atomically where the filesystem can rename (local disk, mounts): readers
+  see the old file or the whole new one, never a part."""
+  target = path(p)
+  if not is_local(target):
+    _write_file(target, data)  # Object stores publish an object whole when it is closed.
+    return
+  tmp = temp_path(target)
+  try:
+    _write_file(tmp, data)
+    tmp.replace(target)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
+
+
+def _write_file(target: epath.Path, data: str | bytes):
+  if isinstance(data, str):
+    target.write_text(data)
+  else:
+    target.write_bytes(data)
+
+
 def write_text(p: PathLike, text: str):
   """Writes `text` to `p`, atomically where the filesystem can rename (local disk)."""
-  target = path(p)
-  if is_local(target):
-    tmp = target.with_name(f".{target.name}.tmp.{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(target)
-  else:
-    target.write_text(text)  # Object stores publish an object whole when it is closed.
+  _write(p, text)
 
 
 def read_jsonl(p: PathLike) -> list[dict]:
@@ -85,7 +112,8 @@ def append_jsonl(p: PathLike, records: list[dict]):
 
 
 def write_bytes(p: PathLike, data: bytes):
-  path(p).write_bytes(data)
+  """Writes `data` to `p`, atomically where the filesystem can rename (local disk)."""
+  _write(p, data)
 
 
 def write_npz(p: PathLike, **arrays):

@@ -17,6 +17,20 @@ A prepared directory holds:
 
 A directory without manifest.json is half-written: `open` refuses it, `prepare` redoes it.
 
+Shared disks. Every file is written under a temporary name unique across hosts (host name, process
+id, random token: containers on a pod often share process ids) and renamed into place whole, and
+manifest.json comes last, so a reader sees no manifest or a complete directory, never a part of a
+file; a writer that finds another's matching manifest when it is done drops its own files. Which
+process prepares a shared directory (`prepare_shared`, the data cache's entry point): where flock
+works (local disks; NFS with locking, across hosts), the processes take turns under it and the first
+prepares. An object-store FUSE mount (fstype in OBJECT_STORE_MOUNTS, e.g. fuse.gcsfuse, read from
+/proc/mounts) passes for a local path (only '://' URLs are not local), but its locks hold within one
+host only; there, and where flock fails with ENOLCK, EOPNOTSUPP or ENOSYS (some NFS and FUSE
+mounts), process 0 prepares without a cross-host lock and the others wait for its manifest.json (a
+one-line warning names the directory; after WAIT_S a UsageError says to prepare ahead). Independent
+jobs that share such a directory are not told apart: prepare it ahead with one process
+(`experiments.prepare_data`).
+
 `prepare` streams the source: it reads files in chunks, and tfds splits example by example, and cuts
 the text into pieces of about `chunk_bytes` that end at line breaks, never holding a whole corpus or
 split; it tokenizes the pieces on a process pool (order preserved) while appending ids to the .bin
@@ -38,14 +52,19 @@ Split rules (`split`; None means 'tail' for text: sources and the dataset's own 
 import codecs
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
+import errno
+import fcntl
 import hashlib
 import io
 import json
 import mmap
 import multiprocessing
 import os
+import re
 import socket
+import sys
 import time
 
 import numpy as np
@@ -62,6 +81,13 @@ DEFAULT_SAMPLE_CHARS = 20_000_000
 _CHUNK_BYTES = 4 << 20
 _MAX_CARRY_CHARS = 64 << 20  # A line longer than this is cut (only SentencePiece ids notice).
 _CORPUS = "corpus"  # The one stream of a text: source; its splits are cut from it.
+# Shared preparation (prepare_shared): filesystems whose file locks do not reach other hosts.
+OBJECT_STORE_MOUNTS = ("fuse.gcsfuse", "fuse.s3fs", "fuse.mountpoint-s3", "fuse.goofys",
+                       "fuse.blobfuse", "fuse.blobfuse2")
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS)  # flock's "not here".
+WAIT_S = 6 * 3600.0  # How long the other processes wait for process 0 to prepare.
+POLL_S = 5.0
+_MOUNTS = "/proc/mounts"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -506,6 +532,12 @@ def _counts_path(directory, split: str):
   return files.path(directory) / f"{split}.counts.npy"
 
 
+def _write_counts(directory, split: str, counts_V: np.ndarray):
+  buf = io.BytesIO()
+  np.save(buf, counts_V)
+  files.write_bytes(_counts_path(directory, split), buf.getvalue())  # Renamed into place whole.
+
+
 def _read_counts(directory, split: str) -> np.ndarray | None:
   path = _counts_path(directory, split)
   if not path.exists():
@@ -592,6 +624,38 @@ def unigram_counts(directory, split: str) -> np.ndarray:
   return _read_counts(directory, split)
 
 
+def _request(source_spec: str, tokenizer_kind: str, vocab_size: int | None, split: str | None,
+             sample_chars: int, model_type: str, max_chars: int | None,
+             tfds_data_dir: str | None) -> tuple[Source, SplitRule, dict]:
+  """The source, split rule and settings that `prepare` is asked for (checked)."""
+  if tokenizer_kind not in tokenizers.KINDS:
+    raise UsageError(f"--tokenizer={tokenizer_kind!r}: expected one of {', '.join(tokenizers.KINDS)}")
+  if tokenizer_kind == "sentencepiece" and not vocab_size:
+    raise UsageError("--tokenizer=sentencepiece needs --vocab_size (e.g. 1000)")
+  source = open_source(source_spec, max_chars, tfds_data_dir)
+  rule = split_rule(source, split)
+  settings = {"format_version": FORMAT_VERSION, "split": rule.to_json(), "max_chars": max_chars,
+              "tokenizer": {"kind": tokenizer_kind}}
+  if tokenizer_kind == "sentencepiece":
+    settings["tokenizer"].update(vocab_size=vocab_size, model_type=model_type,
+                                 sample_chars=sample_chars)
+  return source, rule, settings
+
+
+def _prepared(out_dir, source: Source, settings: dict, stats: list[dict], scan: _Scan | None,
+              chunk_bytes: int) -> tuple[dict | None, _Scan | None]:
+  """(manifest, scan): the manifest of `out_dir` if it is complete and holds `source` prepared with
+  `settings` (unchanged file sizes and times, or else an equal hash of the text, say so), else None;
+  and `scan`, or the source's scan if this took one (kept for a rewrite)."""
+  old = read_manifest(out_dir)
+  if old is None or old.get("settings") != settings or _complete(out_dir, old):
+    return None, scan
+  if old.get("source_files") == stats and old.get("source_dataset") == source.dataset:
+    return old, scan
+  scan = scan or _scan(source, chunk_bytes)
+  return (old if settings_hash(scan.sha256, settings) == old["hash"] else None), scan
+
+
 def prepare(source_spec: str, out_dir, tokenizer_kind: str = "char", vocab_size: int | None = None,
             split: str | None = None, *, sample_chars: int = DEFAULT_SAMPLE_CHARS,
             model_type: str = "bpe", workers: int | None = None, chunk_bytes: int = _CHUNK_BYTES,
@@ -611,29 +675,13 @@ def prepare(source_spec: str, out_dir, tokenizer_kind: str = "char", vocab_size:
   """
   log = log or (lambda _: None)
   start = time.perf_counter()
-  if tokenizer_kind not in tokenizers.KINDS:
-    raise UsageError(f"--tokenizer={tokenizer_kind!r}: expected one of {', '.join(tokenizers.KINDS)}")
-  if tokenizer_kind == "sentencepiece" and not vocab_size:
-    raise UsageError("--tokenizer=sentencepiece needs --vocab_size (e.g. 1000)")
-  source = open_source(source_spec, max_chars, tfds_data_dir)
-  rule = split_rule(source, split)
-  settings = {"format_version": FORMAT_VERSION, "split": rule.to_json(), "max_chars": max_chars,
-              "tokenizer": {"kind": tokenizer_kind}}
-  if tokenizer_kind == "sentencepiece":
-    settings["tokenizer"].update(vocab_size=vocab_size, model_type=model_type,
-                                 sample_chars=sample_chars)
+  source, rule, settings = _request(source_spec, tokenizer_kind, vocab_size, split, sample_chars,
+                                    model_type, max_chars, tfds_data_dir)
   stats = _file_stats(source.files)
-
-  scan = None
-  old = read_manifest(out_dir)
-  if old is not None and old.get("settings") == settings and not _complete(out_dir, old):
-    same = old.get("source_files") == stats and old.get("source_dataset") == source.dataset
-    if not same:
-      scan = _scan(source, chunk_bytes)  # Kept for the rewrite if the text changed.
-      same = settings_hash(scan.sha256, settings) == old["hash"]
-    if same:
-      log(f"{out_dir}: already prepared from this source with these settings")
-      return dict(old, reused=True)
+  old, scan = _prepared(out_dir, source, settings, stats, None, chunk_bytes)
+  if old is not None:
+    log(f"{out_dir}: already prepared from this source with these settings")
+    return dict(old, reused=True)
 
   out = files.path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
@@ -667,21 +715,29 @@ def prepare(source_spec: str, out_dir, tokenizer_kind: str = "char", vocab_size:
   workers = workers or max((os.cpu_count() or 1) - 1, 1)
   if scan.source_bytes <= chunk_bytes:
     workers = 1  # One chunk: starting processes would cost more than it saves.
-  tmp = {s: out / f".{s}.bin.tmp.{os.getpid()}" for s in SPLITS}
-  handles = {s: tmp[s].open("wb") for s in SPLITS}
+  digest = settings_hash(scan.sha256, settings)
+  tmp = {s: files.temp_path(_bin_path(out, s)) for s in SPLITS}
   try:
-    for ids_pair in _encode_all(counted(pairs), _tokenizer_spec(tokenizer), dtype, workers):
-      for s, ids in zip(SPLITS, ids_pair):
-        handles[s].write(ids.tobytes())
-        counts[s]["tokens"] += len(ids)
-        unigrams[s] += np.bincount(ids, minlength=tokenizer.vocab_size)
+    handles = {}
+    with contextlib.ExitStack() as stack:
+      for s in SPLITS:
+        handles[s] = stack.enter_context(tmp[s].open("wb"))
+      for ids_pair in _encode_all(counted(pairs), _tokenizer_spec(tokenizer), dtype, workers):
+        for s, ids in zip(SPLITS, ids_pair):
+          handles[s].write(ids.tobytes())
+          counts[s]["tokens"] += len(ids)
+          unigrams[s] += np.bincount(ids, minlength=tokenizer.vocab_size)
+    done = read_manifest(out)
+    if done is not None and done.get("hash") == digest and not _complete(out, done):
+      log(f"{out_dir}: another process prepared it meanwhile; using its files")
+      return dict(done, reused=True)  # Its readers keep their files (the finally drops ours).
+    for s in SPLITS:
+      tmp[s].replace(_bin_path(out, s))
   finally:
-    for h in handles.values():
-      h.close()
+    for leftover in tmp.values():
+      leftover.unlink(missing_ok=True)
   for s in SPLITS:
-    tmp[s].replace(_bin_path(out, s))
-    with _counts_path(out, s).open("wb") as f:
-      np.save(f, unigrams[s])
+    _write_counts(out, s, unigrams[s])
   tokenizer.save(out)
 
   wall = time.perf_counter() - start
@@ -700,9 +756,99 @@ def prepare(source_spec: str, out_dir, tokenizer_kind: str = "char", vocab_size:
       "splits": {s: dict(counts[s], file=f"{s}.bin", counts_file=f"{s}.counts.npy")
                  for s in SPLITS},
       "settings": settings,
-      "hash": settings_hash(scan.sha256, settings),
+      "hash": digest,
       "wall_s": wall,
       "workers": workers,
   }
   files.write_json(out / MANIFEST, manifest)
   return dict(manifest, reused=False)
+
+
+def mount_type(path, mounts: str | None = None) -> str:
+  """The type of the filesystem that holds `path` ('ext4', 'nfs4', 'fuse.gcsfuse', ...), as the
+  mount table `mounts` (the text of /proc/mounts if None) says; '' where there is none."""
+  if mounts is None:
+    try:
+      with io.open(_MOUNTS, encoding="utf-8", errors="replace") as f:
+        mounts = f.read()
+    except OSError:
+      return ""
+  target = os.path.realpath(os.fspath(path))
+  best, fstype = -1, ""
+  for line in mounts.splitlines():
+    fields = line.split()
+    if len(fields) < 3:
+      continue
+    point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])  # '\040': ' '
+    inside = target == point or target.startswith(point.rstrip("/") + "/")
+    if inside and len(point) >= best:  # The deepest mount; of equal ones the last (on top).
+      best, fstype = len(point), fields[2]
+  return fstype
+
+
+def _lock(lock) -> str | None:
+  """Takes an exclusive flock of the open file `lock` (waiting for it); None, or why locks do not
+  work on its filesystem."""
+  try:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+  except OSError as e:
+    if e.errno not in _NO_LOCKS:
+      raise
+    return f"file locks do not work there ({errno.errorcode.get(e.errno, e.errno)}: {e.strerror})"
+  return None
+
+
+def wait_prepared(source_spec: str, out_dir, tokenizer_kind: str = "char",
+                  vocab_size: int | None = None, split: str | None = None, *,
+                  sample_chars: int = DEFAULT_SAMPLE_CHARS, model_type: str = "bpe",
+                  chunk_bytes: int = _CHUNK_BYTES, max_chars: int | None = None,
+                  tfds_data_dir: str | None = None, timeout_s: float = WAIT_S,
+                  poll_s: float = POLL_S) -> dict:
+  """The manifest of `out_dir` once another process has prepared it as `prepare` with these
+  arguments would (its manifest.json, written last, is the completion marker); a UsageError after
+  `timeout_s`."""
+  source, _, settings = _request(source_spec, tokenizer_kind, vocab_size, split, sample_chars,
+                                 model_type, max_chars, tfds_data_dir)
+  stats = _file_stats(source.files)
+  deadline, scan = time.monotonic() + timeout_s, None
+  while True:
+    done, scan = _prepared(out_dir, source, settings, stats, scan, chunk_bytes)
+    if done is not None:
+      return dict(done, reused=True)
+    if time.monotonic() >= deadline:
+      raise UsageError(
+          f"{out_dir}: waited {timeout_s:,.0f} s for process 0 to prepare {source_spec} there; "
+          f"prepare it ahead with one process (`python -m experiments.prepare_data "
+          f"--data={source_spec} --out=DIR ...`) and train with --data=tokens:DIR")
+    time.sleep(poll_s)
+
+
+def prepare_shared(lock, source_spec: str, out_dir, tokenizer_kind: str = "char",
+                   vocab_size: int | None = None, split: str | None = None, *,
+                   primary: bool = True, timeout_s: float = WAIT_S, poll_s: float = POLL_S,
+                   log=None, **options) -> dict:
+  """`prepare` for processes that share `out_dir` (a data cache; see the module docstring): one
+  prepares, the others reuse its files. `lock` is an open file beside `out_dir`.
+
+  Under an exclusive flock of `lock` where locks hold across hosts; on an object-store mount
+  (OBJECT_STORE_MOUNTS), or where flock fails with ENOLCK, EOPNOTSUPP or ENOSYS, the `primary`
+  process (JAX process 0) prepares and the others wait for its manifest (`wait_prepared`), after
+  a one-line warning naming `out_dir` on stderr. `options` are prepare's.
+  """
+  args = (source_spec, out_dir, tokenizer_kind, vocab_size, split)
+  fstype = mount_type(out_dir)
+  if fstype in OBJECT_STORE_MOUNTS:
+    why = f"a {fstype} mount, where file locks hold within one host only"
+    if primary:
+      _lock(lock)  # Processes of this host still take turns; if locks fail here, no matter.
+  else:
+    why = _lock(lock)
+    if why is None:
+      return prepare(*args, log=log, **options)
+  print(f"warning: {out_dir}: {why}; process 0 prepares it without a cross-host lock and the "
+        f"others wait for its {MANIFEST} (prepare ahead with experiments.prepare_data to skip "
+        "this)", file=sys.stderr)
+  if primary:
+    return prepare(*args, log=log, **options)
+  options.pop("workers", None)
+  return wait_prepared(*args, timeout_s=timeout_s, poll_s=poll_s, **options)

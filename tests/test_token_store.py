@@ -1,7 +1,10 @@
 """Token stores: prepared splits equal each split tokenized whole (text: and tfds: sources), the
 blocks rule, max_chars, unigram counts, idempotence, memmapped training."""
+import errno
+import fcntl
 import os
 import random
+import socket
 import subprocess
 import sys
 
@@ -9,6 +12,7 @@ import numpy as np
 import pytest
 
 from llm_math import data as data_lib
+from llm_math import files
 from llm_math import token_store
 from llm_math import tokenizers
 from llm_math.errors import UsageError
@@ -221,6 +225,115 @@ def test_prepare_data_script(tmp_path):
   assert "train" in proc.stdout and "MB/s" in proc.stdout and "<u2" in proc.stdout
   again = subprocess.run(cmd, cwd=helpers.REPO, env=env, capture_output=True, text=True, timeout=120)
   assert "already prepared" in again.stdout, again.stdout
+
+
+def test_temp_names_differ_between_hosts_with_the_same_pid(tmp_path, monkeypatch):
+  monkeypatch.setattr(os, "getpid", lambda: 7)  # Containers on a pod often share process ids.
+  target = files.path(tmp_path / "train.bin")
+  names = {}
+  for host in ("host-a", "host-b"):
+    monkeypatch.setattr(socket, "gethostname", lambda host=host: host)
+    names[host] = files.temp_path(target).name
+  assert names["host-a"].startswith(".train.bin.tmp.host-a.7.")
+  assert names["host-b"].startswith(".train.bin.tmp.host-b.7.")
+  assert files.temp_path(target) != files.temp_path(target)  # And a random token per file.
+  # Every file of a store is written under such a name, and none is left behind.
+  made, temp_path = [], files.temp_path
+  monkeypatch.setattr(files, "temp_path", lambda t: made.append(temp_path(t)) or made[-1])
+  path, out = tmp_path / "c.txt", tmp_path / "out"
+  _write_corpus(path, 5_000)
+  token_store.prepare(f"text:{path}", out, "sentencepiece", 320, workers=1)
+  assert sorted(p.name.split(".tmp.")[0] for p in made) == [
+      ".manifest.json", ".tokenizer.json", ".tokenizer.model", ".train.bin", ".train.counts.npy",
+      ".val.bin", ".val.counts.npy"]
+  assert all(".tmp.host-b.7." in p.name for p in made)
+  assert not [p for p in out.iterdir() if ".tmp." in p.name]
+
+
+def test_flock_without_locks_lets_process_0_prepare_and_the_others_wait(tmp_path, monkeypatch,
+                                                                        capsys):
+  def no_locks(*_):
+    raise OSError(errno.ENOLCK, "No locks available")
+  monkeypatch.setattr(fcntl, "flock", no_locks)
+  path, out = tmp_path / "c.txt", tmp_path / "cache" / "c-char"
+  _write_corpus(path, 5_000)
+  out.parent.mkdir()
+  spec = f"text:{path}"
+  with open(f"{out}.lock", "a") as lock:
+    with pytest.raises(UsageError, match="waited 0 s for process 0 to prepare .* prepare it ahead "
+                                         "with one process") as e:
+      token_store.prepare_shared(lock, spec, out, "char", primary=False, timeout_s=0)
+    assert "\n" not in str(e.value)
+    manifest = token_store.prepare_shared(lock, spec, out, "char", primary=True)
+    waited = token_store.prepare_shared(lock, spec, out, "char", primary=False, timeout_s=0)
+  warnings = capsys.readouterr().err.splitlines()
+  assert len(warnings) == 3 and all(
+      w.startswith(f"warning: {out}: file locks do not work there (ENOLCK: No locks available); "
+                   "process 0 prepares it") for w in warnings)
+  assert not manifest["reused"] and waited["reused"] and waited["hash"] == manifest["hash"]
+  train_ids, val_ids, _, _ = token_store.open(out)
+  expected_train, expected_val, _ = _reference(*_tail(_joined_text([path])), "char")
+  np.testing.assert_array_equal(train_ids, expected_train)
+  np.testing.assert_array_equal(val_ids, expected_val)
+  # The data cache takes the same way (one process: it prepares).
+  ds = data_lib.load(spec, tokenizer="char", cache_dir=str(tmp_path / "cache2"))
+  np.testing.assert_array_equal(ds.val_ids, expected_val)
+  assert "file locks do not work there (ENOLCK" in capsys.readouterr().err
+
+
+def test_a_writer_that_finds_another_finished_keeps_its_files(tmp_path, monkeypatch):
+  path, out = tmp_path / "c.txt", tmp_path / "out"
+  _write_corpus(path, 5_000)
+  encode_all, other = token_store._encode_all, {}
+
+  def another_host_finishes_first(*args):
+    yield from encode_all(*args)
+    monkeypatch.setattr(token_store, "_encode_all", encode_all)
+    other.update(token_store.prepare(f"text:{path}", out, "char"), mtimes=_mtimes(out))
+  monkeypatch.setattr(token_store, "_encode_all", another_host_finishes_first)
+  manifest = token_store.prepare(f"text:{path}", out, "char")
+  assert not other["reused"] and manifest["reused"] and manifest["hash"] == other["hash"]
+  assert _mtimes(out) == other["mtimes"]  # Nothing replaced under the other's readers.
+  assert not [p for p in out.iterdir() if ".tmp." in p.name]
+
+
+def test_mount_type_reads_the_mount_table(tmp_path):
+  root = os.path.realpath(tmp_path)
+  table = (f"/dev/sda1 / ext4 rw 0 0\n"
+           f"bucket {root}/gcs fuse.gcsfuse rw,nosuid,nodev 0 0\n"
+           f"server:/export {root}/my\\040nfs nfs4 rw 0 0\n")
+  assert token_store.mount_type(f"{root}/gcs/cache/c-char", table) == "fuse.gcsfuse"
+  assert token_store.mount_type(f"{root}/gcs", table) == "fuse.gcsfuse"
+  assert token_store.mount_type(f"{root}/gcs-other/c", table) == "ext4"
+  assert token_store.mount_type(f"{root}/my nfs/c", table) == "nfs4"
+  assert token_store.mount_type(f"{root}/c", "") == ""
+
+
+def test_on_a_gcsfuse_mount_process_0_prepares_and_the_others_wait(tmp_path, monkeypatch, capsys):
+  cache = tmp_path / "gcs"
+  cache.mkdir()
+  mounts = tmp_path / "mounts"
+  mounts.write_text(f"/dev/sda1 / ext4 rw 0 0\n"
+                    f"bucket {os.path.realpath(cache)} fuse.gcsfuse rw 0 0\n")
+  monkeypatch.setattr(token_store, "_MOUNTS", str(mounts))
+  locked, flock = [], fcntl.flock
+  monkeypatch.setattr(fcntl, "flock", lambda f, op: locked.append(op) or flock(f, op))
+  path, out = tmp_path / "c.txt", cache / "c-char"
+  _write_corpus(path, 5_000)
+  spec = f"text:{path}"
+  with open(f"{out}.lock", "a") as lock:
+    with pytest.raises(UsageError, match="waited 0 s for process 0"):
+      token_store.prepare_shared(lock, spec, out, "char", primary=False, timeout_s=0)
+    assert not locked  # A waiting process holds no lock that process 0 on its host would need.
+    manifest = token_store.prepare_shared(lock, spec, out, "char", primary=True)
+    assert not manifest["reused"] and locked  # Processes of one host still take turns.
+    waited = token_store.prepare_shared(lock, spec, out, "char", primary=False, timeout_s=0)
+    assert waited["reused"] and waited["hash"] == manifest["hash"]
+    _write_corpus(path, 5_000, seed=3)  # A changed source: the old files are not what it waits for.
+    with pytest.raises(UsageError, match="waited 0 s for process 0"):
+      token_store.prepare_shared(lock, spec, out, "char", primary=False, timeout_s=0)
+  assert f"warning: {out}: a fuse.gcsfuse mount, where file locks hold within one host only" in (
+      capsys.readouterr().err)
 
 
 def test_user_mistakes_with_max_chars(tmp_path):
