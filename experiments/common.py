@@ -6,6 +6,7 @@ the same names. Flags flow into the config, the config into the model and the tr
 flows back. User mistakes end with one line `error: ...` and exit status 2.
 """
 
+import errno
 import json
 import os
 import sys
@@ -106,9 +107,7 @@ def prepare_workdir(config) -> str:
   try:
     before = {p.name for p in root.iterdir()} if root.is_dir() else None
     root.mkdir(parents=True, exist_ok=True)
-    probe = root / f".write_test.{os.getpid()}"
-    probe.write_text("ok")
-    probe.unlink()
+    files.check_writable(root)
   except OSError as e:
     raise UsageError(f"--workdir={workdir}: not a writable directory "
                      f"({e.strerror or e})") from None
@@ -210,6 +209,9 @@ def _mesh_fits(devices: int) -> bool:
     return False  # The config is checked (with a clear error) once main starts.
 
 
+_DISK_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT)
+
+
 def run(main, config_file: str | None = None):
   """app.run(main), turning user mistakes into one-line errors and NaN losses into a clean stop.
 
@@ -238,6 +240,12 @@ def run(main, config_file: str | None = None):
     except DivergenceError as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(3)
+    except OSError as e:  # A disk that fills up or turns read-only under a running job.
+      if e.errno not in _DISK_ERRORS:
+        raise
+      print(f"error: cannot write {e.filename or 'a file'} ({e.strerror}); what was saved before "
+            "is intact: fix the disk and rerun to resume", file=sys.stderr)
+      sys.exit(2)
 
   def parse_flags(argv):
     try:

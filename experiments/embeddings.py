@@ -315,10 +315,8 @@ def main(argv):
       files.path(out_dir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
       raise UsageError(f"--output_dir={out_dir}: cannot create ({e.strerror or e})") from None
-    probe = files.path(out_dir) / f".write_test.{os.getpid()}"  # os.access cannot see gs://
     try:
-      probe.write_text("ok")
-      probe.unlink()
+      files.check_writable(out_dir)
     except OSError:
       raise UsageError(f"--output_dir={out_dir}: not writable") from None
 

@@ -22,6 +22,7 @@ UsageError too. A step without its `fingerprint` item restores with a warning.
 """
 
 import errno
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -119,12 +120,58 @@ def compile_fingerprint(abstract_state):
   _checksums.lower(list(_flat(abstract_state).values())).compile()
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state, wait: bool = False):
-  """Saves `state` as `step` (asynchronously unless `wait`)."""
-  mngr.save(step, force=True, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), fingerprint=ocp.args.JsonSave(fingerprint(state))))
-  if wait:
+def check_writable(mngr: ocp.CheckpointManager):
+  """A one-line UsageError unless this process can create files in the checkpoint directory (a
+  read-only disk or directory would otherwise surface minutes later, inside orbax's barriers)."""
+  try:
+    files.check_writable(mngr.directory)
+  except OSError as e:
+    raise UsageError(f"{mngr.directory}: checkpoints cannot be written there "
+                     f"({e.strerror or _first_line(e)}); make it writable, or train in another "
+                     "--workdir") from None
+
+
+def check_room(mngr: ocp.CheckpointManager, state, last_saved: int | None):
+  """A one-line UsageError, before a save begins, when the checkpoint directory's disk has less free
+  space than the state's bytes (an upper bound: orbax compresses). Local disks only."""
+  directory = files.path(mngr.directory)
+  if not files.is_local(directory):
+    return
+  need = sum(x.nbytes for x in jax.tree_util.tree_leaves(state))
+  free = shutil.disk_usage(directory).free
+  if free < need:
+    raise UsageError(f"{directory}: the disk has {free / 2**20:.1f} MiB free and a checkpoint needs "
+                     f"up to {need / 2**20:.1f} MiB; stopped before writing (the last saved step, "
+                     f"{last_saved}, is intact): free space and rerun to resume")
+
+
+def _write_failed(e: Exception, last_saved: int | None) -> UsageError:
+  return UsageError(f"a checkpoint could not be written ({_first_line(e)}); the last complete "
+                    f"step ({last_saved}) is intact: fix the cause (disk space, permissions) and "
+                    "rerun to resume")
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state, wait: bool = False,
+         last_saved: int | None = None):
+  """Saves `state` as `step` (asynchronously unless `wait`). A failed write (of this save, or of the
+  previous asynchronous one) is a one-line UsageError naming the last complete step."""
+  try:
+    mngr.save(step, force=True, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), fingerprint=ocp.args.JsonSave(fingerprint(state))))
+    if wait:
+      mngr.wait_until_finished()
+  except (OSError, ValueError, RuntimeError) as e:
+    raise _write_failed(e, last_saved) from None
+
+
+def finish(mngr: ocp.CheckpointManager, last_saved: int | None = None):
+  """Waits for the asynchronous saves, then closes the manager; a failed write is a UsageError."""
+  try:
     mngr.wait_until_finished()
+  except (OSError, ValueError, RuntimeError) as e:
+    raise _write_failed(e, last_saved) from None
+  finally:
+    mngr.close()
 
 
 def _first_line(e: Exception) -> str:

@@ -64,6 +64,15 @@ def temp_path(target: epath.Path) -> epath.Path:
                           f"{secrets.token_hex(4)}")
 
 
+def check_writable(directory: PathLike):
+  """Creates and removes a file in `directory` (raises OSError where that fails): what a job checks
+  before work that must write there later. os.access cannot see object stores or read-only mounts
+  as root."""
+  probe = temp_path(path(directory) / ".write_test")
+  probe.write_text("")
+  probe.unlink()
+
+
 def _write(p: PathLike, data: str | bytes):
   """Writes `data` to `p`, atomically where the filesystem can rename (local disk, mounts): readers
   see the old file or the whole new one, never a part."""

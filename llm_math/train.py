@@ -541,6 +541,8 @@ def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
   restored, start_step = checkpoint.restore_latest(mngr, abstract, log=log)
   start_step = start_step or 0
   last_saved = start_step if start_step else None
+  if start_step < num_steps:  # Before anything is written: a read-only disk fails here, at once.
+    checkpoint.check_writable(mngr)
   writer = MetricsWriter(workdir, start_step if restored is not None else -1)  # -1: a fresh run
   if writer.kept_as is not None:
     log(f"metrics.jsonl held records past step {start_step}; kept them in {writer.kept_as.name}")
@@ -651,7 +653,8 @@ def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
         if stopped or save_at(done) or done == num_steps:
           problem = _unsavable(state, metrics, loss_bound, all_finite)
           if problem is None:
-            checkpoint.save(mngr, done, state)
+            checkpoint.check_room(mngr, state, last_saved)
+            checkpoint.save(mngr, done, state, last_saved=last_saved)
             last_saved = done
           elif on_divergence == "raise":
             raise _divergence(problem, done, last_saved)
@@ -669,16 +672,18 @@ def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
         if current != last_saved and current > start_step:
           problem = _unsavable(state, metrics, loss_bound, all_finite)
           if problem is None:
-            checkpoint.save(mngr, current, state)
+            checkpoint.check_room(mngr, state, last_saved)
+            checkpoint.save(mngr, current, state, last_saved=last_saved)
             last_saved = current
           elif on_divergence == "raise":
             raise _divergence(problem, current, last_saved)
         saved = "checkpoint saved" if last_saved == current else "nothing to save yet"
         log(f"received {interrupted} at step {current}: {saved}; rerun the same command to resume")
   finally:  # Also on a divergence stop: in-flight async saves complete before the error surfaces.
-    mngr.wait_until_finished()
-    mngr.close()
-    writer.close()
+    try:
+      checkpoint.finish(mngr, last_saved)
+    finally:
+      writer.close()
   vals = [r for r in writer.records if "val_nll" in r]
   timed = [r for r in writer.records if "elapsed_s" in r]
   return TrainResult(state=state, final_step=int(jax.device_get(state.step)),

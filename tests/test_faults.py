@@ -102,6 +102,14 @@ def test_every_step_damaged_starts_fresh_and_keeps_them_all(finished_run, tmp_pa
     np.testing.assert_array_equal(a, b)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == [
       "12", "12.corrupt", "4", "4.corrupt", "8", "8.corrupt"]
+  # The first run's history is kept whole beside the new one, which says why it starts again.
+  earlier = [json.loads(l) for l in open(os.path.join(source, "metrics.jsonl"))]
+  kept = [json.loads(l) for l in open(os.path.join(workdir, "metrics.earlier-1.jsonl"))]
+  assert kept == earlier
+  now = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert now[0]["restart"].startswith("no intact checkpoint")
+  assert now[0]["earlier_metrics"] == "metrics.earlier-1.jsonl"
+  assert any("kept them in metrics.earlier-1.jsonl" in l for l in lines)
 
 
 def test_a_different_model_is_an_error_not_a_fallback(finished_run, tmp_path):
@@ -123,8 +131,8 @@ _KILL_MID_SAVE = textwrap.dedent("""
     from llm_math import checkpoint, train
     from tests import helpers
     save = checkpoint.save
-    def save_then_die(mngr, step, state, wait=False):
-      save(mngr, step, state)  # Asynchronous: the files are still being written.
+    def save_then_die(mngr, step, state, **kwargs):
+      save(mngr, step, state, **kwargs)  # Asynchronous: the files are still being written.
       if step == 8:
         os.kill(os.getpid(), signal.SIGKILL)
     checkpoint.save = save_then_die

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from llm_math import checkpoint
 from llm_math import data as data_lib
 from llm_math import generate as generate_lib
 from llm_math import model as model_lib
@@ -201,3 +202,49 @@ def test_shared_flags_the_scripts_do_not_use_are_refused(run_dir, tmp_path, modu
   assert "Traceback" not in proc.stderr
   assert fragment in proc.stderr.splitlines(), proc.stderr
   assert _listing(run_dir) == before and not os.listdir(tmp_path)
+
+
+_TRAIN_ON_TWO_DEVICES = """
+import json, sys
+sys.path.insert(0, {repo!r})
+from llm_math import xla_cpu
+xla_cpu.tune(2)
+import jax
+import ml_collections
+from llm_math import checkpoint
+from llm_math import data as data_lib
+from llm_math import train as train_lib
+assert jax.device_count() == 2
+config = ml_collections.ConfigDict(json.load(open({config!r})))
+dataset = data_lib.load(config.data, tokenizer="char", workdir={workdir!r})
+train_lib.train(config, dataset, {workdir!r}, log=lambda _: None)
+"""
+
+
+def test_a_run_trained_on_two_devices_is_read_on_one_and_nothing_is_moved(run_dir, tmp_path):
+  """Training splits the CPU into one device per core by default; sample and embeddings read on one
+  device. The checkpoint is restored into the reader's own layout, and the run's files stay as they
+  are (a reader once renamed every step of such a run as damaged)."""
+  workdir = tmp_path / "two_devices"
+  workdir.mkdir()
+  for name in ("config.json", "tokenizer.json"):
+    if (run_dir / name).exists():
+      (workdir / name).write_bytes((run_dir / name).read_bytes())
+  code = _TRAIN_ON_TWO_DEVICES.format(repo=helpers.REPO, config=str(workdir / "config.json"),
+                                      workdir=str(workdir))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "LLM_MATH_CPU_DEVICES": "2"}
+  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  before = _listing(workdir)
+  proc = _run("experiments.sample", f"--workdir={workdir}", "--prompt=ROMEO:", "--num_tokens=8",
+              "--compare_cache=false")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "damaged" not in proc.stdout + proc.stderr
+  proc = _run("experiments.embeddings", f"--workdir={workdir}", f"--output_dir={tmp_path / 'emb'}",
+              "--num_neighbors=3")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert _listing(workdir) == before
+  # The same parameters as the trained state, read back whole.
+  params, step = checkpoint.load_params(str(workdir))
+  assert step == 60 and params["token_embed"]["embedding"].shape[0] > 10
