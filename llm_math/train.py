@@ -338,6 +338,7 @@ class _StopSignals:
 
   def __init__(self):
     self.received = None
+    self.stopping = None  # The agreed signal, once `agreed` has returned one.
     self._previous = {}
 
   def _handler(self, signum, frame):
@@ -354,7 +355,8 @@ class _StopSignals:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     names = ("", "SIGINT", "SIGTERM")
     codes = multihost_utils.process_allgather(np.array(names.index(self.received or "")))
-    return names[int(np.max(codes))] or None
+    self.stopping = names[int(np.max(codes))] or None
+    return self.stopping
 
   def __enter__(self):
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -365,8 +367,12 @@ class _StopSignals:
     return self
 
   def __exit__(self, *exc):
+    # A process that stopped for another's signal may still receive its own while it exits: that
+    # one was meant for the stop that already happened, so SIGTERM is ignored from here on (a Python
+    # handler would not do: the interpreter drops it while shutting down). SIGINT acts as before.
+    late = self.stopping and not self.received
     for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
+      signal.signal(sig, signal.SIG_IGN if late and sig == signal.SIGTERM else handler)
 
 
 class MetricsWriter:
