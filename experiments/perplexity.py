@@ -104,18 +104,40 @@ def scored_counts(dataset, windows) -> tuple[int, int]:
   return len(positions), int(dataset.tokenizer.char_lengths[dataset.val_ids[positions]].sum())
 
 
+def ngram_train_tokens(num_train_tokens: int, ngram_config) -> int:
+  """How many training tokens (the first) the n-grams are counted on: all, or at most
+  ngram.max_train_tokens (0 = all)."""
+  cap = ngram_config.get("max_train_tokens", 0)
+  if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
+    raise UsageError(f"--config.ngram.max_train_tokens={cap!r}: expected an integer >= 0 (0 = all)")
+  return min(num_train_tokens, cap) if cap else num_train_tokens
+
+
+def ngram_caption(evaluation: dict) -> str:
+  """Which training tokens the n-grams were counted on, for the table's caption."""
+  used, total = evaluation["ngram_train_tokens"], evaluation["train_tokens"]
+  if used == total:
+    return f"n-grams counted on all {total:,} training tokens"
+  return (f"n-grams counted on the first {used:,} of {total:,} training tokens "
+          f"(ngram.max_train_tokens)")
+
+
 def baseline_records(dataset, windows, tokenizer: str, ngram_config) -> list[dict]:
   """Uniform (PPL = |V|), n-grams on the same tokens, and for the synthetic source its exact floor.
 
-  Each n-gram is scored twice: with each token's context capped as in the Transformer's evaluation
-  windows (equal terms), and with the full left context of the validation stream.
+  The add-one unigram uses the unigram counts of the whole training split (a token store's stored
+  counts); the n-grams are counted once, at their highest order, on the first
+  `ngram_train_tokens` training tokens, and record that number as train_tokens. Each n-gram is
+  scored twice: with each token's context capped as in the Transformer's evaluation windows (equal
+  terms), and with the full left context of the validation stream.
   """
   positions, contexts = windows.scored()
   n_tokens, n_chars = scored_counts(dataset, windows)
   v = dataset.vocab_size
   rec = lambda name, kind, nll, **kw: _record(name, kind, nll, n_tokens, n_chars, tokenizer, **kw)
   records = [rec("uniform", "baseline", math.log(v), params=0)]
-  unigram = ngram.fit(dataset.train_ids, v, 1, ngram.ADD_K, k=1.0)
+  unigram = ngram.smooth(ngram.unigram_counts(dataset.train_unigram_counts()), 1, ngram.ADD_K,
+                         k=1.0)
   records.append(rec("unigram (add-one)", "baseline",
                      ngram.score_at(unigram, dataset.val_ids, positions, contexts).mean(),
                      params=v - 1))
@@ -129,15 +151,20 @@ def baseline_records(dataset, windows, tokenizer: str, ngram_config) -> list[dic
   for method in methods:
     if method not in ngram.METHODS:
       raise UsageError(f"--config.ngram.methods: {method!r} is not one of {ngram.METHODS}")
+  orders = _int_list(ngram_config.orders, "ngram_orders")
+  fit_tokens = ngram_train_tokens(len(dataset.train_ids), ngram_config)
+  counts = (ngram.count(dataset.train_ids[:fit_tokens], v, max(orders)) if methods and orders
+            else None)
+  for method in methods:
     label = "KN" if method == ngram.KNESER_NEY else f"add-{ngram_config.add_k:g}"
-    for order in _int_list(ngram_config.orders, "ngram_orders"):
-      model = ngram.fit(dataset.train_ids, v, order, method, k=ngram_config.add_k)
+    for order in orders:
+      model = ngram.smooth(counts, order, method, k=ngram_config.add_k)
       table_size = int(sum(k.size for k in model.ngram_keys))
       for context, pos, ctx in ((equal, positions_w, contexts_w),
                                 ("full left context", positions, positions)):
         nll = ngram.score_at(model, dataset.val_ids, pos, ctx).mean()
         records.append(rec(f"{label} {order}-gram ({context})", "ngram", nll, params=table_size,
-                           method=method, order=order,
+                           method=method, order=order, train_tokens=fit_tokens,
                            context="full" if context.startswith("full") else "equal"))
   if dataset.source is not None:
     records.append(rec("floor (true model, same context)", "floor",
@@ -215,9 +242,11 @@ def markdown_report(results: dict) -> str:
   for tokenizer, ev in results["evaluations"].items():
     recs = [r for r in results["records"] if r["tokenizer"] == tokenizer]
     floor = next((r["val_nll_nats"] for r in recs if r["name"].startswith("floor")), None)
+    grams = (f"; {ngram_caption(ev)}" if "ngram_train_tokens" in ev
+             and any(r["kind"] == "ngram" for r in recs) else "")
     lines += [f"## Tokenizer: {tokenizer} (|V| = {ev['vocab_size']})", "",
               f"Measured on the {plot_perplexity.measurement_caption(ev)}; "
-              f"{ev['chars_scored']:,} characters.", ""]
+              f"{ev['chars_scored']:,} characters{grams}.", ""]
     header = ["model", "params", "train FLOPs", "val NLL (nats/token)", "perplexity", "bits/token",
               "bits/char"] + (["NLL - floor"] if floor is not None else [])
     lines += common.markdown_table(header, [
@@ -274,11 +303,15 @@ def main(argv):
     print(f"devices: {jax.device_count()} {jax.devices()[0].platform} in {jax.process_count()} "
           f"process(es), this is process {jax.process_index()}; mesh {config.mesh}")
     windows = train_lib.validation_windows(config, dataset)
+    train_tokens = {"train_tokens": len(dataset.train_ids),
+                    "ngram_train_tokens": ngram_train_tokens(len(dataset.train_ids), config.ngram)}
     start = time.time()
     records = baseline_records(dataset, windows, tokenizer, config.ngram)
     for r in records:
       print(f"  {r['name']:58s} {r['val_nll_nats']:.4f} nats  {r['bits_per_char']:.4f} bits/char")
-    print(f"  (baselines and n-grams: {time.time() - start:.1f} s)")
+    grams = (f"; {ngram_caption(train_tokens)}" if any(r["kind"] == "ngram" for r in records)
+             else "")
+    print(f"  (baselines and n-grams: {time.time() - start:.1f} s{grams})")
     if config.train_transformer:
       model_records, curves = train_models(config, dataset, windows, tokenizer, workdir, sweep)
       records += model_records
@@ -286,7 +319,7 @@ def main(argv):
     results["evaluations"][tokenizer] = {
         "split": "validation", **windows.describe(), "vocab_size": dataset.vocab_size,
         "chars_scored": scored_counts(dataset, windows)[1],
-        "stride": config.eval_stride or config.seq_len, "seq_len": config.seq_len}
+        "stride": config.eval_stride or config.seq_len, "seq_len": config.seq_len, **train_tokens}
     results["records"] += records
     results["data"] = dataset.description.split(" (")[0] if sweep else dataset.description
   results["power_law"] = fit_scaling(results["records"])

@@ -28,22 +28,35 @@ import numpy as np
 
 from llm_math import files
 from llm_math import sharding
+from llm_math.analysis import ngram
 from llm_math import synthetic
 from llm_math.errors import UsageError
 
 
 @dataclasses.dataclass
 class Dataset:
-  """Token streams of both splits, the tokenizer that made them, and the source when it is known."""
+  """Token streams of both splits, the tokenizer that made them, and the source when it is known.
+
+  `train_counts` (int64[vocab_size]) holds how often each id occurs in train_ids when that was
+  counted ahead (a token store's train.counts.npy); None means `train_unigram_counts` counts them.
+  """
   description: str
   train_ids: np.ndarray
   val_ids: np.ndarray
   tokenizer: object
   source: synthetic.LaggedCopySource | None = None
+  train_counts: np.ndarray | None = None
 
   @property
   def vocab_size(self) -> int:
     return self.tokenizer.vocab_size
+
+  def train_unigram_counts(self) -> np.ndarray:
+    """int64[vocab_size]: how often each id occurs in train_ids; the stored counts when there are
+    some, else counted a bounded chunk at a time (a memory-mapped split is never read whole)."""
+    if self.train_counts is not None:
+      return self.train_counts
+    return ngram.token_counts(self.train_ids, self.vocab_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +176,8 @@ def _from_tokens(directory, workdir, spec: str | None = None):
     description = f"{spec.split(':')[0]} {_source_name(spec)} ({chars:,} chars, "
   description += (f"{counts['train']['tokens']:,} train / {counts['val']['tokens']:,} validation "
                   f"tokens, split {manifest['split']})")
-  return Dataset(description, train_ids, val_ids, tok)
+  return Dataset(description, train_ids, val_ids, tok,
+                 train_counts=token_store.unigram_counts(directory, "train"))
 
 
 def _source_name(spec: str) -> str:

@@ -88,12 +88,13 @@ def evaluator(config, windows: data_lib.EvalWindows, apply_fn: Callable,
 def reference_nlls(dataset: data_lib.Dataset, windows: data_lib.EvalWindows) -> dict:
   """Mean NLL (nats) of reference models on exactly the tokens `windows` score.
 
-  uniform: ln|V|. unigram: add-one token frequencies of the training split. On a synthetic source,
+  uniform: ln|V|. unigram: add-one token frequencies of the training split (a token store's stored
+  counts, else counted a chunk at a time: memory does not grow with the split). On a synthetic source,
   also floor: the true model with the context each scored token had in its window, and
   entropy_rate: the true model with unlimited context (the limit of the floor as T grows).
   """
   positions, contexts = windows.scored()
-  counts = np.bincount(np.asarray(dataset.train_ids), minlength=dataset.vocab_size) + 1.0
+  counts = dataset.train_unigram_counts() + 1.0
   targets = np.asarray(windows.ids)[positions]
   refs = {"uniform": math.log(dataset.vocab_size),
           "unigram": float(-np.mean(np.log(counts[targets] / counts.sum())))}

@@ -1,6 +1,7 @@
 """Tests for llm_math.analysis.ngram: normalization, add-k closed forms, Kneser-Ney against a dict reference,
 windowed scoring, and the tiny shakespeare sanity ordering."""
 import collections
+import dataclasses
 import itertools
 import math
 import pathlib
@@ -310,3 +311,104 @@ def test_score_at_matches_score_and_eval_windows(method):
     window_nll = ngram.score(model, val[start:start + 17])[1:]
     expected.append(window_nll[scored[n]])
   np.testing.assert_allclose(nll, np.concatenate(expected))
+
+
+# ------------------------------------------------------------------ counting in bounded chunks
+
+
+def _whole_stream_counts(x, vocab_size, order):
+  """(context_keys, ngram_keys, counts) counted over the whole stream at once: np.unique over the int64
+  keys of every token, with the context id of every token held in memory (the unchunked reference)."""
+  n_tok = x.size
+  ctx_id = np.zeros(n_tok, np.int64)
+  context_keys, ngram_keys, counts = [np.zeros(1, np.int64)], [], []
+  for m in range(1, order + 1):
+    uniq, cnt = (np.unique(ctx_id[m - 1:] * vocab_size + x[m - 1:], return_counts=True)
+                 if n_tok >= m else (np.zeros(0, np.int64), np.zeros(0, np.int64)))
+    ngram_keys.append(uniq)
+    counts.append(cnt.astype(np.int64))
+    if m == order:
+      break
+    next_id = np.full(n_tok, -1, np.int64)
+    uniq = np.zeros(0, np.int64)
+    if n_tok > m:
+      uniq, inv = np.unique(ctx_id[m:] * vocab_size + x[:-m], return_inverse=True)
+      next_id[m:] = inv.reshape(-1)
+    context_keys.append(uniq)
+    ctx_id = next_id
+  return ngram.NgramCounts(vocab_size, order, n_tok, tuple(context_keys), tuple(ngram_keys),
+                           tuple(counts))
+
+
+def _assert_identical(a, b):
+  """Every field equal, arrays bit for bit and of the same dtype."""
+  assert type(a) is type(b)
+  for field in dataclasses.fields(a):
+    x, y = getattr(a, field.name), getattr(b, field.name)
+    if isinstance(x, tuple):
+      assert len(x) == len(y), field.name
+      for p, q in zip(x, y):
+        assert p.dtype == q.dtype and p.shape == q.shape and np.array_equal(p, q), field.name
+    else:
+      assert x == y, field.name
+
+
+@pytest.mark.parametrize("dense_keys", [0, ngram.DENSE_KEYS])  # merged sorted arrays; np.bincount
+def test_chunked_counts_equal_whole_stream_counts(dense_keys, monkeypatch):
+  """Counting 7 .. 1000 tokens at a time (many chunks, boundaries overlapping by the order) gives the
+  whole-stream counts and, for every order and both methods, bit-identical models."""
+  monkeypatch.setattr(ngram, "DENSE_KEYS", dense_keys)
+  rng = np.random.default_rng(4)
+  train = _zipf_stream(rng, 11, 3001, used=9)
+  whole = _whole_stream_counts(train, 11, 6)
+  for chunk_tokens in (7, 64, 1000, 10**6):
+    counts = ngram.count(train, 11, 6, chunk_tokens=chunk_tokens)
+    _assert_identical(counts, whole)
+    for order in range(1, 7):
+      for method in ngram.METHODS:
+        _assert_identical(ngram.fit(train, 11, order, method, k=0.3, chunk_tokens=chunk_tokens),
+                          ngram.smooth(_whole_stream_counts(train, 11, order), order, method, k=0.3))
+        _assert_identical(ngram.smooth(counts, order, method, k=0.3),
+                          ngram.fit(train, 11, order, method, k=0.3))
+  for n in (1, 2, 5):  # Streams shorter than the order, and chunks of one token.
+    _assert_identical(ngram.count(train[:n], 11, 4, chunk_tokens=1),
+                      _whole_stream_counts(train[:n], 11, 4))
+
+
+def test_memory_mapped_stream_counts_and_scores_like_an_array(tmp_path):
+  rng = np.random.default_rng(5)
+  train, val = _zipf_stream(rng, 300, 5000), rng.integers(0, 300, 400)
+  for name, ids in (("train.bin", train), ("val.bin", val)):
+    ids.astype(np.uint16).tofile(tmp_path / name)
+  train_map = np.memmap(tmp_path / "train.bin", np.uint16, mode="r")
+  val_map = np.memmap(tmp_path / "val.bin", np.uint16, mode="r")
+  model = ngram.fit(train_map, 300, 3, chunk_tokens=999)
+  _assert_identical(model, ngram.fit(train, 300, 3))
+  np.testing.assert_array_equal(ngram.score(model, val_map), ngram.score(model, val))
+  np.testing.assert_array_equal(train_map, train)  # Still readable after its pages were released.
+
+
+def test_unigram_counts_and_token_counts():
+  rng = np.random.default_rng(6)
+  train = rng.integers(0, 5, 777)
+  train[train == 3] = 4  # An id that never occurs.
+  counts_V = np.bincount(train, minlength=6)
+  np.testing.assert_array_equal(ngram.token_counts(train, 6, chunk_tokens=50), counts_V)
+  _assert_identical(ngram.unigram_counts(counts_V), ngram.count(train, 6, 1))
+  _assert_identical(ngram.smooth(ngram.unigram_counts(counts_V), 1, ngram.ADD_K, k=1.0),
+                    ngram.fit(train, 6, 1, ngram.ADD_K, k=1.0))
+  with pytest.raises(ValueError, match="counts_V"):
+    ngram.unigram_counts(counts_V, vocab_size=7)
+  with pytest.raises(ValueError, match="ids"):
+    ngram.token_counts(train, 4)
+
+
+def test_counting_arguments_raise():
+  train = np.array([0, 1, 2, 1, 0])
+  counts = ngram.count(train, 3, 2)
+  with pytest.raises(ValueError, match="exceeds the order"):
+    ngram.smooth(counts, 3)
+  with pytest.raises(ValueError, match="chunk_tokens"):
+    ngram.count(train, 3, 2, chunk_tokens=0)
+  with pytest.raises(ValueError, match=r"train_ids must lie in \[0, vocab_size=3\), got \[0, 5\]"):
+    ngram.count(np.array([0, 1, 2, 5, 1]), 3, 2, chunk_tokens=2)

@@ -181,3 +181,35 @@ def test_char_and_sentencepiece_baselines_compare_in_bits_per_char(tmp_path):
   assert by_tokenizer["sentencepiece"][uni]["val_nll_nats"] > by_tokenizer["char"][uni]["val_nll_nats"]
   # ... but per character it is better, since each token covers several characters.
   assert by_tokenizer["sentencepiece"][uni]["bits_per_char"] < by_tokenizer["char"][uni]["bits_per_char"]
+
+
+def test_ngram_max_train_tokens_caps_the_counts_and_is_reported():
+  config = helpers.tiny_config()
+  config.ngram.update(orders="1,3", methods="kneser_ney", max_train_tokens=5000)
+  dataset = helpers.tiny_dataset(config)  # 20,000 training tokens
+  windows = train_lib.validation_windows(config, dataset)
+  records = {r["name"]: r for r in perplexity.baseline_records(dataset, windows, "synthetic",
+                                                               config.ngram)}
+  positions, contexts = windows.scored()
+  kn3 = ngram.fit(dataset.train_ids[:5000], dataset.vocab_size, 3, ngram.KNESER_NEY)
+  capped = records["KN 3-gram (Transformer's windows)"]
+  assert capped["val_nll_nats"] == ngram.score_at(kn3, dataset.val_ids, positions, contexts).mean()
+  assert capped["train_tokens"] == 5000
+  # The add-one unigram still counts the whole split.
+  unigram = np.bincount(dataset.train_ids, minlength=32) + 1.0
+  assert records["unigram (add-one)"]["val_nll_nats"] == pytest.approx(
+      -np.log(unigram[dataset.val_ids[positions]] / unigram.sum()).mean())
+  evaluation = {"split": "validation", **windows.describe(), "vocab_size": 32, "chars_scored": 1,
+                "train_tokens": 20000,
+                "ngram_train_tokens": perplexity.ngram_train_tokens(20000, config.ngram)}
+  report = perplexity.markdown_report({"data": "tiny", "evaluations": {"synthetic": evaluation},
+                                       "records": list(records.values())})
+  assert "n-grams counted on the first 5,000 of 20,000 training tokens" in report
+  for cap, used in ((0, 20000), (20000, 20000), (10**9, 20000), (1, 1)):
+    config.ngram.max_train_tokens = cap
+    assert perplexity.ngram_train_tokens(20000, config.ngram) == used
+  assert "counted on all 20,000" in perplexity.ngram_caption(
+      {"train_tokens": 20000, "ngram_train_tokens": 20000})
+  config.ngram.max_train_tokens = -1
+  with pytest.raises(UsageError, match="--config.ngram.max_train_tokens=-1"):
+    perplexity.baseline_records(dataset, windows, "synthetic", config.ngram)

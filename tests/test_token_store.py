@@ -168,6 +168,27 @@ def test_load_tokens_dir_memmaps_and_trains_on_the_same_batches(tmp_path):
   np.testing.assert_array_equal(w.targets_NxT, w_ref.targets_NxT)
 
 
+def test_reference_nlls_use_the_stored_unigram_counts(tmp_path, monkeypatch):
+  from llm_math import evaluation  # pylint: disable=g-import-not-at-top
+  from llm_math.analysis import ngram  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "c.txt"
+  _write_corpus(path, 20_000, seed=13)
+  out = tmp_path / "out"
+  token_store.prepare(f"text:{path}", out, "char", workers=1)
+  ds = data_lib.load(f"tokens:{out}")
+  v = ds.vocab_size
+  np.testing.assert_array_equal(ds.train_counts, np.bincount(np.asarray(ds.train_ids), minlength=v))
+  windows = data_lib.eval_windows(ds.val_ids, 32)
+  positions, _ = windows.scored()
+  counts = np.bincount(np.asarray(ds.train_ids), minlength=v) + 1.0  # Counting the whole split.
+  expected = float(-np.mean(np.log(counts[np.asarray(ds.val_ids)[positions]] / counts.sum())))
+  in_memory = data_lib.Dataset("in memory", np.asarray(ds.train_ids), ds.val_ids, ds.tokenizer)
+  assert evaluation.reference_nlls(in_memory, windows)["unigram"] == expected  # Counted in chunks.
+  monkeypatch.setattr(ngram, "token_counts", lambda *_: pytest.fail("the split was read"))
+  refs = evaluation.reference_nlls(ds, windows)
+  assert refs["unigram"] == expected and refs["uniform"] == np.log(v)
+
+
 def test_sentencepiece_round_trips_and_counts_characters(tmp_path):
   path = tmp_path / "c.txt"
   text = _write_corpus(path, 200_000, seed=7)
