@@ -269,17 +269,27 @@ def train_step(state: LoopState, batch: tuple, rng, *, loss_fn: Callable, grad_a
   Run under `use_mesh(mesh)`, the activations the model constrains by logical name (the residual
   stream, ('batch', 'length', 'embed')) are laid out by the model config's logical_axis_rules.
 
-  With grad_accum_steps = M > 1 the batch is split into M micro-batches (a lax.scan, so memory holds
-  one micro-batch's activations) whose summed objectives and counts give the same update as one big
-  batch. Each micro-batch's own mean gradient g_m also yields |g_m|^2: `micro_grad_sq` (the mean over
-  m, a batch of B / M) and `grad_sq` = |g|^2 (a batch of B) are the two batch sizes of McCandlish's
-  gradient noise estimator, summed in `state.sums` with the loss.
+  What is differentiated is each (micro-)batch's mean, total / count with the count held constant:
+  the backward pass then carries per-term cotangents of size 1 / count, never a sum over every term
+  of the batch (which overflows float16's 65504 at large batches). With grad_accum_steps = M > 1 the
+  batch is split into M micro-batches (a lax.scan, so memory holds one micro-batch's activations);
+  their mean gradients g_m, weighted by their counts c_m, give the same update as one big batch.
+  They also give McCandlish's gradient noise estimator its two batch sizes: `grad_sq` = |g|^2 (the
+  whole batch) and `micro_grad_sq` = sum_m c_m |g_m|^2 / sum_m c_m (micro-batches of count / M terms
+  on average; weighting by c_m keeps E[micro_grad_sq] = |G|^2 + tr(Sigma) M / count when masked
+  tasks give micro-batches different counts, and a micro-batch with no terms adds nothing), summed
+  in `state.sums` with the loss.
   """
   step_rng = jax.random.fold_in(rng, state.step)
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)  # d total / d params; count is the aux.
+
+  def mean_loss(params, batch, rng):
+    total, count = loss_fn(params, batch, rng)
+    return total / jax.lax.stop_gradient(jnp.maximum(count, 1)), (total, count)
+
+  grad_fn = jax.value_and_grad(mean_loss, has_aux=True)
   if grad_accum_steps == 1:
-    (total, count), grads = grad_fn(state.params, batch, step_rng)
-    micro_sq = jnp.square(_norm(grads)) / jnp.square(count)
+    (_, (total, count)), grads = grad_fn(state.params, batch, step_rng)
+    micro_sq = jnp.square(_norm(grads))
   else:
     m = grad_accum_steps
     # Row r of micro-batch i is row r * M + i: each device keeps its own rows (no resharding).
@@ -287,16 +297,17 @@ def train_step(state: LoopState, batch: tuple, rng, *, loss_fn: Callable, grad_a
 
     def accumulate(carry, micro):
       part, i = micro
-      (total, count), grads = grad_fn(state.params, part, jax.random.fold_in(step_rng, i))
-      sq = jnp.square(_norm(grads)) / jnp.square(count)
-      return jax.tree_util.tree_map(jnp.add, carry, (total, count, grads, sq)), None
+      (_, (total, count)), grads = grad_fn(state.params, part, jax.random.fold_in(step_rng, i))
+      weighted = jax.tree_util.tree_map(lambda g: g * count, grads)
+      sq = count * jnp.square(_norm(grads))
+      return jax.tree_util.tree_map(jnp.add, carry, (total, count, weighted, sq)), None
 
     zero = jnp.zeros((), jnp.float32)
     init = (zero, zero, jax.tree_util.tree_map(jnp.zeros_like, state.params), zero)
-    (total, count, grads, micro_sq), _ = jax.lax.scan(
+    (total, count, weighted, micro_sq), _ = jax.lax.scan(
         accumulate, init, (tuple(split(a) for a in batch), jnp.arange(m)))
-    micro_sq = micro_sq / m
-  grads = jax.tree_util.tree_map(lambda g: g / count, grads)
+    grads = jax.tree_util.tree_map(lambda g: g / jnp.maximum(count, 1), weighted)
+    micro_sq = micro_sq / jnp.maximum(count, 1)
   loss = total / count
   new_state = state.apply_gradients(grads=grads)
   step_sums = {"loss": loss, "grad_sq": jnp.square(_norm(grads)), "micro_grad_sq": micro_sq,

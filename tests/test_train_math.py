@@ -170,3 +170,71 @@ def test_strided_evaluation_equals_a_per_token_brute_force(pos_encoding):
   assert len(windows.inputs_NxT) % 4
   evaluate = evaluation.Evaluator(windows, evaluation.nll_score(model.apply), 4, mesh, rules)
   assert evaluate(params) == pytest.approx(expected, abs=1e-5)
+
+
+def _weighted_task_step(accum):
+  """train_step on least squares with per-row weights (a masked task): loss sums w_r |x_r - p|^2 and
+  counts sum_r w_r, so micro-batches can hold different counts, or none."""
+  def loss_fn(params, batch, rng):
+    del rng
+    x_BxD, w_Bx1 = batch
+    return jnp.sum(w_Bx1 * jnp.square(x_BxD - params["p"][None])), jnp.sum(w_Bx1)
+
+  tx = optax.sgd(1.0)
+  state = train_lib.LoopState.create(apply_fn=None, params={"p": jnp.zeros((3,), jnp.float32)},
+                                     tx=tx, sums=train_lib._zero_sums())
+  step = jax.jit(functools.partial(train_lib.train_step, loss_fn=loss_fn, grad_accum_steps=accum))
+  return state, step
+
+
+def test_micro_batch_noise_term_weights_micro_batches_by_their_counts():
+  """McCandlish's small-batch term sum_m c_m |g_m|^2 / sum_m c_m: micro-batches of unequal counts
+  (masked positions) weighted by them, and one with no scored terms adding nothing (not a NaN)."""
+  x = np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)
+  w = np.array([1, 1, 0, 1, 1, 0, 0, 0], np.float32)[:, None]  # Micro-batch 2 of 4 ({2, 6}): empty.
+  state, step = _weighted_task_step(accum=4)
+  new, _ = step(state, (x, w), jax.random.PRNGKey(0))
+  # Independently: micro-batch m holds rows m, m + 4 (row r of micro-batch m = row r M + m).
+  terms, counts, full = [], [], np.zeros(3)
+  for m in range(4):
+    rows = [m, m + 4]
+    c = w[rows].sum()
+    g_sum = -2 * (w[rows] * x[rows]).sum(0)  # d/dp of sum_r w_r |x_r - p|^2 at p = 0.
+    full += g_sum
+    counts.append(c)
+    terms.append(np.sum((g_sum / c) ** 2) if c else 0.0)
+  expected_micro = np.dot(counts, terms) / np.sum(counts)
+  g = full / np.sum(counts)
+  sums = jax.device_get(new.sums)
+  assert np.isfinite(float(sums["micro_grad_sq"]))
+  np.testing.assert_allclose(float(sums["micro_grad_sq"]), expected_micro, rtol=1e-5)
+  np.testing.assert_allclose(float(sums["grad_sq"]), np.sum(g ** 2), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(new.params["p"]), -g, rtol=1e-5)  # SGD at lr 1: p = -g.
+  # With one micro-batch the two terms coincide.
+  state, step = _weighted_task_step(accum=1)
+  new, _ = step(state, (x, w), jax.random.PRNGKey(0))
+  sums = jax.device_get(new.sums)
+  np.testing.assert_allclose(float(sums["micro_grad_sq"]), float(sums["grad_sq"]), rtol=1e-6)
+
+
+def test_float16_backward_carries_the_mean_not_the_sum():
+  """A float16 computation over 2^17 terms: the gradient of their sum is about 2^17 per entry, past
+  float16's largest value (65504), while that of their mean is about 1. train_step differentiates the
+  mean, so the gradient is finite and right."""
+  n = 1 << 17
+
+  def loss_fn(params, batch, rng):
+    del rng
+    (x_Nx1,) = batch
+    y = x_Nx1.astype(jnp.float16) * params["a"].astype(jnp.float16)  # d y_i / d a = x_i = 1.
+    return jnp.sum(y.astype(jnp.float32)), jnp.asarray(n, jnp.float32)
+
+  assert not np.isfinite(float(jax.grad(lambda a: jnp.sum(
+      (jnp.ones((n, 1), jnp.float16) * a.astype(jnp.float16))), allow_int=False)(
+          jnp.float32(0.5))))  # The sum's gradient overflows in float16.
+  state = train_lib.LoopState.create(apply_fn=None, params={"a": jnp.float32(0.5)},
+                                     tx=optax.sgd(1.0), sums=train_lib._zero_sums())
+  step = jax.jit(functools.partial(train_lib.train_step, loss_fn=loss_fn))
+  new, metrics = step(state, (np.ones((n, 1), np.float32),), jax.random.PRNGKey(0))
+  assert float(metrics["grad_norm"]) == pytest.approx(1.0, rel=1e-3)
+  assert float(new.params["a"]) == pytest.approx(-0.5, rel=1e-3)
