@@ -193,7 +193,7 @@ def check_config(config):
   is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
   is_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
   for field in ("seq_len", "batch_size", "num_steps", "grad_accum_steps", "eval_every", "log_every",
-                "checkpoint_every", "keep_checkpoints", "eval_batch_size"):
+                "checkpoint_every", "keep_checkpoints", "eval_batch_size", "stop_check_every"):
     if field in config:
       need(is_int(config[field]) and config[field] > 0, field, "a positive integer")
   if "learning_rate" in config:
@@ -531,7 +531,7 @@ def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
   """Trains `task` for config.num_steps steps (or until a hook stops it), resuming from `workdir`.
 
   config supplies: seed, num_steps, batch_size (global), grad_accum_steps, mesh, logical_axis_rules,
-  log_every, eval_every, checkpoint_every, keep_checkpoints. `evaluate(params)` -> mean validation
+  log_every, eval_every, checkpoint_every, keep_checkpoints, stop_check_every (several processes). `evaluate(params)` -> mean validation
   NLL runs at step 0, at `eval_at` steps (default every eval_every) and at the end; log records (the
   window means of the loss and of the gradient-noise terms, see `train_step`) are written at
   `log_at` steps (default every log_every) and at the end. A loss that is NaN, infinite or above
@@ -541,7 +541,9 @@ def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
   State is created sharded in place, batches are this process's rows of each global batch (made
   ahead on a thread), checkpoints are orbax's (atomic; see `llm_math.checkpoint`), and the first
   SIGINT/SIGTERM saves the state and returns with `interrupted`: rerunning the same call continues
-  exactly. A run that has finished (num_steps, or a hook's stop) returns its saved state at once.
+  exactly; with several processes the signal counts once they agree (see `_StopSignals`). Only
+  finite states are saved. A run that has finished (num_steps, or a hook's stop) returns its saved
+  state at once.
   """
   mesh, rules = sharding.from_config(config)
   num_steps = config.num_steps

@@ -86,6 +86,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.log_every = 100
   c.checkpoint_every = 500
   c.keep_checkpoints = 2
+  # With several processes, how often (in steps) they share their SIGTERM/SIGINT flags, so that all
+  # of them stop after the same step and save it (one small collective each time).
+  c.stop_check_every = 10
 
   # Devices: mesh axes (data, fsdp, tensor), -1 = the rest; logical axis -> mesh axis rules.
   c.mesh = "data:-1"
