@@ -94,7 +94,8 @@ def parse_tokenizers(text: str, default_kind: str, default_vocab: int) -> list[t
 
 def _record(name, kind, nll, n_tokens, n_chars, tokenizer, **extra):
   return {"name": name, "kind": kind, "tokenizer": tokenizer, "val_nll_nats": float(nll),
-          "val_ppl": information.perplexity(nll), "bits_per_token": information.nats_to_bits(nll),
+          "tokens_scored": int(n_tokens), "val_ppl": information.perplexity(nll),
+          "bits_per_token": information.nats_to_bits(nll),
           "bits_per_char": information.bits_per_char(nll, n_tokens, n_chars), **extra}
 
 
@@ -128,25 +129,32 @@ def baseline_records(dataset, windows, tokenizer: str, ngram_config) -> list[dic
   The add-one unigram uses the unigram counts of the whole training split (a token store's stored
   counts); the n-grams are counted once, at their highest order, on the first
   `ngram_train_tokens` training tokens, and record that number as train_tokens. Each n-gram is
-  scored twice: with each token's context capped as in the Transformer's evaluation windows (equal
-  terms), and with the full left context of the validation stream.
+  scored twice, always on the tokens the Transformer's windows score: with each token's context
+  capped as in those windows (equal terms) or, with ngram.window = W > 0, as in independent windows
+  of W tokens over the same stream (the validation split up to eval_max_tokens); and with the full
+  left context of the validation stream. Every record says how many tokens it scored.
   """
   positions, contexts = windows.scored()
   n_tokens, n_chars = scored_counts(dataset, windows)
   v = dataset.vocab_size
   rec = lambda name, kind, nll, **kw: _record(name, kind, nll, n_tokens, n_chars, tokenizer, **kw)
+  # Rows scored token by token: the mean NLL of exactly the tokens scored, and their number.
+  rec_scored = lambda name, kind, nll_M, **kw: _record(name, kind, nll_M.mean(), nll_M.size,
+                                                       n_chars, tokenizer, **kw)
   records = [rec("uniform", "baseline", math.log(v), params=0)]
   unigram = ngram.smooth(ngram.unigram_counts(dataset.train_unigram_counts()), 1, ngram.ADD_K,
                          k=1.0)
-  records.append(rec("unigram (add-one)", "baseline",
-                     ngram.score_at(unigram, dataset.val_ids, positions, contexts).mean(),
-                     params=v - 1))
+  records.append(rec_scored("unigram (add-one)", "baseline",
+                            ngram.score_at(unigram, dataset.val_ids, positions, contexts),
+                            params=v - 1))
   if ngram_config.window:
-    w = data_lib.eval_windows(dataset.val_ids, ngram_config.window)
-    positions_w, contexts_w = w.scored()
+    # The same positions, each with the context it has in windows of W over the Transformer's stream
+    # (one window when the stream is shorter: no reset within it).
+    reset = data_lib.eval_windows(windows.ids, min(ngram_config.window, len(windows.ids) - 1))
+    contexts_w = reset.context_at(positions)
     equal = f"context reset every {ngram_config.window}"
   else:
-    positions_w, contexts_w, equal = positions, contexts, "Transformer's windows"
+    contexts_w, equal = contexts, "Transformer's windows"
   methods = [m for m in str(ngram_config.methods).split(",") if m]
   for method in methods:
     if method not in ngram.METHODS:
@@ -160,16 +168,16 @@ def baseline_records(dataset, windows, tokenizer: str, ngram_config) -> list[dic
     for order in orders:
       model = ngram.smooth(counts, order, method, k=ngram_config.add_k)
       table_size = int(sum(k.size for k in model.ngram_keys))
-      for context, pos, ctx in ((equal, positions_w, contexts_w),
-                                ("full left context", positions, positions)):
-        nll = ngram.score_at(model, dataset.val_ids, pos, ctx).mean()
-        records.append(rec(f"{label} {order}-gram ({context})", "ngram", nll, params=table_size,
-                           method=method, order=order, train_tokens=fit_tokens,
-                           context="full" if context.startswith("full") else "equal"))
+      for context, ctx in ((equal, contexts_w), ("full left context", positions)):
+        nll_M = ngram.score_at(model, dataset.val_ids, positions, ctx)
+        records.append(rec_scored(f"{label} {order}-gram ({context})", "ngram", nll_M,
+                                  params=table_size, method=method, order=order,
+                                  train_tokens=fit_tokens,
+                                  context="full" if context.startswith("full") else "equal"))
   if dataset.source is not None:
-    records.append(rec("floor (true model, same context)", "floor",
-                       dataset.source.conditional_nll(dataset.val_ids, positions, contexts).mean(),
-                       params=0))
+    records.append(rec_scored("floor (true model, same context)", "floor",
+                              dataset.source.conditional_nll(dataset.val_ids, positions, contexts),
+                              params=0))
     records.append(rec("entropy_rate (true model, unlimited context)", "floor",
                        dataset.source.entropy_rate(), params=0))
   return records

@@ -288,6 +288,20 @@ class EvalWindows:
     column_M += self.first_scored_N[row_M]
     return self.starts_N[row_M] + column_M + 1, column_M + 1
 
+  def context_at(self, positions) -> np.ndarray:
+    """Tokens of context each of `positions` (stream indices) has in the window that scores it.
+
+    E.g. the contexts another set of windows' targets would have in these windows; every position
+    must be scored by one of them (any position from 1 on, unless windows are sampled).
+    """
+    pos = np.asarray(positions, np.int64).reshape(-1)
+    first_N = self.starts_N + self.first_scored_N + 1  # First scored position of each window.
+    row = np.searchsorted(first_N, pos, side="right") - 1
+    if pos.size and (row.min() < 0 or np.any(pos > self.starts_N[np.maximum(row, 0)]
+                                               + self.seq_len)):
+      raise ValueError("a position is not scored by these windows")
+    return pos - self.starts_N[row]
+
   def describe(self) -> dict:
     counts_N = self.seq_len - self.first_scored_N
     lo_N, t = self.first_scored_N + 1, self.seq_len  # Contexts of window n: lo_N[n] .. T.

@@ -51,6 +51,46 @@ def test_baselines_are_scored_on_the_models_tokens():
   assert floor["bits_per_char"] == pytest.approx(floor["val_nll_nats"] / np.log(2))
 
 
+def _reset_contexts(positions, stream_len: int, window: int) -> np.ndarray:
+  """Context of each position with independent windows of `window` targets over a stream of
+  `stream_len` tokens: 1..W in each window, and in the last window, moved back to end with the
+  stream, the distance from its start."""
+  n_targets = stream_len - 1
+  regular = positions <= n_targets // window * window
+  return np.where(regular, (positions - 1) % window + 1, positions - (n_targets - window))
+
+
+@pytest.mark.parametrize("evaluation", [{"eval_max_tokens": 1000}, {"eval_sample_every": 3}],
+                         ids=["eval_max_tokens", "eval_sample_every"])
+def test_ngram_window_rows_score_the_transformers_tokens(tmp_path, evaluation):
+  """With ngram.window = W and a capped or sampled evaluation, every n-gram row scores exactly the
+  tokens the Transformer's windows score (its record's count), with the context its name says."""
+  config = helpers.tiny_config(num_steps=2, eval_every=2, checkpoint_every=2, **evaluation)
+  config.ngram.update(orders="1,3", window=20)
+  dataset = helpers.tiny_dataset(config)  # 2,000 validation tokens
+  windows = train_lib.validation_windows(config, dataset)
+  (transformer,), _ = perplexity.train_models(config, dataset, windows, "synthetic", str(tmp_path),
+                                               False)
+  # The Transformer's scored targets, read from its evaluation batches (not from windows.scored()).
+  positions = windows.positions_NxT[windows.weights_NxT > 0]
+  assert transformer["tokens_scored"] == positions.size < len(dataset.val_ids) - 1
+  records = {r["name"]: r for r in perplexity.baseline_records(dataset, windows, "synthetic",
+                                                               config.ngram)}
+  stream = dataset.val_ids[:config.eval_max_tokens or None]
+  reset = _reset_contexts(positions, len(stream), 20)
+  assert reset.min() == 1 and reset.max() == 20  # Not the Transformer's contexts 1..16.
+  contexts = {"context reset every 20": reset, "full left context": positions}
+  for method, label in ((ngram.KNESER_NEY, "KN"), (ngram.ADD_K, "add-0.1")):
+    for order in (1, 3):
+      model = ngram.fit(dataset.train_ids, dataset.vocab_size, order, method, k=0.1)
+      for context, ctx in contexts.items():
+        record = records[f"{label} {order}-gram ({context})"]
+        assert record["val_nll_nats"] == pytest.approx(
+            ngram.score_at(model, dataset.val_ids, positions, ctx).mean(), rel=1e-12)
+        assert record["tokens_scored"] == transformer["tokens_scored"]
+  assert all(r["tokens_scored"] == transformer["tokens_scored"] for r in records.values())
+
+
 def _model_records(tokenizer, params, losses, tokens=1e6):
   return [{"kind": "model", "tokenizer": tokenizer, "params": n, "train_flops": 6 * n * tokens,
            "val_nll_nats": loss} for n, loss in zip(params, losses)]

@@ -69,11 +69,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_sample_every = 1
 
   # Baselines: n-gram LMs (orders, 'kneser_ney' and/or 'add_k' with constant add_k), scored on the
-  # Transformer's evaluation windows (window 0) or with context reset every `window` tokens, and
-  # always also with full left context. They are counted on the first max_train_tokens training
-  # tokens (0 = all). Counting streams the split, so memory grows with the distinct n-grams, not
-  # the corpus; the cap bounds those too. 2^25 (33.5M) covers every shipped corpus (english_pd:
-  # 17.3M char tokens); the results and the table caption say how many tokens were used.
+  # tokens the Transformer's evaluation windows score, with their contexts (window 0) or with
+  # context reset every `window` tokens, and always also with full left context. They are counted
+  # on the first max_train_tokens training tokens (0 = all). Counting streams the split, so memory
+  # grows with the distinct n-grams, not the corpus; the cap bounds those too. 2^25 (33.5M) covers
+  # every shipped corpus (english_pd: 17.3M char tokens); the results and the table caption say how
+  # many tokens were used.
   c.ngram = ml_collections.ConfigDict(dict(
       orders="1,2,3,5", methods="kneser_ney,add_k", add_k=0.1, window=0,
       max_train_tokens=1 << 25))
