@@ -32,6 +32,9 @@ setuptools.setup(
     extras_require={
         "gcs": ["gcsfs"],  # --workdir=gs://... without TensorFlow
         "torch": ["torch>=2.1"],  # benchmarks/pytorch_reference.py only
+        # libtpu, the TPU compiler: jax's own extra pins the libtpu built for the installed jax.
+        # experiments.compile compiles for TPU topologies with it, on any machine (no TPU needed).
+        "tpu": ["jax[tpu]"],
         # The remote-workdir test serves gs:// from a local emulator.
         "test": ["pytest>=7.4", "pytest-xdist>=3.3", "gcsfs", "gcp-storage-emulator"],
     },

@@ -180,8 +180,9 @@ def check_loss_chunk(loss_chunk: int, seq_len: int, flag: str = "--config.loss_c
     raise UsageError(f"{flag}={loss_chunk}: expected 0 (off) or a divisor of seq_len={seq_len}")
 
 
-def check_config(config):
-  """Checks the training fields of `config` before any work starts.
+def check_config(config, devices=None):
+  """Checks the training fields of `config` before any work starts, for `devices` (default: this
+  job's; `llm_math.aot` passes a topology's).
 
   Each failure is a one-line UsageError naming the `--config.` field and what was expected. Fields a
   config does not have (a study's own config) are skipped.
@@ -227,7 +228,7 @@ def check_config(config):
   check_loss_chunk(config.get("loss_chunk", 0), config.seq_len)
   model_config(config, vocab_size=2)  # The model block's own checks (sizes, names, dtypes).
   if "batch_size" in config:
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = sharding.make_mesh(config.mesh, devices=devices)
     dp = sharding.data_parallel_size(mesh, tuple(tuple(r) for r in config.logical_axis_rules))
     accum = config.get("grad_accum_steps", 1)
     if config.batch_size % (dp * accum):
@@ -322,6 +323,15 @@ def train_step(state: LoopState, batch: tuple, rng, *, loss_fn: Callable, grad_a
           jax.tree_util.tree_map(jnp.subtract, new_state.params, state.params)),
   }
   return new_state, metrics
+
+
+def jit_train_step(task: Task, state_sharding, batch_sharding, grad_accum_steps: int = 1):
+  """The jitted `train_step` of `task` that `fit` runs: the state in `state_sharding` (donated: the
+  update reuses its buffers), every batch array in `batch_sharding`, the rng replicated. What
+  `llm_math.aot` compiles for devices that need not exist."""
+  return jax.jit(functools.partial(train_step, loss_fn=task.loss, grad_accum_steps=grad_accum_steps),
+                 in_shardings=(state_sharding, batch_sharding, None),
+                 out_shardings=(state_sharding, None), donate_argnums=0)
 
 
 @dataclasses.dataclass
@@ -576,9 +586,7 @@ def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
 
   batch_sh = sharding.batch_sharding(mesh, rules)
   rows = sharding.process_rows(config.batch_size)
-  step_fn = jax.jit(functools.partial(train_step, loss_fn=task.loss, grad_accum_steps=accum),
-                    in_shardings=(state_sharding, batch_sh, None),
-                    out_shardings=(state_sharding, None), donate_argnums=0)
+  step_fn = jit_train_step(task, state_sharding, batch_sh, accum)
   will_train = start_step < num_steps and not stopped
   if will_train:  # The step compiles on a thread while the state is created and first scored.
     batch = tuple(jax.ShapeDtypeStruct((config.batch_size,) + x.shape[1:],

@@ -4,6 +4,9 @@ import os
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# libtpu (installed for the TPU compile tests) locks the machine for one process unless told not
+# to; the tests compile for topologies only, on several xdist workers and subprocesses at once.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # One JAX device unless a test asks for more (experiments default to one device per core).
 os.environ.setdefault("LLM_MATH_CPU_DEVICES", "1")
 # text: and tfds: sources are tokenized into a cache on first use: one per test process, not ~/.cache.

@@ -1,0 +1,249 @@
+"""Ahead-of-time compilation of the train and evaluation steps for devices that need not exist.
+
+    config + topology ('v5e:2x2', or 'local') -> the mesh over its devices -> fit's jitted step,
+    lowered on abstract shapes and compiled by XLA for that platform -> memory, FLOPs, collectives
+
+JAX compiles for a TPU topology without its chips (`jax.experimental.topologies`; libtpu installs
+from the Python package index), so a config's step can be checked on a laptop before a pod is paid
+for: that it compiles, fits in each chip's HBM, and shards as intended. The step compiled is exactly
+the one `train.fit` runs (`train.jit_train_step`: the same Task, shardings, donation and batch
+layout); nothing is run, no data is read, and the parameters are only shapes.
+
+The report's roofline: a step cannot take less than max(FLOPs / peak FLOP/s, bytes accessed / HBM
+bandwidth) per chip, from XLA's own cost analysis of the compiled program; `mfu_bound` is the model
+FLOPs utilization (6N + 12LTd per token, `llm_math.flops`) a step at that bound would reach.
+"""
+
+import collections
+import math
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from llm_math import evaluation
+from llm_math import flops as flops_lib
+from llm_math import model as model_lib
+from llm_math import sharding
+from llm_math import train as train_lib
+from llm_math.errors import UsageError
+
+GiB = 2**30
+
+# Per chip: HBM capacity and bandwidth, keyed by a substring of `jax.Device.device_kind` (Cloud TPU
+# system architecture pages: v4 32 GiB at 1,200 GB/s; v5e 16 GiB at 819 GB/s; v5p 95 GiB at
+# 2,765 GB/s; v6e (Trillium) 32 GiB at 1,640 GB/s). Peak bf16 FLOP/s: `flops.PEAK_BF16_FLOPS`.
+HBM = {
+    "TPU v4": (32 * GiB, 1200e9),
+    "TPU v5 lite": (16 * GiB, 819e9),
+    "TPU v5e": (16 * GiB, 819e9),
+    "TPU v5p": (95 * GiB, 2765e9),
+    "TPU v5": (95 * GiB, 2765e9),  # v5p reports "TPU v5"; checked after the v5 lite entries.
+    "TPU v6 lite": (32 * GiB, 1640e9),
+    "TPU v6e": (32 * GiB, 1640e9),
+}
+
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
+# What would move data between host and device inside a step (a sign of a layout XLA gave up on).
+HOST_TRANSFERS = ("send(", "recv(", "infeed(", "outfeed(", "xla_python_cpu_callback",
+                  "xla_ffi_python_cpu_callback", "MoveToHost", "MoveToDevice")
+
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
+          "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_SHAPE = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([0-9,]*)\]")
+
+
+def topology_devices(name: str) -> list:
+  """The devices of a TPU topology ('v5e:2x2', 'v4:2x2x2', ...) without its chips, or 'local' for
+  this machine's own devices. One-line UsageError when libtpu is missing or the name is unknown."""
+  if name == "local":
+    return jax.devices()
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  try:
+    return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
+  except Exception as e:  # pylint: disable=broad-except
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    hint = ("install libtpu: pip install -e '.[tpu]'" if "tpu" in text.lower()
+            and ("not found" in text.lower() or "unknown backend" in text.lower()
+                 or "no such" in text.lower()) else
+            "expected a TPU topology such as v5e:2x2, v4:2x2x1, v5p:2x2x1, v6e:2x2, or 'local'")
+    raise UsageError(f"--topology={name}: cannot describe it ({text[:160]}); {hint}") from None
+
+
+def chip_figures(device_kind: str) -> dict:
+  """{'hbm_bytes', 'hbm_bytes_per_s', 'peak_flops'} of a chip kind (None where unknown)."""
+  lookup = lambda table: next((v for k, v in table.items() if k in device_kind), None)
+  hbm = lookup(HBM)
+  return {"hbm_bytes": hbm[0] if hbm else None, "hbm_bytes_per_s": hbm[1] if hbm else None,
+          "peak_flops": lookup(flops_lib.PEAK_BF16_FLOPS)}
+
+
+def collective_bytes(hlo_text: str) -> dict:
+  """{kind: {'count', 'bytes'}} of the collectives in an HLO module's text; bytes are each result's
+  size (for asynchronous '-start' ops, the last array of the result tuple: the gathered or reduced
+  value). '-done' halves of asynchronous pairs are not counted again."""
+  out = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
+  for line in hlo_text.splitlines():
+    m = re.search(r"=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(-start)?\(", line)
+    if not m:
+      continue
+    shapes = _SHAPE.findall(m.group(1))
+    if not shapes:
+      continue
+    dtype, dims = shapes[-1] if m.group(3) else shapes[0]
+    size = math.prod(int(d) for d in dims.split(",") if d) * _BYTES[dtype]
+    if not m.group(3) and len(shapes) > 1:  # A tuple result (a combined collective): all of it.
+      size = sum(math.prod(int(d) for d in ds.split(",") if d) * _BYTES[t] for t, ds in shapes)
+    out[m.group(2)]["count"] += 1
+    out[m.group(2)]["bytes"] += size
+  return out
+
+
+def host_transfers(hlo_text: str) -> list[str]:
+  """The host-transfer instructions found in an HLO module's text (empty: none)."""
+  return sorted({marker.rstrip("(") for marker in HOST_TRANSFERS if marker in hlo_text})
+
+
+def _memory(compiled) -> dict:
+  """Per-chip bytes of a compiled program (XLA's memory analysis)."""
+  m = compiled.memory_analysis()
+  arguments, outputs = int(m.argument_size_in_bytes), int(m.output_size_in_bytes)
+  temp, alias = int(m.temp_size_in_bytes), int(m.alias_size_in_bytes)
+  return {"arguments": arguments, "outputs": outputs, "temp": temp, "aliased": alias,
+          "generated_code": int(m.generated_code_size_in_bytes),
+          "total": arguments + outputs + temp - alias}
+
+
+def _cost(compiled) -> dict:
+  analysis = compiled.cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+  return {"flops": float(analysis.get("flops", math.nan)),
+          "bytes_accessed": float(analysis.get("bytes accessed", math.nan))}
+
+
+def _largest_buffers(hlo_text: str, n: int = 3) -> list[str]:
+  """The n largest array shapes named in the program (for the message of a config that does not
+  fit)."""
+  sizes = collections.Counter()
+  for dtype, dims in _SHAPE.findall(hlo_text):
+    sizes[f"{dtype}[{dims}]"] = math.prod(int(d) for d in dims.split(",") if d) * _BYTES[dtype]
+  return [f"{shape} ({size / GiB:.2f} GiB)" for shape, size in sizes.most_common(n)]
+
+
+class DoesNotFit(Exception):
+  """The compiler found that the program needs more memory than a chip has."""
+
+  def __init__(self, message: str, hlo_text: str):
+    super().__init__(message)
+    self.hlo_text = hlo_text
+
+
+def _compile(jitted, args, mesh) -> tuple:
+  """(compiled, seconds) of `jitted` lowered on `args` (ShapeDtypeStructs) under `mesh`; raises
+  DoesNotFit when the compiler runs out of the chip's memory (XLA:TPU refuses such a program)."""
+  start = time.perf_counter()
+  with sharding.use_mesh(mesh):
+    lowered = jitted.lower(*args)
+    try:
+      compiled = lowered.compile()
+    except Exception as e:  # pylint: disable=broad-except
+      text = str(e).strip()
+      if "RESOURCE_EXHAUSTED" not in text:
+        raise
+      raise DoesNotFit(text.splitlines()[-1].rstrip("."), lowered.as_text(dialect="hlo")) from None
+  return compiled, time.perf_counter() - start
+
+
+def compile_report(config, devices, vocab_size: int, topology: str = "local") -> dict:
+  """Compiles the train step (and the evaluation step) of `config`'s Transformer LM for `devices`
+  and returns the report: per-chip memory, whether it fits, FLOPs (XLA's and ours), collectives,
+  host transfers, compile seconds and the roofline bound. See the module docstring."""
+  train_lib.check_config(config, devices)
+  mcfg = train_lib.model_config(config, vocab_size)
+  model = model_lib.Transformer(mcfg)
+  mesh = sharding.make_mesh(config.mesh, devices=devices)
+  rules = tuple(tuple(r) for r in config.logical_axis_rules)
+  dp = sharding.data_parallel_size(mesh, rules)
+  accum = config.get("grad_accum_steps", 1)
+  task = train_lib.Task(init=train_lib.lm_init(model, config.seq_len),
+                        loss=train_lib.lm_loss(model, config.get("loss_chunk", 0)),
+                        batch=None, tx=train_lib.optimizer(config))
+  init_rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
+  abstract = train_lib.abstract_state(task.init, task.tx, mesh, rules, init_rng)
+  batch_sh = sharding.batch_sharding(mesh, rules)
+  tokens = jax.ShapeDtypeStruct((config.batch_size, config.seq_len), jnp.int32, sharding=batch_sh)
+  rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(mesh, P()))
+  step = train_lib.jit_train_step(task, train_lib.shardings_of(abstract), batch_sh, accum)
+  kind = devices[0].device_kind
+  chip = chip_figures(kind)
+  n_params = flops_lib.count_params(abstract.params)
+  head = {"topology": topology, "device_kind": kind, "platform": devices[0].platform,
+          "chips": len(devices), "mesh": dict(mesh.shape), "params": n_params,
+          "batch_size": config.batch_size, "seq_len": config.seq_len, "vocab_size": vocab_size,
+          "dtype": jnp.dtype(mcfg.dtype).name, "hbm_bytes_per_chip": chip["hbm_bytes"]}
+  try:
+    compiled, seconds = _compile(step, (abstract, (tokens, tokens), rng), mesh)
+  except DoesNotFit as e:
+    return {**head, "fits": False, "compile_error": str(e), "per_chip_bytes": None,
+            "largest_buffers": _largest_buffers(e.hlo_text)}
+  hlo = compiled.as_text()
+
+  eval_batch = max(dp, config.get("eval_batch_size", 64) // dp * dp)
+  score = evaluation.nll_score(model.apply, config.get("loss_chunk", 0))
+  eval_tokens = jax.ShapeDtypeStruct((eval_batch, config.seq_len), jnp.int32, sharding=batch_sh)
+  eval_weights = jax.ShapeDtypeStruct((eval_batch, config.seq_len), jnp.float32, sharding=batch_sh)
+  eval_step = jax.jit(score, in_shardings=(train_lib.shardings_of(abstract.params),)
+                      + (batch_sh,) * 3)
+  eval_compiled, eval_seconds = _compile(
+      eval_step, (abstract.params, eval_tokens, eval_tokens, eval_weights), mesh)
+
+  memory, cost = _memory(compiled), _cost(compiled)
+  chips = len(devices)
+  model_flops = (flops_lib.flops_per_token(mcfg, n_params, config.seq_len)
+                 * config.batch_size * config.seq_len / chips)
+  roofline = None
+  if chip["peak_flops"] and chip["hbm_bytes_per_s"]:
+    roofline = max(cost["flops"] / chip["peak_flops"],
+                   cost["bytes_accessed"] / chip["hbm_bytes_per_s"])
+  fits = None if chip["hbm_bytes"] is None else memory["total"] <= chip["hbm_bytes"]
+  return {
+      **head, "per_chip_bytes": memory, "fits": fits,
+      "largest_buffers": [] if fits is not False else _largest_buffers(hlo),
+      "flops_per_step": cost["flops"], "model_flops_per_step": model_flops,
+      "flops_ratio_xla_to_model": cost["flops"] / model_flops if model_flops else None,
+      "bytes_accessed_per_step": cost["bytes_accessed"],
+      "collectives": collective_bytes(hlo), "host_transfers": host_transfers(hlo),
+      "compile_seconds": seconds,
+      "peak_flops_per_chip": chip["peak_flops"], "hbm_bytes_per_s": chip["hbm_bytes_per_s"],
+      "roofline_step_seconds": roofline,
+      "mfu_bound": (model_flops / chip["peak_flops"] / roofline) if roofline else None,
+      "eval": {"batch_size": eval_batch, "per_chip_bytes": _memory(eval_compiled),
+               "compile_seconds": eval_seconds,
+               "collectives": collective_bytes(eval_compiled.as_text())},
+      "sources": ("HBM: Cloud TPU system architecture pages (v4, v5e, v5p, v6e); peak bf16 FLOP/s: "
+                  "llm_math.flops.PEAK_BF16_FLOPS; FLOPs and bytes accessed: XLA's cost analysis "
+                  "of the compiled step; memory: XLA's memory analysis (per chip)"),
+  }
+
+
+def summary_line(report: dict) -> str:
+  """One line: model, topology, mesh, per-chip GiB against HBM, FLOPs, roofline, MFU bound."""
+  hbm = report["hbm_bytes_per_chip"]
+  mesh = ",".join(f"{k}:{v}" for k, v in report["mesh"].items() if v > 1) or "1 device"
+  head = (f"{report['params'] / 1e6:.1f}M params on {report['topology']} "
+          f"({report['chips']} x {report['device_kind']}), mesh {mesh}")
+  if report.get("compile_error"):
+    return f"{head}; DOES NOT FIT: {report['compile_error']}"
+  mem = report["per_chip_bytes"]["total"] / GiB
+  fit = ("fits" if report["fits"] else "DOES NOT FIT") if report["fits"] is not None else "HBM unknown"
+  parts = [head,
+           f"{mem:.2f} GiB per chip" + (f" of {hbm / GiB:.0f} GiB: {fit}" if hbm else f": {fit}"),
+           f"{report['flops_per_step']:.3g} FLOPs/step/chip"]
+  if report["roofline_step_seconds"]:
+    parts.append(f"roofline {report['roofline_step_seconds'] * 1e3:.1f} ms/step, "
+                 f"MFU bound {report['mfu_bound']:.0%}")
+  parts.append(f"compiled in {report['compile_seconds']:.1f} s")
+  return "; ".join(parts)
