@@ -136,6 +136,28 @@ def _undo_start(root, before: set[str] | None):
       p.rmtree(missing_ok=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
+# Model field values older configs wrote that mean what a current value means.
+_LEGACY_MODEL_VALUES = {"remat": {False: "none", True: "full"}}
+
+
+def _with_new_model_defaults(saved: dict, current: dict) -> dict:
+  """`saved` with the model fields it predates (in `current`, not in `saved`) at the values
+  ModelConfig gives them by default, the values a run saved before such a field existed had, and
+  legacy values written as their current names (remat false -> 'none')."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from llm_math import model as model_lib  # pylint: disable=g-import-not-at-top
+  if not isinstance(saved.get("model"), dict) or not isinstance(current.get("model"), dict):
+    return saved
+  defaults = {f.name: f.default for f in dataclasses.fields(model_lib.ModelConfig)
+              if f.default is not dataclasses.MISSING}
+  added = {k: defaults[k] for k in current["model"] if k not in saved["model"] and k in defaults}
+  model = {**saved["model"], **added}
+  for key, legacy in _LEGACY_MODEL_VALUES.items():
+    if key in model and not isinstance(model[key], str) and model[key] in legacy:
+      model[key] = legacy[model[key]]
+  return {**saved, "model": model}
+
+
 def save_config(config, directory, what: str, ignored=frozenset(), write: bool = True):
   """Writes config.json in `directory` (if `write`), first refusing a config that differs from the
   one its checkpoints (or a sweep's models/) were trained with (fields in RESUMABLE_FIELDS or
@@ -145,7 +167,7 @@ def save_config(config, directory, what: str, ignored=frozenset(), write: bool =
   trained = [files.path(directory) / sub  # models/, runs/: a sweep's runs
              for sub in ("checkpoints", "models", "runs")]
   if path.exists() and any(d.is_dir() and any(d.iterdir()) for d in trained):
-    saved = files.read_json(path)
+    saved = _with_new_model_defaults(files.read_json(path), current)
     for key in sorted((set(saved) | set(current)) - RESUMABLE_FIELDS - set(ignored)):
       if saved.get(key) != current.get(key):
         raise UsageError(

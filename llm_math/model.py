@@ -30,6 +30,9 @@ import jax.numpy as jnp
 from absl import logging
 
 POS_ENCODINGS = ("learned", "sinusoidal", "rotary")
+# remat setting -> jax.checkpoint policy (None: no rematerialization; "full": save nothing).
+REMAT_POLICIES = {False: None, "none": None, True: "full", "full": "full",
+                  "dots_saveable": "dots_saveable"}
 ACTIVATIONS = ("relu", "gelu")
 
 
@@ -63,7 +66,15 @@ class ModelConfig:
   # attention and MLP outputs added to the residual stream. Decoding (decode=True) always takes
   # the explicit path.
   attention_impl: str = "explicit"
-  remat: bool = False  # Recompute each block's activations in the backward pass (saves memory).
+  # Rematerialization of each block in the backward pass: False/'none' keeps every activation,
+  # True/'full' recomputes the whole block, 'dots_saveable' keeps the matmul outputs and recomputes
+  # the rest (elementwise ops, softmax, LayerNorm).
+  remat: Any = False
+  # Apply the blocks as one nn.scan over stacked parameters (a leading 'layers' axis: params['blocks']
+  # instead of params['block_0'], ...). The step then compiles one block whatever the depth, and the
+  # compiler sees a per-layer boundary (parameters gathered, gradients reduced, layer by layer).
+  # `unrolled(params)` and `stacked(params)` convert between the two layouts.
+  scan_layers: bool = False
   # Logical axis -> mesh axes rules (`llm_math.sharding`) for the activations the model constrains
   # (the residual stream between blocks); they take effect under a mesh (jax.set_mesh), else no-op.
   logical_axis_rules: tuple = ()
@@ -78,6 +89,8 @@ class ModelConfig:
       raise ValueError(f"pos_encoding={self.pos_encoding!r}: expected one of {POS_ENCODINGS}")
     if self.activation not in ACTIVATIONS:
       raise ValueError(f"activation={self.activation!r}: expected one of {ACTIVATIONS}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat={self.remat!r}: expected one of {tuple(REMAT_POLICIES)}")
     if self.attention_impl not in ("explicit", "fused"):
       raise ValueError(f"attention_impl={self.attention_impl!r}: expected 'explicit' or 'fused'")
     if self.pos_encoding == "rotary" and self.head_dim % 2:
@@ -318,6 +331,56 @@ class Block(nn.Module):
     return x_BxTxD
 
 
+def _rematerialized(module_cls, remat):
+  """`module_cls`, rematerialized in the backward pass as the `remat` setting says."""
+  policy = REMAT_POLICIES[remat]
+  if policy is None:
+    return module_cls
+  if policy == "dots_saveable":
+    return nn.remat(module_cls, policy=jax.checkpoint_policies.dots_saveable)
+  return nn.remat(module_cls)
+
+
+def _constrain_residual(x_BxTxD, cfg: ModelConfig):
+  """The residual stream between blocks, laid out by the logical axis rules (under a mesh)."""
+  return nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"),
+                                    rules=cfg.logical_axis_rules or None)
+
+
+class _ScanStep(nn.Module):
+  """One block as a step of nn.scan: (x, positions) -> (next x, nothing)."""
+  config: ModelConfig
+  deterministic: bool
+  block_cls: Any
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT):
+    x_BxTxD = self.block_cls(self.config, self.deterministic, name="block")(x_BxTxD, positions_BxT)
+    return _constrain_residual(x_BxTxD, self.config), None
+
+
+def unrolled(params: dict) -> dict:
+  """Parameters with scanned blocks (params['blocks']['block'][...] stacked along a leading axis of
+  L) as L separate blocks params['block_0'], ..., params['block_{L-1}']; other trees unchanged."""
+  if "blocks" not in params:
+    return params
+  stacked_tree = params["blocks"]["block"]
+  n = jax.tree_util.tree_leaves(stacked_tree)[0].shape[0]
+  rest = {k: v for k, v in params.items() if k != "blocks"}
+  return {**rest, **{f"block_{i}": jax.tree_util.tree_map(lambda x, i=i: x[i], stacked_tree)
+                     for i in range(n)}}
+
+
+def stacked(params: dict) -> dict:
+  """The inverse of `unrolled`: blocks params['block_i'] stacked into params['blocks']['block']."""
+  names = sorted((k for k in params if k.startswith("block_")), key=lambda k: int(k[6:]))
+  if not names:
+    return params
+  rest = {k: v for k, v in params.items() if k not in names}
+  blocks = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *(params[k] for k in names))
+  return {**rest, "blocks": {"block": blocks}}
+
+
 class Transformer(nn.Module):
   """Decoder-only Transformer: tokens_BxT (int) -> logits_BxTxV (float32)."""
   config: ModelConfig
@@ -349,11 +412,16 @@ class Transformer(nn.Module):
       x_BxTxD += sinusoidal_positions(cfg.max_len, cfg.d_model)[positions_BxT].astype(cfg.dtype)
     x_BxTxD = nn.Dropout(cfg.dropout_rate)(x_BxTxD, deterministic=deterministic)
 
-    block_cls = nn.remat(Block) if cfg.remat else Block
-    for i in range(cfg.num_layers):
-      x_BxTxD = block_cls(cfg, deterministic, name=f"block_{i}")(x_BxTxD, positions_BxT)
-      x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"),
-                                           rules=cfg.logical_axis_rules or None)
+    block_cls = _rematerialized(Block, cfg.remat)
+    if cfg.scan_layers:
+      scanned = nn.scan(_ScanStep, variable_axes={"params": 0, "intermediates": 0, "cache": 0},
+                        split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast,),
+                        length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      x_BxTxD, _ = scanned(cfg, deterministic, block_cls, name="blocks")(x_BxTxD, positions_BxT)
+    else:
+      for i in range(cfg.num_layers):
+        x_BxTxD = block_cls(cfg, deterministic, name=f"block_{i}")(x_BxTxD, positions_BxT)
+        x_BxTxD = _constrain_residual(x_BxTxD, cfg)
 
     x_BxTxD = LayerNorm(cfg, name="ln_final")(x_BxTxD)
     if return_hidden and not self.is_initializing():
@@ -367,6 +435,10 @@ class Transformer(nn.Module):
 
 
 def _per_layer(intermediates):
+  """Each layer's sown intermediates, unstacked when the blocks were scanned."""
+  if "blocks" in intermediates:
+    return [unrolled({"blocks": intermediates["blocks"]})[f"block_{i}"]
+            for i in range(len(jax.tree_util.tree_leaves(intermediates["blocks"])[0]))]
   layers = sorted((k for k in intermediates if k.startswith("block_")), key=lambda k: int(k[6:]))
   return [intermediates[k] for k in layers]
 

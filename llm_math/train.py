@@ -774,16 +774,19 @@ class TrainedModel:
 
 
 def load_trained(workdir: str, step: int | None = None) -> TrainedModel:
-  """Loads the config, tokenizer and checkpointed parameters that a training run left in `workdir`."""
+  """Loads the config, tokenizer and checkpointed parameters that a training run left in `workdir`,
+  in the unrolled layout (params['block_i']; a run trained with scan_layers is unstacked)."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   path = files.path(workdir) / "config.json"
   if not path.exists():
     raise UsageError(f"--workdir={workdir}: no config.json (not a training run's workdir)")
   config = ml_collections.ConfigDict(files.read_json(path))
   params, step = checkpoint.load_params(workdir, step)
+  params = model_lib.unrolled(params)  # Analyses read layer by layer: scanned blocks unstacked.
   vocab_size = params["token_embed"]["embedding"].shape[0]
   if config.data == "synthetic":
     tokenizer = data_lib.SyntheticTokenizer(vocab_size)
   else:
     tokenizer = tokenizers.load(workdir)
-  return TrainedModel(config, model_config(config, vocab_size), params, tokenizer, step)
+  mcfg = dataclasses.replace(model_config(config, vocab_size), scan_layers=False)
+  return TrainedModel(config, mcfg, params, tokenizer, step)

@@ -98,3 +98,21 @@ def test_killed_run_resumes_to_the_same_results(tmp_path):
   assert "resumed from the checkpoint at step" in resumed.stdout
   load = lambda d: {r["name"]: r["val_nll_nats"] for r in json.load(open(d / "results.json"))["records"]}
   assert load(part) == load(tmp_path / "full")
+
+
+def test_a_run_saved_before_scan_layers_and_remat_policies_still_resumes(tmp_path):
+  """config.json of a run from before `model.scan_layers` existed and when `model.remat` was a bool
+  matches today's default config (the same model), and a real change is still refused."""
+  from experiments import common  # pylint: disable=g-import-not-at-top
+  from experiments.configs import perplexity  # pylint: disable=g-import-not-at-top
+  from llm_math.errors import UsageError  # pylint: disable=g-import-not-at-top
+  config = perplexity.get_config()
+  old = json.loads(config.to_json_best_effort())
+  del old["model"]["scan_layers"]
+  old["model"]["remat"] = False
+  (tmp_path / "checkpoints" / "500").mkdir(parents=True)
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  common.save_config(config, str(tmp_path), "--workdir holds a run", write=False)
+  config.model.scan_layers = True
+  with pytest.raises(UsageError, match="model"):
+    common.save_config(config, str(tmp_path), "--workdir holds a run", write=False)

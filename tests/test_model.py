@@ -286,3 +286,41 @@ def test_chunked_cross_entropy_matches_the_full_logits(tie):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
   with pytest.raises(ValueError, match="divide the sequence length 12"):
     model_lib.chunked_cross_entropy(jnp.zeros((1, T, 16)), jnp.zeros((16, T)), y[:1], chunk=5)
+
+
+@pytest.mark.parametrize("remat", [False, "full", "dots_saveable"])
+def test_scanned_blocks_match_the_unrolled_model(remat):
+  """nn.scan over stacked blocks computes the unrolled model: the same logits, loss and gradients
+  (1e-6) from the same parameters, moved between the layouts by `stacked` / `unrolled`; and the
+  sown attention probabilities come out per layer as before."""
+  base = dict(vocab_size=11, max_len=8, num_layers=3, num_heads=2, d_model=16, d_ff=32,
+              pos_encoding="rotary", remat=remat)
+  unrolled_model = model_lib.Transformer(model_lib.ModelConfig(**base))
+  scanned_model = model_lib.Transformer(model_lib.ModelConfig(**base, scan_layers=True))
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 8), 0, 11)
+  targets = jnp.roll(tokens, -1, axis=1)
+  params = unrolled_model.init(jax.random.PRNGKey(0), tokens)["params"]
+  params = nn.meta.unbox(params)
+  stacked = model_lib.stacked(params)
+  assert "blocks" in stacked and not any(k.startswith("block_") for k in stacked)
+  assert stacked["blocks"]["block"]["attn"]["query"]["kernel"].shape == (3, 16, 2, 8)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, model_lib.unrolled(stacked), params)
+  # The scanned model initializes the same tree (its layout) with the 'layers' axis named.
+  boxed = jax.eval_shape(lambda r: scanned_model.init(r, tokens)["params"], jax.random.PRNGKey(0))
+  assert jax.tree_util.tree_structure(nn.meta.unbox(boxed)) == jax.tree_util.tree_structure(stacked)
+  spec = nn.get_partition_spec(boxed)["blocks"]["block"]["mlp"]["fc_in"]["kernel"]
+  assert tuple(spec) == ("layers", "embed", "mlp")
+
+  def loss(model, p):
+    return model_lib.cross_entropy(model.apply({"params": p}, tokens), targets)[0] / targets.size
+
+  l_u, g_u = jax.value_and_grad(lambda p: loss(unrolled_model, p))(params)
+  l_s, g_s = jax.value_and_grad(lambda p: loss(scanned_model, p))(stacked)
+  np.testing.assert_allclose(l_s, l_u, rtol=1e-6)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
+                         model_lib.unrolled(g_s), g_u)
+  _, state_u = unrolled_model.apply({"params": params}, tokens, mutable=["intermediates"])
+  _, state_s = scanned_model.apply({"params": stacked}, tokens, mutable=["intermediates"])
+  np.testing.assert_allclose(model_lib.attention_probs(state_s["intermediates"]),
+                             model_lib.attention_probs(state_u["intermediates"]), rtol=1e-6,
+                             atol=1e-7)

@@ -133,3 +133,26 @@ def test_chunked_loss_trains_like_the_full_logits(tmp_path):
   config = helpers.tiny_config(loss_chunk=5)
   with pytest.raises(UsageError, match="--config.loss_chunk=5"):
     train_lib.train(config, helpers.tiny_dataset(config), str(tmp_path / "bad"), log=_quiet)
+
+
+def test_a_scanned_run_checkpoints_its_layout_and_reads_back_unrolled(tmp_path):
+  """A run with scan_layers (and dots-saveable remat) trains and checkpoints its stacked layout,
+  and `load_trained` reads it back unrolled: the unrolled model on the unstacked parameters gives
+  the scanned model's logits. (Equality of the two layouts' losses and gradients: test_model.)"""
+  from llm_math import model as model_lib  # pylint: disable=g-import-not-at-top
+  config = helpers.tiny_config(num_steps=4, eval_every=4, checkpoint_every=4)
+  config.model.num_layers = 2
+  config.model.scan_layers = True
+  config.model.remat = "dots_saveable"
+  dataset = helpers.tiny_dataset(config)
+  result = train_lib.train(config, dataset, str(tmp_path), log=_quiet)
+  assert "blocks" in result.state.params and "block_0" not in result.state.params
+  (tmp_path / "config.json").write_text(config.to_json_best_effort())
+  trained = train_lib.load_trained(str(tmp_path))
+  assert {"block_0", "block_1"} <= set(trained.params) and "blocks" not in trained.params
+  assert trained.model_config.scan_layers is False
+  tokens = np.asarray(dataset.val_ids[:config.seq_len])[None]
+  scanned = model_lib.Transformer(train_lib.model_config(config, dataset.vocab_size))
+  np.testing.assert_allclose(
+      trained.model.apply({"params": trained.params}, tokens),
+      scanned.apply({"params": jax.device_get(result.state.params)}, tokens), rtol=1e-5, atol=1e-6)

@@ -30,11 +30,14 @@ def get_config() -> ml_collections.ConfigDict:
       vocab_size=32, lag=16, copy_prob=0.8, zipf_exponent=1.0,
       train_tokens=1 << 20, val_tokens=1 << 16))
 
+  # remat: 'none' | 'full' | 'dots_saveable' (keep matmul outputs, recompute the rest) per block;
+  # scan_layers: the blocks as one nn.scan over stacked parameters (compiles one block whatever the
+  # depth; the large recipes turn it on; analyses read any run unstacked, `train.load_trained`).
   c.model = ml_collections.ConfigDict(dict(
       num_layers=2, num_heads=4, d_model=64, d_ff=256, dropout_rate=0.0,
       pos_encoding="rotary", activation="gelu", tie_embeddings=False, causal=True,
       use_bias=True, init_std=0.02, dtype="float32", param_dtype="float32",
-      attention_impl="explicit", remat=False))
+      attention_impl="explicit", remat="none", scan_layers=False))
   c.seq_len = 64
 
   # Optimization: AdamW, linear warmup then cosine decay to min_learning_rate.
