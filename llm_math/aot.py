@@ -11,17 +11,27 @@ layout); nothing is run, no data is read, and the parameters are only shapes.
 
 The report's roofline: a step cannot take less than max(FLOPs / peak FLOP/s, bytes accessed / HBM
 bandwidth) per chip, from XLA's own cost analysis of the compiled program; `mfu_bound` is the model
-FLOPs utilization (6N + 12LTd per token, `llm_math.flops`) a step at that bound would reach.
+FLOPs utilization (6N + 12LTd per token, `llm_math.flops`) a step at that bound would reach. The
+peak is the chip's bf16 peak whatever the compute dtype. XLA's cost analysis counts a while loop's
+body once, so a model with scanned layers is compiled a second time with two layers per iteration,
+and its FLOPs, bytes and collectives are extrapolated from the two programs to all layers
+(`scanned_layers_extrapolated`; the memory figures are the first program's own). XLA:TPU also
+turns sharded matmuls into loops over the shards (windowed einsums, `windowed_einsum_loops`), whose
+bodies are counted once as well: there XLA's FLOPs and bytes fall short, the compute term of the
+roofline uses our count and its memory term is a lower bound.
+
+"Per chip" is per JAX device: a v4 topology lists each chip's two TensorCores as two devices, each
+with half the chip's HBM, bandwidth and peak.
 """
 
 import collections
+import dataclasses
 import math
 import re
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llm_math import evaluation
@@ -73,18 +83,28 @@ def topology_devices(name: str) -> list:
     raise UsageError(f"--topology={name}: cannot describe it ({text[:160]}); {hint}") from None
 
 
-def chip_figures(device_kind: str) -> dict:
-  """{'hbm_bytes', 'hbm_bytes_per_s', 'peak_flops'} of a chip kind (None where unknown)."""
+def cores_per_chip(devices) -> int:
+  """JAX devices per chip: 2 where each TensorCore of a v4 chip is its own device (a topology
+  description lists them so; a v4 VM's default megacore joins them), else 1."""
+  chips = {tuple(d.coords) for d in devices if getattr(d, "coords", None) is not None}
+  return max(1, len(devices) // len(chips)) if chips else 1
+
+
+def chip_figures(device_kind: str, cores: int = 1) -> dict:
+  """{'hbm_bytes', 'hbm_bytes_per_s', 'peak_flops'} of one device of a chip kind whose chips are
+  split into `cores` devices (the chip's figures shared among them); None where unknown."""
   lookup = lambda table: next((v for k, v in table.items() if k in device_kind), None)
-  hbm = lookup(HBM)
-  return {"hbm_bytes": hbm[0] if hbm else None, "hbm_bytes_per_s": hbm[1] if hbm else None,
-          "peak_flops": lookup(flops_lib.PEAK_BF16_FLOPS)}
+  hbm, peak = lookup(HBM), lookup(flops_lib.PEAK_BF16_FLOPS)
+  return {"hbm_bytes": hbm[0] // cores if hbm else None,
+          "hbm_bytes_per_s": hbm[1] / cores if hbm else None,
+          "peak_flops": peak / cores if peak else None}
 
 
 def collective_bytes(hlo_text: str) -> dict:
   """{kind: {'count', 'bytes'}} of the collectives in an HLO module's text; bytes are each result's
-  size (for asynchronous '-start' ops, the last array of the result tuple: the gathered or reduced
-  value). '-done' halves of asynchronous pairs are not counted again."""
+  size (for asynchronous '-start' ops, the largest array of the result tuple, which also holds the
+  operand and scalar contexts: the gathered or reduced value). '-done' halves of asynchronous pairs
+  are not counted again."""
   out = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
   for line in hlo_text.splitlines():
     m = re.search(r"=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(-start)?\(", line)
@@ -93,10 +113,9 @@ def collective_bytes(hlo_text: str) -> dict:
     shapes = _SHAPE.findall(m.group(1))
     if not shapes:
       continue
-    dtype, dims = shapes[-1] if m.group(3) else shapes[0]
-    size = math.prod(int(d) for d in dims.split(",") if d) * _BYTES[dtype]
-    if not m.group(3) and len(shapes) > 1:  # A tuple result (a combined collective): all of it.
-      size = sum(math.prod(int(d) for d in ds.split(",") if d) * _BYTES[t] for t, ds in shapes)
+    sizes = [math.prod(int(d) for d in ds.split(",") if d) * _BYTES[t] for t, ds in shapes]
+    # A '-start' op's tuple: the largest array. A plain op's tuple (a combined collective): all.
+    size = max(sizes) if m.group(3) else sum(sizes)
     out[m.group(2)]["count"] += 1
     out[m.group(2)]["bytes"] += size
   return out
@@ -157,6 +176,28 @@ def _compile(jitted, args, mesh) -> tuple:
   return compiled, time.perf_counter() - start
 
 
+def _scaled(once: float, twice: float, bodies_twice: int, layers: int) -> float:
+  """A program's whole-step count from XLA's counts of the same scan compiled with 1 and with 2
+  layers per loop iteration (`bodies_twice` = 2, or 3 when an odd depth leaves one layer outside
+  the loop): XLA counts once = outside + body and twice = outside + bodies_twice * body."""
+  body = (twice - once) / (bodies_twice - 1)
+  return once + (layers - 1) * body
+
+
+def _scanned_costs(step_fn_for, args, mesh, mcfg, cost: dict, collectives: dict) -> tuple:
+  """(cost, collectives) of the whole step of a scanned model: XLA counts a while loop's body once,
+  so the step is compiled again with two layers per iteration and the counts extrapolated to all
+  layers (`_scaled`)."""
+  twice_cfg = dataclasses.replace(mcfg, scan_unroll=2)
+  compiled2, _ = _compile(step_fn_for(twice_cfg), args, mesh)
+  cost2, coll2 = _cost(compiled2), collective_bytes(compiled2.as_text())
+  k, n = 2 + mcfg.num_layers % 2, mcfg.num_layers
+  whole_cost = {key: _scaled(cost[key], cost2[key], k, n) for key in cost}
+  whole_coll = {kind: {f: round(_scaled(collectives[kind][f], coll2[kind][f], k, n))
+                       for f in ("count", "bytes")} for kind in collectives}
+  return whole_cost, whole_coll
+
+
 def compile_report(config, devices, vocab_size: int, topology: str = "local") -> dict:
   """Compiles the train step (and the evaluation step) of `config`'s Transformer LM for `devices`
   and returns the report: per-chip memory, whether it fits, FLOPs (XLA's and ours), collectives,
@@ -176,12 +217,21 @@ def compile_report(config, devices, vocab_size: int, topology: str = "local") ->
   batch_sh = sharding.batch_sharding(mesh, rules)
   tokens = jax.ShapeDtypeStruct((config.batch_size, config.seq_len), jnp.int32, sharding=batch_sh)
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(mesh, P()))
-  step = train_lib.jit_train_step(task, train_lib.shardings_of(abstract), batch_sh, accum)
+  def step_for(model_cfg):
+    m = model_lib.Transformer(model_cfg)
+    t = train_lib.Task(init=train_lib.lm_init(m, config.seq_len),
+                       loss=train_lib.lm_loss(m, config.get("loss_chunk", 0)), batch=None,
+                       tx=task.tx)
+    return train_lib.jit_train_step(t, train_lib.shardings_of(abstract), batch_sh, accum)
+
+  step = step_for(mcfg)
   kind = devices[0].device_kind
-  chip = chip_figures(kind)
+  cores = cores_per_chip(devices)
+  chip = chip_figures(kind, cores)
   n_params = flops_lib.count_params(abstract.params)
   head = {"topology": topology, "device_kind": kind, "platform": devices[0].platform,
-          "chips": len(devices), "mesh": dict(mesh.shape), "params": n_params,
+          "chips": len(devices) // cores, "devices": len(devices), "devices_per_chip": cores,
+          "mesh": dict(mesh.shape), "params": n_params,
           "batch_size": config.batch_size, "seq_len": config.seq_len, "vocab_size": vocab_size,
           "dtype": jnp.dtype(mcfg.dtype).name, "hbm_bytes_per_chip": chip["hbm_bytes"]}
   try:
@@ -200,22 +250,30 @@ def compile_report(config, devices, vocab_size: int, topology: str = "local") ->
   eval_compiled, eval_seconds = _compile(
       eval_step, (abstract.params, eval_tokens, eval_tokens, eval_weights), mesh)
 
-  memory, cost = _memory(compiled), _cost(compiled)
-  chips = len(devices)
+  memory, cost, collectives = _memory(compiled), _cost(compiled), collective_bytes(hlo)
+  if mcfg.scan_layers and mcfg.num_layers > 1:
+    cost, collectives = _scanned_costs(step_for, (abstract, (tokens, tokens), rng), mesh, mcfg,
+                                       cost, collectives)
   model_flops = (flops_lib.flops_per_token(mcfg, n_params, config.seq_len)
-                 * config.batch_size * config.seq_len / chips)
+                 * config.batch_size * config.seq_len / len(devices))
+  # XLA:TPU decomposes sharded matmuls into loops over the shards (windowed einsums that overlap the
+  # all-gather with the matmul); their bodies too are counted once, so XLA's counts fall short and
+  # the compute term takes our count where it is larger.
+  windowed = "windowed_dot_general" in hlo
   roofline = None
   if chip["peak_flops"] and chip["hbm_bytes_per_s"]:
-    roofline = max(cost["flops"] / chip["peak_flops"],
-                   cost["bytes_accessed"] / chip["hbm_bytes_per_s"])
+    roofline = max((max(cost["flops"], model_flops) if windowed else cost["flops"])
+                   / chip["peak_flops"], cost["bytes_accessed"] / chip["hbm_bytes_per_s"])
   fits = None if chip["hbm_bytes"] is None else memory["total"] <= chip["hbm_bytes"]
   return {
       **head, "per_chip_bytes": memory, "fits": fits,
       "largest_buffers": [] if fits is not False else _largest_buffers(hlo),
       "flops_per_step": cost["flops"], "model_flops_per_step": model_flops,
       "flops_ratio_xla_to_model": cost["flops"] / model_flops if model_flops else None,
+      "scanned_layers_extrapolated": bool(mcfg.scan_layers and mcfg.num_layers > 1),
+      "windowed_einsum_loops": windowed,
       "bytes_accessed_per_step": cost["bytes_accessed"],
-      "collectives": collective_bytes(hlo), "host_transfers": host_transfers(hlo),
+      "collectives": collectives, "host_transfers": host_transfers(hlo),
       "compile_seconds": seconds,
       "peak_flops_per_chip": chip["peak_flops"], "hbm_bytes_per_s": chip["hbm_bytes_per_s"],
       "roofline_step_seconds": roofline,
@@ -234,14 +292,17 @@ def summary_line(report: dict) -> str:
   hbm = report["hbm_bytes_per_chip"]
   mesh = ",".join(f"{k}:{v}" for k, v in report["mesh"].items() if v > 1) or "1 device"
   head = (f"{report['params'] / 1e6:.1f}M params on {report['topology']} "
-          f"({report['chips']} x {report['device_kind']}), mesh {mesh}")
+          f"({report['chips']} x {report['device_kind']}"
+          + (f", {report['devices']} devices" if report.get("devices_per_chip", 1) > 1 else "")
+          + f"), mesh {mesh}")
   if report.get("compile_error"):
     return f"{head}; DOES NOT FIT: {report['compile_error']}"
   mem = report["per_chip_bytes"]["total"] / GiB
   fit = ("fits" if report["fits"] else "DOES NOT FIT") if report["fits"] is not None else "HBM unknown"
+  unit = "chip" if report.get("devices_per_chip", 1) == 1 else "device"
   parts = [head,
-           f"{mem:.2f} GiB per chip" + (f" of {hbm / GiB:.0f} GiB: {fit}" if hbm else f": {fit}"),
-           f"{report['flops_per_step']:.3g} FLOPs/step/chip"]
+           f"{mem:.2f} GiB per {unit}" + (f" of {hbm / GiB:.0f} GiB: {fit}" if hbm else f": {fit}"),
+           f"{report['model_flops_per_step']:.3g} model FLOPs/step/{unit}"]
   if report["roofline_step_seconds"]:
     parts.append(f"roofline {report['roofline_step_seconds'] * 1e3:.1f} ms/step, "
                  f"MFU bound {report['mfu_bound']:.0%}")

@@ -33,6 +33,7 @@ PEAK_BF16_FLOPS = {
     "TPU v5p": 459e12,
     "TPU v6 lite": 918e12,
     "TPU v6e": 918e12,
+    "TPU v5": 459e12,  # v5p's device_kind; after the 'TPU v5 lite' entries, which match first.
 }
 
 

@@ -32,7 +32,8 @@ from absl import logging
 POS_ENCODINGS = ("learned", "sinusoidal", "rotary")
 # remat setting -> jax.checkpoint policy (None: no rematerialization; "full": save nothing).
 REMAT_POLICIES = {False: None, "none": None, True: "full", "full": "full",
-                  "dots_saveable": "dots_saveable"}
+                  "dots_saveable": "dots_saveable",
+                  "dots_with_no_batch_dims_saveable": "dots_with_no_batch_dims_saveable"}
 ACTIVATIONS = ("relu", "gelu")
 
 
@@ -67,14 +68,17 @@ class ModelConfig:
   # the explicit path.
   attention_impl: str = "explicit"
   # Rematerialization of each block in the backward pass: False/'none' keeps every activation,
-  # True/'full' recomputes the whole block, 'dots_saveable' keeps the matmul outputs and recomputes
-  # the rest (elementwise ops, softmax, LayerNorm).
+  # True/'full' recomputes the whole block, 'dots_saveable' keeps every matmul output and recomputes
+  # the rest (elementwise ops, softmax, LayerNorm), 'dots_with_no_batch_dims_saveable' keeps only the
+  # matmuls with the weights (not attention's QK^T and AV, whose [B, H, T, T] outputs dominate at
+  # long context: MaxText's 'minimal').
   remat: Any = False
   # Apply the blocks as one nn.scan over stacked parameters (a leading 'layers' axis: params['blocks']
   # instead of params['block_0'], ...). The step then compiles one block whatever the depth, and the
   # compiler sees a per-layer boundary (parameters gathered, gradients reduced, layer by layer).
   # `unrolled(params)` and `stacked(params)` convert between the two layouts.
   scan_layers: bool = False
+  scan_unroll: int = 1  # Blocks per iteration of the scan's loop (`llm_math.aot` costs a layer so).
   # Logical axis -> mesh axes rules (`llm_math.sharding`) for the activations the model constrains
   # (the residual stream between blocks); they take effect under a mesh (jax.set_mesh), else no-op.
   logical_axis_rules: tuple = ()
@@ -336,9 +340,9 @@ def _rematerialized(module_cls, remat):
   policy = REMAT_POLICIES[remat]
   if policy is None:
     return module_cls
-  if policy == "dots_saveable":
-    return nn.remat(module_cls, policy=jax.checkpoint_policies.dots_saveable)
-  return nn.remat(module_cls)
+  if policy == "full":
+    return nn.remat(module_cls)
+  return nn.remat(module_cls, policy=getattr(jax.checkpoint_policies, policy))
 
 
 def _constrain_residual(x_BxTxD, cfg: ModelConfig):
@@ -416,7 +420,8 @@ class Transformer(nn.Module):
     if cfg.scan_layers:
       scanned = nn.scan(_ScanStep, variable_axes={"params": 0, "intermediates": 0, "cache": 0},
                         split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast,),
-                        length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+                        length=cfg.num_layers, unroll=cfg.scan_unroll,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
       x_BxTxD, _ = scanned(cfg, deterministic, block_cls, name="blocks")(x_BxTxD, positions_BxT)
     else:
       for i in range(cfg.num_layers):

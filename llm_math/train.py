@@ -631,6 +631,19 @@ def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
       writer.write({"step": step, **record, "elapsed_s": elapsed()})
     return reason
 
+  def save_if_finite(step: int) -> str | None:
+    """Saves the state as `step` unless it must not be (`_unsavable`): returns why not, after
+    raising DivergenceError instead when on_divergence="raise"."""
+    nonlocal last_saved
+    problem = _unsavable(state, metrics, loss_bound, all_finite)
+    if problem is None:
+      checkpoint.check_room(mngr, state, last_saved)
+      checkpoint.save(mngr, step, state, last_saved=last_saved)
+      last_saved = step
+    elif on_divergence == "raise":
+      raise _divergence(problem, step, last_saved)
+    return problem
+
   interrupted = None
   try:
     with _StopSignals() as stop, sharding.use_mesh(mesh):
@@ -678,14 +691,8 @@ def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
         stopped = finish_step(done, record)
         window_start += time.perf_counter() - paused  # tokens/s counts training steps only
         if stopped or save_at(done) or done == num_steps:
-          problem = _unsavable(state, metrics, loss_bound, all_finite)
-          if problem is None:
-            checkpoint.check_room(mngr, state, last_saved)
-            checkpoint.save(mngr, done, state, last_saved=last_saved)
-            last_saved = done
-          elif on_divergence == "raise":
-            raise _divergence(problem, done, last_saved)
-          else:
+          problem = save_if_finite(done)
+          if problem is not None:
             if stopped != "diverged":
               stopped = "diverged"
               writer.write({"step": done, "stop": stopped, "elapsed_s": elapsed()})
@@ -697,13 +704,7 @@ def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
       if interrupted:
         current = int(jax.device_get(state.step))
         if current != last_saved and current > start_step:
-          problem = _unsavable(state, metrics, loss_bound, all_finite)
-          if problem is None:
-            checkpoint.check_room(mngr, state, last_saved)
-            checkpoint.save(mngr, current, state, last_saved=last_saved)
-            last_saved = current
-          elif on_divergence == "raise":
-            raise _divergence(problem, current, last_saved)
+          save_if_finite(current)
         saved = "checkpoint saved" if last_saved == current else "nothing to save yet"
         log(f"received {interrupted} at step {current}: {saved}; rerun the same command to resume")
   finally:  # Also on a divergence stop: in-flight async saves complete before the error surfaces.

@@ -109,3 +109,19 @@ def test_compile_mistakes_are_one_line_errors(tmp_path, args, fragment):
   assert "Traceback" not in proc.stderr
   assert any(l.startswith("error:") and fragment in l for l in proc.stderr.splitlines()), \
       proc.stderr[-2000:]
+
+
+def test_a_scanned_models_costs_are_its_whole_step():
+  """XLA counts a while loop's body once; the report extrapolates a scanned model's FLOPs and
+  collectives to every layer (a second compile with two layers per iteration), so they agree with
+  the unrolled model's own counts."""
+  devices = aot.topology_devices("v5e:2x2")
+  config = _config("data:4")
+  config.model.num_layers = 3  # Odd: one layer stays outside the two-layer loop.
+  unrolled = aot.compile_report(config, devices, 4096, "v5e:2x2")
+  config.model.scan_layers = True
+  scanned = aot.compile_report(config, devices, 4096, "v5e:2x2")
+  assert scanned["scanned_layers_extrapolated"] and not unrolled["scanned_layers_extrapolated"]
+  assert scanned["flops_per_step"] == pytest.approx(unrolled["flops_per_step"], rel=0.02)
+  assert scanned["collectives"]["all-reduce"]["bytes"] == pytest.approx(
+      unrolled["collectives"]["all-reduce"]["bytes"], rel=0.05)

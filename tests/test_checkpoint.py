@@ -3,7 +3,6 @@ failures, readers that never rename, only finite states saved, and unwritable or
 in one line. (Damaged steps falling back, and kill -9 mid-save: tests/test_faults.py.)"""
 import contextlib
 import errno
-import json
 import os
 import shutil
 import subprocess

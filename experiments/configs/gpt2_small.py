@@ -23,7 +23,8 @@ def get_config():
   c.vocab_size = 50304
   c.model.update(num_layers=12, num_heads=12, d_model=768, d_ff=3072, dropout_rate=0.0,
                  pos_encoding="learned", tie_embeddings=True, use_bias=False, dtype="bfloat16",
-                 param_dtype="float32", init_std=0.02, scan_layers=True, remat="dots_saveable")
+                 param_dtype="float32", init_std=0.02, scan_layers=True,
+                 remat="dots_with_no_batch_dims_saveable")
   c.seq_len = 1024
   c.batch_size = 480
   c.num_steps = 600_000

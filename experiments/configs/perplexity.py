@@ -30,7 +30,8 @@ def get_config() -> ml_collections.ConfigDict:
       vocab_size=32, lag=16, copy_prob=0.8, zipf_exponent=1.0,
       train_tokens=1 << 20, val_tokens=1 << 16))
 
-  # remat: 'none' | 'full' | 'dots_saveable' (keep matmul outputs, recompute the rest) per block;
+  # remat: 'none' | 'full' | 'dots_saveable' (keep matmul outputs, recompute the rest) |
+  # 'dots_with_no_batch_dims_saveable' (keep only the matmuls with weights) per block;
   # scan_layers: the blocks as one nn.scan over stacked parameters (compiles one block whatever the
   # depth; the large recipes turn it on; analyses read any run unstacked, `train.load_trained`).
   c.model = ml_collections.ConfigDict(dict(
