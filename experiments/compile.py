@@ -59,6 +59,16 @@ def vocabulary(config, flag_value: int | None) -> int:
                    f"tokenizer {config.get('tokenizer')!r} depends on the data")
 
 
+def run_config(config):
+  """The config of the run to compile: the config itself, or for a sweep study whose runs each get
+  their own training fields (experiments.batch_size), the run with the largest batch."""
+  if "batch_sizes" in config and "batch_size" not in config:
+    from experiments import batch_size  # pylint: disable=g-import-not-at-top
+    return batch_size.run_config(config, max(config.batch_sizes), config.learning_rate,
+                                 num_steps=max(config.get("warmup_steps", 0), 1), target=0.0)
+  return config
+
+
 def main(argv):
   del argv
   common.reject_unused_flags(UNUSED_FLAGS, "compile.py")
@@ -73,7 +83,7 @@ def main(argv):
     raise UsageError(f"--workdir={workdir}: not a writable directory ({e.strerror or e})") from None
   vocab_size = vocabulary(config, common.VOCAB_SIZE.value)
   devices = aot.topology_devices(TOPOLOGY.value)
-  report = aot.compile_report(config, devices, vocab_size, TOPOLOGY.value)
+  report = aot.compile_report(run_config(config), devices, vocab_size, TOPOLOGY.value)
   report["config"] = flags.FLAGS["config"].config_filename if "config" in flags.FLAGS else None
   files.write_json(files.path(workdir) / "compile_report.json", report, indent=2)
   print(f"wrote {files.path(workdir) / 'compile_report.json'}")

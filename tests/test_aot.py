@@ -125,3 +125,11 @@ def test_a_scanned_models_costs_are_its_whole_step():
   assert scanned["flops_per_step"] == pytest.approx(unrolled["flops_per_step"], rel=0.02)
   assert scanned["collectives"]["all-reduce"]["bytes"] == pytest.approx(
       unrolled["collectives"]["all-reduce"]["bytes"], rel=0.05)
+
+
+def test_a_sweep_studys_config_compiles_its_largest_run(tmp_path):
+  """experiments.batch_size has no single batch_size: its largest run is compiled."""
+  proc = _compile_cli(tmp_path, "--config=experiments/configs/batch_size.py", "--topology=v5e:2x2")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads((tmp_path / "compile_report.json").read_text())
+  assert report["batch_size"] == 256 and report["fits"] is True
