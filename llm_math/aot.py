@@ -209,19 +209,16 @@ def compile_report(config, devices, vocab_size: int, topology: str = "local") ->
   rules = tuple(tuple(r) for r in config.logical_axis_rules)
   dp = sharding.data_parallel_size(mesh, rules)
   accum = config.get("grad_accum_steps", 1)
-  task = train_lib.Task(init=train_lib.lm_init(model, config.seq_len),
-                        loss=train_lib.lm_loss(model, config.get("loss_chunk", 0)),
-                        batch=None, tx=train_lib.optimizer(config))
+  # fit's own Task; no dataset: only the batch function reads one, and nothing is run.
+  task = train_lib.lm_task(config, dataset=None, model=model)
   init_rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
   abstract = train_lib.abstract_state(task.init, task.tx, mesh, rules, init_rng)
   batch_sh = sharding.batch_sharding(mesh, rules)
   tokens = jax.ShapeDtypeStruct((config.batch_size, config.seq_len), jnp.int32, sharding=batch_sh)
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(mesh, P()))
+
   def step_for(model_cfg):
-    m = model_lib.Transformer(model_cfg)
-    t = train_lib.Task(init=train_lib.lm_init(m, config.seq_len),
-                       loss=train_lib.lm_loss(m, config.get("loss_chunk", 0)), batch=None,
-                       tx=task.tx)
+    t = train_lib.lm_task(config, dataset=None, model=model_lib.Transformer(model_cfg))
     return train_lib.jit_train_step(t, train_lib.shardings_of(abstract), batch_sh, accum)
 
   step = step_for(mcfg)
