@@ -12,13 +12,17 @@ layout); nothing is run, no data is read, and the parameters are only shapes.
 The report's roofline: a step cannot take less than max(FLOPs / peak FLOP/s, bytes accessed / HBM
 bandwidth) per chip, from XLA's own cost analysis of the compiled program; `mfu_bound` is the model
 FLOPs utilization (6N + 12LTd per token, `llm_math.flops`) a step at that bound would reach. The
-peak is the chip's bf16 peak whatever the compute dtype. XLA's cost analysis counts a while loop's
-body once, so a model with scanned layers is compiled a second time with two layers per iteration,
-and its FLOPs, bytes and collectives are extrapolated from the two programs to all layers
-(`scanned_layers_extrapolated`; the memory figures are the first program's own). XLA:TPU also
-turns sharded matmuls into loops over the shards (windowed einsums, `windowed_einsum_loops`), whose
-bodies are counted once as well: there XLA's FLOPs and bytes fall short, the compute term of the
-roofline uses our count and its memory term is a lower bound.
+peak is the chip's bf16 peak whatever the compute dtype.
+
+XLA's cost analysis counts a while loop's body once. A model with scanned layers, or a loss computed
+a chunk at a time, is therefore compiled again with two layers per iteration and with chunks twice
+as long, and its FLOPs and bytes are extrapolated from the programs to every layer and chunk
+(`loops_extrapolated`; the memory figures are the first program's own). Collectives are read from
+the program's text and placed in its loops (`loop_collectives`): each loop's per-iteration
+collectives times its trip count, so the report says what one layer gathers and reduces. XLA:TPU
+also turns sharded matmuls into loops over the shards (windowed einsums, `windowed_einsum_loops`),
+whose bodies are counted once as well: there XLA's FLOPs and bytes fall short, the compute term of
+the roofline uses our count and its memory term is a lower bound.
 
 "Per chip" is per JAX device: a v4 topology lists each chip's two TensorCores as two devices, each
 with half the chip's HBM, bandwidth and peak.
@@ -100,25 +104,135 @@ def chip_figures(device_kind: str, cores: int = 1) -> dict:
           "peak_flops": peak / cores if peak else None}
 
 
+_COLLECTIVE_OP = re.compile(r"=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+_CHANNEL = re.compile(r"channel_id=(\d+)")
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%([^\s(]+) \(")
+_CALLEES = re.compile(r"\b(?:calls|to_apply|body|condition)=%([^\s,)}]+)")
+_CALLEE_LISTS = re.compile(r"\b(?:branch_computations|called_computations)=\{([^}]*)\}")
+_WHILE = re.compile(r"\swhile\(.*?condition=%([^\s,]+), body=%([^\s,]+)")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def _no_collectives() -> dict:
+  return {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
+
+
+def _add_op(counts: dict, line: str, channels: set, kind: str | None = None) -> None:
+  """Adds the collective on an HLO instruction line, if any, to `counts` {kind: {count, bytes}}.
+
+  Bytes are the result's size (for asynchronous '-start' ops, the largest array of the result
+  tuple, which also holds the operand and scalar contexts: the gathered or reduced value). '-done'
+  halves of asynchronous pairs are not counted again, nor are the pieces of one collective that
+  XLA:TPU spreads over several fusions to overlap it with compute (they share its channel_id,
+  recorded in `channels`). `kind` overrides the op's own: XLA:TPU writes a reduce-scatter as an
+  all-reduce inside an 'all-reduce-scatter' fusion, which runs as one reduce-scatter."""
+  m = _COLLECTIVE_OP.search(line)
+  if not m:
+    return
+  shapes = _SHAPE.findall(m.group(1))
+  channel = _CHANNEL.search(line)
+  if not shapes or (channel and channel.group(1) in channels):
+    return
+  if channel:
+    channels.add(channel.group(1))
+  sizes = [math.prod(int(d) for d in ds.split(",") if d) * _BYTES[t] for t, ds in shapes]
+  # A '-start' op's tuple: the largest array. A plain op's tuple (a combined collective): all.
+  kind = kind or m.group(2)
+  counts[kind]["count"] += 1
+  counts[kind]["bytes"] += max(sizes) if m.group(3) else sum(sizes)
+
+
 def collective_bytes(hlo_text: str) -> dict:
-  """{kind: {'count', 'bytes'}} of the collectives in an HLO module's text; bytes are each result's
-  size (for asynchronous '-start' ops, the largest array of the result tuple, which also holds the
-  operand and scalar contexts: the gathered or reduced value). '-done' halves of asynchronous pairs
-  are not counted again."""
-  out = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
+  """{kind: {'count', 'bytes'}} of the collectives written in an HLO module's text, each once
+  however many loop iterations run it (`loop_collectives` counts those)."""
+  counts, channels = _no_collectives(), set()
   for line in hlo_text.splitlines():
-    m = re.search(r"=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(-start)?\(", line)
-    if not m:
-      continue
-    shapes = _SHAPE.findall(m.group(1))
-    if not shapes:
-      continue
-    sizes = [math.prod(int(d) for d in ds.split(",") if d) * _BYTES[t] for t, ds in shapes]
-    # A '-start' op's tuple: the largest array. A plain op's tuple (a combined collective): all.
-    size = max(sizes) if m.group(3) else sum(sizes)
-    out[m.group(2)]["count"] += 1
-    out[m.group(2)]["bytes"] += size
-  return out
+    _add_op(counts, line, channels)
+  return counts
+
+
+def _computations(hlo_text: str) -> tuple[dict, str | None]:
+  """({name: [instruction lines]}, entry name) of an HLO module's text."""
+  bodies, entry, current = {}, None, None
+  for line in hlo_text.splitlines():
+    m = _COMPUTATION.match(line)
+    if m and line.endswith("{"):
+      current = m.group(1)
+      bodies[current] = []
+      entry = current if line.startswith("ENTRY") else entry
+    elif line == "}":
+      current = None
+    elif current is not None:
+      bodies[current].append(line)
+  return bodies, entry
+
+
+def _trip_count(condition_lines: list[str]) -> int | None:
+  """The trip count of a while loop whose condition is `i < N` with the constant N (how jax's scan
+  and map loops are compiled, i counting from 0); None when the condition is anything else."""
+  constants = [int(m.group(1)) for line in condition_lines
+               for m in [re.search(r"= s32\[\]\S* constant\((-?\d+)\)", line)] if m]
+  compares = [line for line in condition_lines if " compare(" in line and "direction=LT" in line]
+  return constants[0] if len(constants) == 1 and len(compares) == 1 else None
+
+
+def loop_collectives(hlo_text: str) -> dict:
+  """The collectives of a compiled program placed in its loops: {'outside': those run once per step,
+  'loops': [{'op_name', 'trip_count', 'depth', 'carry', 'per_iteration'}], 'total'}.
+
+  Each collective belongs to the innermost while loop whose body reaches it through calls (fusions,
+  async collective fusions, conditionals); one spread over several places (an asynchronous gather
+  started before a loop and advanced inside it) belongs where it starts. The total multiplies each
+  loop's per-iteration collectives by its trip count and its enclosing loops', so a scanned model's
+  per-layer gathers and reductions count once per layer. A loop whose trip count cannot be read from
+  its condition counts once, with trip_count None.
+  """
+  bodies, entry = _computations(hlo_text)
+  channels, loops = set(), []
+
+  def own(name: str, seen: set, kind: str | None = None) -> tuple[dict, list]:
+    """(collectives in `name` and what it calls outside nested loops, the loops it runs: [(body,
+    trip count, op_name, the per-device shapes of the loop's carry)])."""
+    counts, nested = _no_collectives(), []
+    kind = "reduce-scatter" if name.startswith("all-reduce-scatter") else kind
+    for line in bodies.get(name, []):
+      _add_op(counts, line, channels, kind)
+      w = _WHILE.search(line)
+      if w:
+        op = _OP_NAME.search(line)
+        carry = _SHAPE.findall(line.split(" while(")[0])
+        nested.append((w.group(2), _trip_count(bodies.get(w.group(1), [])),
+                       op.group(1) if op else "", [f"{t}[{d}]" for t, d in carry]))
+        continue
+      callees = _CALLEES.findall(line) + [c.strip().lstrip("%") for group in
+                                          _CALLEE_LISTS.findall(line) for c in group.split(",")]
+      for callee in callees:
+        if callee in bodies and callee not in seen:
+          seen.add(callee)
+          sub, sub_nested = own(callee, seen, kind)
+          counts = _add(counts, sub)
+          nested += sub_nested
+    return counts, nested
+
+  def walk(name: str, depth: int) -> tuple[dict, dict]:
+    """(collectives of `name` outside its loops, of one run of `name` with its loops' trips)."""
+    counts, nested = own(name, {name})
+    total = counts
+    for body, trips, op_name, carry in nested:
+      record = {"op_name": op_name, "trip_count": trips, "depth": depth + 1, "carry": carry}
+      loops.append(record)
+      record["per_iteration"], per_iteration_total = walk(body, depth + 1)
+      total = _add(total, per_iteration_total, trips or 1)
+    return counts, total
+
+  if entry is None:
+    return {"outside": _no_collectives(), "loops": [], "total": _no_collectives()}
+  outside, total = walk(entry, 0)
+  return {"outside": outside, "loops": loops, "total": total}
+
+
+def _add(a: dict, b: dict, times: int = 1) -> dict:
+  return {k: {f: a[k][f] + times * b[k][f] for f in ("count", "bytes")} for k in a}
 
 
 def host_transfers(hlo_text: str) -> list[str]:
@@ -176,32 +290,40 @@ def _compile(jitted, args, mesh) -> tuple:
   return compiled, time.perf_counter() - start
 
 
-def _scaled(once: float, twice: float, bodies_twice: int, layers: int) -> float:
-  """A program's whole-step count from XLA's counts of the same scan compiled with 1 and with 2
-  layers per loop iteration (`bodies_twice` = 2, or 3 when an odd depth leaves one layer outside
-  the loop): XLA counts once = outside + body and twice = outside + bodies_twice * body."""
-  body = (twice - once) / (bodies_twice - 1)
-  return once + (layers - 1) * body
+def _loop_costs(compile_variant, config, mcfg, cost: dict) -> tuple[dict, dict]:
+  """(the whole step's FLOPs and bytes accessed, which loops were extrapolated), from XLA's counts,
+  which take each while loop's body once.
+
+  A program with L scanned layers and a loss computed in n chunks counts
+  A = outside + layer + chunk. Compiled again with two layers per iteration it counts
+  B = outside + k * layer (k = 2, or 3 when an odd depth leaves one layer outside the loop), and with
+  chunks twice as long C = outside + layer + 2 * chunk (a chunk's cost is linear in its length). The
+  whole step is A + (L - 1) * layer + (n - 1) * chunk. `compile_variant(model_cfg, loss_chunk)`
+  compiles a variant and returns its cost.
+  """
+  whole, done = dict(cost), {"layers": False, "loss_chunks": False}
+  layers, chunk = mcfg.num_layers, config.get("loss_chunk", 0)
+  if mcfg.scan_layers and layers > 1:
+    twice = compile_variant(dataclasses.replace(mcfg, scan_unroll=2), chunk)
+    k = 2 + layers % 2
+    for key in whole:
+      whole[key] += (layers - 1) * (twice[key] - cost[key]) / (k - 1)
+    done["layers"] = True
+  n = config.seq_len // chunk if chunk else 1
+  if n > 1 and config.seq_len % (2 * chunk) == 0:
+    longer = compile_variant(mcfg, 2 * chunk)
+    for key in whole:
+      whole[key] += (n - 1) * (longer[key] - cost[key])
+    done["loss_chunks"] = True
+  return whole, done
 
 
-def _scanned_costs(step_fn_for, args, mesh, mcfg, cost: dict, collectives: dict) -> tuple:
-  """(cost, collectives) of the whole step of a scanned model: XLA counts a while loop's body once,
-  so the step is compiled again with two layers per iteration and the counts extrapolated to all
-  layers (`_scaled`)."""
-  twice_cfg = dataclasses.replace(mcfg, scan_unroll=2)
-  compiled2, _ = _compile(step_fn_for(twice_cfg), args, mesh)
-  cost2, coll2 = _cost(compiled2), collective_bytes(compiled2.as_text())
-  k, n = 2 + mcfg.num_layers % 2, mcfg.num_layers
-  whole_cost = {key: _scaled(cost[key], cost2[key], k, n) for key in cost}
-  whole_coll = {kind: {f: round(_scaled(collectives[kind][f], coll2[kind][f], k, n))
-                       for f in ("count", "bytes")} for kind in collectives}
-  return whole_cost, whole_coll
-
-
-def compile_report(config, devices, vocab_size: int, topology: str = "local") -> dict:
+def compile_report(config, devices, vocab_size: int, topology: str = "local",
+                   extrapolate: bool = True) -> dict:
   """Compiles the train step (and the evaluation step) of `config`'s Transformer LM for `devices`
   and returns the report: per-chip memory, whether it fits, FLOPs (XLA's and ours), collectives,
-  host transfers, compile seconds and the roofline bound. See the module docstring."""
+  host transfers, compile seconds and the roofline bound. See the module docstring. With
+  extrapolate=False the loops' FLOPs and bytes are XLA's own counts (no further compiles)."""
   train_lib.check_config(config, devices)
   mcfg = train_lib.model_config(config, vocab_size)
   model = model_lib.Transformer(mcfg)
@@ -217,11 +339,15 @@ def compile_report(config, devices, vocab_size: int, topology: str = "local") ->
   tokens = jax.ShapeDtypeStruct((config.batch_size, config.seq_len), jnp.int32, sharding=batch_sh)
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(mesh, P()))
 
-  def step_for(model_cfg):
-    t = train_lib.lm_task(config, dataset=None, model=model_lib.Transformer(model_cfg))
+  def step_for(model_cfg, loss_chunk):
+    variant = config.copy_and_resolve_references()
+    with variant.unlocked():
+      variant.loss_chunk = loss_chunk
+    t = train_lib.lm_task(variant, dataset=None, model=model_lib.Transformer(model_cfg))
     return train_lib.jit_train_step(t, train_lib.shardings_of(abstract), batch_sh, accum)
 
-  step = step_for(mcfg)
+  train_args = (abstract, (tokens, tokens), rng)
+  step = step_for(mcfg, config.get("loss_chunk", 0))
   kind = devices[0].device_kind
   cores = cores_per_chip(devices)
   chip = chip_figures(kind, cores)
@@ -232,14 +358,14 @@ def compile_report(config, devices, vocab_size: int, topology: str = "local") ->
           "batch_size": config.batch_size, "seq_len": config.seq_len, "vocab_size": vocab_size,
           "dtype": jnp.dtype(mcfg.dtype).name, "hbm_bytes_per_chip": chip["hbm_bytes"]}
   try:
-    compiled, seconds = _compile(step, (abstract, (tokens, tokens), rng), mesh)
+    compiled, seconds = _compile(step, train_args, mesh)
   except DoesNotFit as e:
     return {**head, "fits": False, "compile_error": str(e), "per_chip_bytes": None,
             "largest_buffers": _largest_buffers(e.hlo_text)}
   hlo = compiled.as_text()
 
   eval_batch = max(dp, config.get("eval_batch_size", 64) // dp * dp)
-  score = evaluation.nll_score(model.apply, config.get("loss_chunk", 0))
+  score = evaluation.nll_score(model.apply, config.get("loss_chunk", 0), rules=rules)
   eval_tokens = jax.ShapeDtypeStruct((eval_batch, config.seq_len), jnp.int32, sharding=batch_sh)
   eval_weights = jax.ShapeDtypeStruct((eval_batch, config.seq_len), jnp.float32, sharding=batch_sh)
   eval_step = jax.jit(score, in_shardings=(train_lib.shardings_of(abstract.params),)
@@ -247,10 +373,12 @@ def compile_report(config, devices, vocab_size: int, topology: str = "local") ->
   eval_compiled, eval_seconds = _compile(
       eval_step, (abstract.params, eval_tokens, eval_tokens, eval_weights), mesh)
 
-  memory, cost, collectives = _memory(compiled), _cost(compiled), collective_bytes(hlo)
-  if mcfg.scan_layers and mcfg.num_layers > 1:
-    cost, collectives = _scanned_costs(step_for, (abstract, (tokens, tokens), rng), mesh, mcfg,
-                                       cost, collectives)
+  memory, loops = _memory(compiled), loop_collectives(hlo)
+  cost, extrapolated = _cost(compiled), {"layers": False, "loss_chunks": False}
+  if extrapolate:
+    cost, extrapolated = _loop_costs(
+        lambda model_cfg, chunk: _cost(_compile(step_for(model_cfg, chunk), train_args, mesh)[0]),
+        config, mcfg, cost)
   model_flops = (flops_lib.flops_per_token(mcfg, n_params, config.seq_len)
                  * config.batch_size * config.seq_len / len(devices))
   # XLA:TPU decomposes sharded matmuls into loops over the shards (windowed einsums that overlap the
@@ -267,17 +395,18 @@ def compile_report(config, devices, vocab_size: int, topology: str = "local") ->
       "largest_buffers": [] if fits is not False else _largest_buffers(hlo),
       "flops_per_step": cost["flops"], "model_flops_per_step": model_flops,
       "flops_ratio_xla_to_model": cost["flops"] / model_flops if model_flops else None,
-      "scanned_layers_extrapolated": bool(mcfg.scan_layers and mcfg.num_layers > 1),
+      "loops_extrapolated": extrapolated,
       "windowed_einsum_loops": windowed,
       "bytes_accessed_per_step": cost["bytes_accessed"],
-      "collectives": collectives, "host_transfers": host_transfers(hlo),
+      "collectives": loops["total"], "collectives_outside_loops": loops["outside"],
+      "loops": loops["loops"], "host_transfers": host_transfers(hlo),
       "compile_seconds": seconds,
       "peak_flops_per_chip": chip["peak_flops"], "hbm_bytes_per_s": chip["hbm_bytes_per_s"],
       "roofline_step_seconds": roofline,
       "mfu_bound": (model_flops / chip["peak_flops"] / roofline) if roofline else None,
       "eval": {"batch_size": eval_batch, "per_chip_bytes": _memory(eval_compiled),
                "compile_seconds": eval_seconds,
-               "collectives": collective_bytes(eval_compiled.as_text())},
+               "collectives": loop_collectives(eval_compiled.as_text())["total"]},
       "sources": ("HBM: Cloud TPU system architecture pages (v4, v5e, v5p, v6e); peak bf16 FLOP/s: "
                   "llm_math.flops.PEAK_BF16_FLOPS; FLOPs and bytes accessed: XLA's cost analysis "
                   "of the compiled step; memory: XLA's memory analysis (per chip)"),

@@ -259,7 +259,8 @@ def lm_loss(model: nn.Module, loss_chunk: int = 0) -> Callable:
     weights_BxT = batch[2] if len(batch) > 2 else None
     out = model.apply({"params": params}, inputs_BxT, deterministic=False, rngs={"dropout": rng},
                       return_hidden=bool(loss_chunk))
-    return model_lib.output_nll(out, params, targets_BxT, weights_BxT, loss_chunk)
+    return model_lib.output_nll(out, params, targets_BxT, weights_BxT, loss_chunk,
+                                model.config.logical_axis_rules)
 
   return loss
 
