@@ -525,6 +525,21 @@ def test_snapshot_analysis_of_a_model_and_its_entropy_bound():
   assert len(scalars["qk_norm"]) == 2
 
 
+def test_a_scanned_models_snapshot_and_profile_are_its_unrolled_twins():
+  """A run trained with scan_layers (params['blocks'], stacked) is analysed layer by layer: the
+  same statistics as the same weights unrolled."""
+  mcfg, params = _model()
+  scanned = dataclasses.replace(mcfg, scan_layers=True)
+  stacked = model_lib.stacked(params)
+  for (a, arrays_a), (b, arrays_b) in [(spectra.analyse_snapshot(stacked, scanned, _TOKENS),
+                                        spectra.analyse_snapshot(params, mcfg, _TOKENS))]:
+    np.testing.assert_allclose(a["mean_row_entropy"], b["mean_row_entropy"], rtol=1e-5)
+    np.testing.assert_allclose(a["qk_norm"], b["qk_norm"], rtol=1e-6)
+    np.testing.assert_allclose(arrays_a["attention"], arrays_b["attention"], atol=1e-6)
+  np.testing.assert_allclose(spectra.residual_profile(stacked, scanned, _TOKENS)["fro"],
+                             spectra.residual_profile(params, mcfg, _TOKENS)["fro"], rtol=1e-5)
+
+
 def test_residual_profile_of_identity_blocks_stays_at_the_embeddings():
   """With the attention output zeroed, x + Attn(x) = x: every layer has the embeddings' residual."""
   mcfg, params = _model(mlp=False, layernorm=False)

@@ -587,14 +587,16 @@ def model_internals(mcfg: model_lib.ModelConfig):
   a: every layer's attention probabilities; x: the residual stream after every block; ln: every
   attention's input, the output of the block's `ln_attn` (x itself without LayerNorm), captured
   with flax's `capture_intermediates`. Params are whole (host) arrays, so the model's logical
-  sharding constraints are dropped. Compiled once per model config.
+  sharding constraints are dropped; scanned blocks (`scan_layers`) are read layer by layer
+  (`model.unrolled`). Compiled once per model config.
   """
-  model = model_lib.Transformer(dataclasses.replace(mcfg, logical_axis_rules=()))
+  model = model_lib.Transformer(dataclasses.replace(mcfg, logical_axis_rules=(), scan_layers=False))
   capture = lambda mdl, _: isinstance(mdl, model_lib.LayerNorm) and mdl.name == "ln_attn"
 
   @jax.jit
   def forward(params, tokens_BxT):
-    _, state = model.apply({"params": params}, tokens_BxT, mutable=["intermediates"],
+    _, state = model.apply({"params": model_lib.unrolled(params)}, tokens_BxT,
+                           mutable=["intermediates"],
                            capture_intermediates=capture)
     inter = state["intermediates"]
     ln_LxBxTxD = jnp.stack([inter[f"block_{l}"]["ln_attn"]["__call__"][0]
@@ -626,6 +628,7 @@ def qk_norms_and_entropy_bound(params, mcfg: model_lib.ModelConfig, ln_LxBxTxD: 
   and slack_min are then None.
   """
   sigma_LxH, bound_LxH, slack_min = [], [], math.inf
+  params = model_lib.unrolled(params)
   for l in range(mcfg.num_layers):
     attn = params[f"block_{l}"]["attn"]
     kernel = lambda w: np.transpose(np.asarray(attn[w]["kernel"], np.float64), (1, 0, 2))
