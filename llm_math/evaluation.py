@@ -21,18 +21,25 @@ from llm_math import model as model_lib
 from llm_math import sharding
 
 
-def nll_score(apply_fn: Callable, loss_chunk: int = 0, select: Callable = lambda p: p) -> Callable:
+def nll_score(apply_fn: Callable, loss_chunk: int = 0, select: Callable = lambda p: p,
+              logit_softcap: float | None = None) -> Callable:
   """score(params, inputs_BxT, targets_BxT, weights_BxT) -> (weighted NLL sum, weight sum).
 
   `apply_fn` is a Transformer's apply; with loss_chunk = C > 0 the output projection runs C
-  positions at a time (`model.chunked_cross_entropy`), never holding the [B, T, V] logits.
-  `select` picks the model's parameters out of the trained tree (e.g. a student's).
+  positions at a time (`model.chunked_cross_entropy`), never holding the [B, T, V] logits, with
+  the output logits soft-capped at `logit_softcap` (None: that of the Transformer whose bound
+  `apply` apply_fn is, its config.logit_softcap, so chunked and whole scores agree; 0 for any other
+  function). `select` picks the model's parameters out of the trained tree (e.g. a student's).
   """
+  if logit_softcap is None:
+    module_config = getattr(getattr(apply_fn, "__self__", None), "config", None)
+    logit_softcap = getattr(module_config, "logit_softcap", 0.0)
+
   def score(params, inputs_BxT, targets_BxT, weights_BxT):
     params = select(params)
     out = apply_fn({"params": params}, inputs_BxT, deterministic=True,
                    return_hidden=bool(loss_chunk))
-    return model_lib.output_nll(out, params, targets_BxT, weights_BxT, loss_chunk)
+    return model_lib.output_nll(out, params, targets_BxT, weights_BxT, loss_chunk, logit_softcap)
 
   return score
 
