@@ -22,19 +22,26 @@ from llm_math import sharding
 
 
 def nll_score(apply_fn: Callable, loss_chunk: int = 0, select: Callable = lambda p: p,
-              rules=()) -> Callable:
+              logit_softcap: float | None = None, rules=()) -> Callable:
   """score(params, inputs_BxT, targets_BxT, weights_BxT) -> (weighted NLL sum, weight sum).
 
   `apply_fn` is a Transformer's apply; with loss_chunk = C > 0 the output projection runs C
-  positions at a time (`model.chunked_cross_entropy`), never holding the [B, T, V] logits.
-  `select` picks the model's parameters out of the trained tree (e.g. a student's); `rules` lay out
-  the output kernel of the chunked path (`model.chunked_cross_entropy`).
+  positions at a time (`model.chunked_cross_entropy`), never holding the [B, T, V] logits, with
+  the output logits soft-capped at `logit_softcap` (None: that of the Transformer whose bound
+  `apply` apply_fn is, its config.logit_softcap, so chunked and whole scores agree; 0 for any other
+  function) and the output kernel laid out by the logical axis `rules`. `select` picks the model's
+  parameters out of the trained tree (e.g. a student's).
   """
+  if logit_softcap is None:
+    module_config = getattr(getattr(apply_fn, "__self__", None), "config", None)
+    logit_softcap = getattr(module_config, "logit_softcap", 0.0)
+
   def score(params, inputs_BxT, targets_BxT, weights_BxT):
     params = select(params)
     out = apply_fn({"params": params}, inputs_BxT, deterministic=True,
                    return_hidden=bool(loss_chunk))
-    return model_lib.output_nll(out, params, targets_BxT, weights_BxT, loss_chunk, rules)
+    return model_lib.output_nll(out, params, targets_BxT, weights_BxT, loss_chunk, logit_softcap,
+                                rules=rules)
 
   return score
 
@@ -83,7 +90,7 @@ def evaluator(config, windows: data_lib.EvalWindows, apply_fn: Callable,
               select: Callable = lambda p: p) -> Evaluator:
   """The evaluator of a config's model on `windows`: its mesh, rules, eval batch and loss_chunk."""
   mesh, rules = sharding.from_config(config)
-  score = nll_score(apply_fn, config.get("loss_chunk", 0), select, rules)
+  score = nll_score(apply_fn, config.get("loss_chunk", 0), select, rules=rules)
   return Evaluator(windows, score, config.get("eval_batch_size", 64), mesh, rules)
 
 

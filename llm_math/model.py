@@ -18,6 +18,14 @@ model with `mutable=['intermediates']`. Only the explicit attention path has the
 (`attention_impl='fused'`: cuDNN flash attention where it applies, XLA elsewhere) never forms them.
 
 With `causal=False` the model attends in both directions (for the spectral analysis of attention).
+
+Training-stability knobs (Wortsman et al. 2023, "Small-scale proxies for large-scale Transformer
+training instabilities"), each off by default, where the model computes exactly what it did before:
+
+    qk_norm:            Q_h, K_h <- LN(Q_h), LN(K_h) over the head dim, before rotary (QK-layernorm)
+    attn_logit_softcap: a <- c tanh(a / c) on a = Q_h K_h^T / sqrt(d_k), before the mask  (Gemma 2)
+    logit_softcap:      logits <- c tanh(logits / c), wherever output logits are formed  (Gemma 2)
+    z_loss:             the objective adds z mean_t log^2 Z_t, Z_t = sum_v exp(logit_tv)   (PaLM)
 """
 
 import dataclasses
@@ -85,6 +93,23 @@ class ModelConfig:
   init_std: float = 0.02
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  # Training-stability knobs (Wortsman et al. 2023), each off by default.
+  # qk_norm: LayerNorm of every head's queries and keys over the head dim (`HeadLayerNorm`), before
+  # rotary positions, so that |Q_h K_h^T| / sqrt(d_k) <= sqrt(d_k) at unit scales.
+  qk_norm: bool = False
+  # attn_logit_softcap = c > 0: attention logits a = Q_h K_h^T / sqrt(d_k) become c tanh(a / c)
+  # before the causal mask (0 = off). The explicit path only: with attention_impl='fused' it is an
+  # error (jax.nn.dot_product_attention has no such option), not a silent switch of kernels.
+  attn_logit_softcap: float = 0.0
+  # logit_softcap = c > 0: output logits become c tanh(logits / c) in float32 (0 = off), wherever
+  # they are formed: the model's output (so evaluation and generation) and `chunked_cross_entropy`.
+  logit_softcap: float = 0.0
+  # z_loss = z > 0: the training objective (`llm_math.train.lm_loss`) is NLL + z log^2 Z per scored
+  # token, Z = sum_v exp(logit_v) (PaLM's auxiliary loss, 1e-4 there; 0 = off). A coefficient of the
+  # objective, not of the function the model computes: outputs, evaluation and the reported loss
+  # ignore it. It lives here, with the logits it acts on, so that the model block holds everything
+  # `lm_loss` builds from and configs saved before it existed resume with it off.
+  z_loss: float = 0.0
 
   def __post_init__(self):
     if self.d_model % self.num_heads:
@@ -102,6 +127,15 @@ class ModelConfig:
     for name in ("vocab_size", "max_len", "num_layers", "num_heads", "d_model", "d_ff"):
       if getattr(self, name) <= 0:
         raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+    for name in ("attn_logit_softcap", "logit_softcap", "z_loss"):
+      value = getattr(self, name)
+      number = isinstance(value, (int, float)) and not isinstance(value, bool)
+      if not number or not 0 <= value < math.inf:
+        raise ValueError(f"{name}={value!r}: expected a non-negative finite number (0 = off)")
+    if self.attn_logit_softcap and self.attention_impl == "fused":
+      raise ValueError(f"attn_logit_softcap={self.attn_logit_softcap} needs attention_impl="
+                       "'explicit': the fused kernel (jax.nn.dot_product_attention) cannot cap "
+                       "the attention logits")
 
   @property
   def head_dim(self) -> int:
@@ -208,6 +242,19 @@ def gelu(x):
   return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))).astype(x.dtype))
 
 
+def softcap(x: jax.Array, cap: float) -> jax.Array:
+  """c tanh(x / c) for cap c > 0 (Gemma 2's soft-capping); x itself for c = 0 (off).
+
+  An odd, increasing map of R onto (-c, c): |c tanh(x / c)| < c for every x, and
+  c tanh(x / c) = x - x^3 / (3 c^2) + O(x^5 / c^4), so the relative change is about x^2 / (3 c^2):
+  the identity as c -> inf. Its derivative 1 - tanh^2(x / c) lies in (0, 1]: a capped logit never
+  passes on a larger gradient than the uncapped one.
+  """
+  if not cap:
+    return x
+  return cap * jnp.tanh(x / cap)
+
+
 class LayerNorm(nn.Module):
   """LayerNorm computed in float32 whatever the compute dtype, with logically named parameters."""
   config: ModelConfig
@@ -224,8 +271,42 @@ class LayerNorm(nn.Module):
     return y.astype(cfg.dtype)
 
 
+class HeadLayerNorm(nn.Module):
+  """QK-layernorm (Dehghani et al. 2023; Wortsman et al. 2023): each head's query or key vector
+  x in R^K normalized over the head dim, in float32,
+
+      LN(x)_i = gamma_i (x_i - mean(x)) / sqrt(var(x) + eps),      i = 1 .. K,
+
+  with one learned scale gamma [K] shared by the heads (logical axis 'kv') and no bias, whatever
+  config.use_bias says. Without a bias LN(x) = gamma * u, |u|^2 = K var(x) / (var(x) + eps) <= K, so
+  by Cauchy-Schwarz the attention logits obey |LN(q).LN(k)| / sqrt(K) <= sqrt(K) max|gamma_q|
+  max|gamma_k| for every input (sqrt(K) at the initial unit scales); and a bias on the keys would
+  only add q.b_k to every logit of a row, which the softmax removes. The variance is taken in two
+  passes, mean((x - mean x)^2): the one-pass mean(x^2) - mean(x)^2 cancels when |mean x| >> std x
+  (large activations, the regime this norm is for) and could then inflate |LN(x)| past the bound.
+  Independent of config.layernorm (the residual-stream LayerNorm ablation).
+  """
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxHxK):
+    cfg = self.config
+    y = nn.LayerNorm(
+        epsilon=1e-5, dtype=jnp.float32, param_dtype=cfg.param_dtype, use_bias=False,
+        use_fast_variance=False,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("kv",)),
+        name="norm")(x_BxTxHxK.astype(jnp.float32))
+    return y.astype(cfg.dtype)
+
+
 class CausalSelfAttention(nn.Module):
-  """Multi-head softmax(QK^T / sqrt(d_k)) V attention; causal unless config.causal is False."""
+  """Multi-head softmax(QK^T / sqrt(d_k)) V attention; causal unless config.causal is False.
+
+  With config.qk_norm, Q and K are `HeadLayerNorm`ed per head before rotary positions (which rotate
+  feature pairs, so keep the norms); with config.attn_logit_softcap = c the logits
+  a = QK^T / sqrt(d_k) become c tanh(a / c) before the mask, so that the probabilities of any two
+  visible keys differ by a factor of at most exp(2c).
+  """
   config: ModelConfig
 
   @nn.compact
@@ -236,6 +317,9 @@ class CausalSelfAttention(nn.Module):
         param_dtype=cfg.param_dtype, kernel_init=_dense_init(cfg.init_std, ("embed", "heads", "kv")),
         bias_init=_zeros(("heads", "kv")), name=name)(x_BxTxD)
     q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = qkv("query"), qkv("key"), qkv("value")
+    if cfg.qk_norm:  # Before rotary and before the cache: cached keys are normalized ones.
+      q_BxTxHxK = HeadLayerNorm(cfg, name="query_norm")(q_BxTxHxK)
+      k_BxTxHxK = HeadLayerNorm(cfg, name="key_norm")(k_BxTxHxK)
     if cfg.pos_encoding == "rotary":
       q_BxTxHxK = apply_rotary(q_BxTxHxK, positions_BxT)
       k_BxTxHxK = apply_rotary(k_BxTxHxK, positions_BxT)
@@ -255,6 +339,7 @@ class CausalSelfAttention(nn.Module):
       return self._project_out(out_BxTxHxK)
     logits_BxHxTxS = jnp.einsum(
         "bthk,bshk->bhts", q_BxTxHxK, k_BxTxHxK, preferred_element_type=jnp.float32) * scale
+    logits_BxHxTxS = softcap(logits_BxHxTxS, cfg.attn_logit_softcap)
     if cfg.causal or cfg.decode:
       # Key s is visible to the query at position t when s <= t (in decode mode keys are cache slots).
       key_pos_S = jnp.arange(k_BxTxHxK.shape[1])
@@ -386,7 +471,8 @@ def stacked(params: dict) -> dict:
 
 
 class Transformer(nn.Module):
-  """Decoder-only Transformer: tokens_BxT (int) -> logits_BxTxV (float32)."""
+  """Decoder-only Transformer: tokens_BxT (int) -> logits_BxTxV (float32), soft-capped at
+  config.logit_softcap when that is set."""
   config: ModelConfig
 
   @nn.compact
@@ -396,7 +482,7 @@ class Transformer(nn.Module):
 
     With `return_hidden=True` the final-normed hidden states h_BxTxD are returned instead of the
     logits, for losses that apply the output projection themselves (`chunked_cross_entropy`, with
-    `output_kernel(params)`).
+    `output_kernel(params)` and config.logit_softcap).
     """
     cfg = self.config
     b, t = tokens_BxT.shape
@@ -432,11 +518,13 @@ class Transformer(nn.Module):
     if return_hidden and not self.is_initializing():
       return x_BxTxD
     if cfg.tie_embeddings:
-      return embed.attend(x_BxTxD).astype(jnp.float32)
-    return nn.Dense(
-        cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        kernel_init=_dense_init(cfg.init_std, ("embed", "vocab")), name="lm_head")(
-            x_BxTxD).astype(jnp.float32)
+      logits_BxTxV = embed.attend(x_BxTxD).astype(jnp.float32)
+    else:
+      logits_BxTxV = nn.Dense(
+          cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+          kernel_init=_dense_init(cfg.init_std, ("embed", "vocab")), name="lm_head")(
+              x_BxTxD).astype(jnp.float32)
+    return softcap(logits_BxTxV, cfg.logit_softcap)
 
 
 def _per_layer(intermediates):
@@ -470,21 +558,17 @@ def output_kernel(params) -> jax.Array:
 
 
 def chunked_cross_entropy(hidden_BxTxD, kernel_DxV, targets_BxT, chunk: int, weights_BxT=None,
-                          rules=()):
-  """`cross_entropy(hidden @ kernel, targets, weights)` without holding the [B, T, V] logits:
-  (weighted nll sum, weight sum).
-
-  The sequence is cut into T / chunk pieces; a `lax.map` computes each piece's float32 logits
-  [B, chunk, V] and its summed NLL, and `jax.checkpoint` makes the backward pass recompute them piece
-  by piece. Peak memory for the loss falls from B*T*V to B*chunk*V floats (for GPT-2's V = 50304 at
-  B x T = 12 x 1024: 2.5 GB of float32 logits, and as much again for their gradient). The batch axis
-  is untouched, so a batch sharded over devices stays sharded. The matmul takes its inputs in the
-  hidden states' (compute) dtype and accumulates in float32.
-
-  Under a mesh the kernel is laid out whole along d_model (only its vocabulary axis stays split, by
-  `rules`) before the loop: gathered once per step. Left to the compiler, a kernel sharded along
-  d_model (fsdp) was gathered, and its float32 gradient all-reduced whole, in every iteration
-  (XLA:TPU, GPT-2 small at fsdp:4: 2.4 GB of collectives per step instead of 0.3 GB).
+def output_nll(out, params, targets_BxT, weights_BxT=None, loss_chunk: int = 0,
+               logit_softcap: float = 0.0, with_log_z_sq: bool = False, rules=()):
+  """(weighted NLL sum, weight sum[, weighted log^2 Z sum]) from a Transformer's output: logits,
+  or with loss_chunk > 0 the hidden states (`return_hidden=True`), projected `loss_chunk` positions
+  at a time (the output kernel laid out by the logical axis `rules`) and soft-capped at
+  `logit_softcap` (the model's config.logit_softcap; logits come capped from the model, so the cap
+  is only read on the chunked path)."""
+  if loss_chunk:
+    return chunked_cross_entropy(out, output_kernel(params), targets_BxT, loss_chunk, weights_BxT,
+                                 logit_softcap, with_log_z_sq, rules)
+  return cross_entropy(out, targets_BxT, weights_BxT, with_log_z_sq)
   """
   b, t, d = hidden_BxTxD.shape
   if chunk <= 0 or t % chunk:
@@ -500,30 +584,51 @@ def chunked_cross_entropy(hidden_BxTxD, kernel_DxV, targets_BxT, chunk: int, wei
   @jax.checkpoint
   def piece(h_y_w):
     h_BxCxD, y_BxC, weights_BxC = h_y_w
-    logits_BxCxV = jnp.einsum("bcd,dv->bcv", h_BxCxD, w_DxV,
-                              preferred_element_type=jnp.float32)
-    return cross_entropy(logits_BxCxV, y_BxC, weights_BxC)[0]
+    logits_BxCxV = softcap(jnp.einsum("bcd,dv->bcv", h_BxCxD, w_DxV,
+                                      preferred_element_type=jnp.float32), logit_softcap)
+    sums = cross_entropy(logits_BxCxV, y_BxC, weights_BxC, with_log_z_sq)
+    return (sums[0], sums[2]) if with_log_z_sq else sums[0]
 
-  return jnp.sum(jax.lax.map(piece, (h_NxBxCxD, y_NxBxC, w_NxBxC))), jnp.sum(weights_BxT)
-
-
-def output_nll(out, params, targets_BxT, weights_BxT=None, loss_chunk: int = 0, rules=()):
-  """(weighted NLL sum, weight sum) from a Transformer's output: logits, or with loss_chunk > 0 the
-  hidden states (`return_hidden=True`), projected `loss_chunk` positions at a time (the output
-  kernel laid out by the logical axis `rules`)."""
-  if loss_chunk:
-    return chunked_cross_entropy(out, output_kernel(params), targets_BxT, loss_chunk, weights_BxT,
-                                 rules)
-  return cross_entropy(out, targets_BxT, weights_BxT)
+  per_piece = jax.lax.map(piece, (h_NxBxCxD, y_NxBxC, w_NxBxC))
+  if with_log_z_sq:
+    return jnp.sum(per_piece[0]), jnp.sum(weights_BxT), jnp.sum(per_piece[1])
+  return jnp.sum(per_piece), jnp.sum(weights_BxT)
 
 
-def cross_entropy(logits_BxTxV, targets_BxT, weights_BxT=None):
+                          logit_softcap: float = 0.0, with_log_z_sq: bool = False, rules=()):
+  """`cross_entropy(softcap(hidden @ kernel, logit_softcap), targets, weights, with_log_z_sq)`
+  without holding the [B, T, V] logits: (weighted nll sum, weight sum[, weighted log^2 Z sum]).
+
+  The sequence is cut into T / chunk pieces; a `lax.map` computes each piece's float32 logits
+  [B, chunk, V] (soft-capped, see `softcap`) and its summed NLL (and log^2 Z), and `jax.checkpoint`
+  makes the backward pass recompute them piece by piece. Peak memory for the loss falls from B*T*V
+  to B*chunk*V floats (for GPT-2's V = 50304 at B x T = 12 x 1024: 2.5 GB of float32 logits, and as
+  much again for their gradient). The batch axis is untouched, so a batch sharded over devices stays
+  sharded. The matmul takes its inputs in the hidden states' (compute) dtype and accumulates in
+  float32. `logit_softcap` must be the model's (config.logit_softcap), so that this loss is the loss
+  of the model's own logits.
+
+  Under a mesh the kernel is laid out whole along d_model (only its vocabulary axis stays split, by
+  `rules`) before the loop: gathered once per step. Left to the compiler, a kernel sharded along
+  d_model (fsdp) was gathered, and its float32 gradient all-reduced whole, in every iteration
+  (XLA:TPU, GPT-2 small at fsdp:4: 2.4 GB of collectives per step instead of 0.3 GB).
+
+
+def cross_entropy(logits_BxTxV, targets_BxT, weights_BxT=None, with_log_z_sq: bool = False):
   """Mean negative log-likelihood in nats over weighted target tokens, and the weight total.
 
-  Returns (sum of weighted NLL, sum of weights) so callers can average across batches exactly.
+  Returns (sum of weighted NLL, sum of weights) so callers can average across batches exactly; with
+  `with_log_z_sq` also sum_t w_t log^2 Z_t, Z_t = sum_v exp(logit_tv) (z-loss's term, whose gradient
+  with respect to the logits is 2 w_t log Z_t softmax(logit_t)). The NLL is computed the same way
+  either way, so asking for log^2 Z leaves it bit for bit as it was.
   """
-  logprobs = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
+  logits_BxTxV = logits_BxTxV.astype(jnp.float32)
+  logprobs = jax.nn.log_softmax(logits_BxTxV, axis=-1)
   nll_BxT = -jnp.take_along_axis(logprobs, targets_BxT[..., None], axis=-1)[..., 0]
   if weights_BxT is None:
     weights_BxT = jnp.ones_like(nll_BxT)
-  return jnp.sum(nll_BxT * weights_BxT), jnp.sum(weights_BxT)
+  sums = (jnp.sum(nll_BxT * weights_BxT), jnp.sum(weights_BxT))
+  if not with_log_z_sq:
+    return sums
+  log_z_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
+  return sums + (jnp.sum(jnp.square(log_z_BxT) * weights_BxT),)

@@ -4,10 +4,10 @@
 
 The loop resumes from the newest intact checkpoint in `workdir` (a damaged one is moved aside, see
 `llm_math.checkpoint`), writes metrics as JSON lines (`metrics.jsonl`: step, loss, ppl, lr, norms,
-tokens_per_s, elapsed_s; eval records carry val_nll) and as TensorBoard scalars next to them, saves on
-SIGINT/SIGTERM, and stops with a clear message when the training or validation loss diverges: NaN,
-infinite, or above `max_loss_factor` x ln|V| (never saving the diverged state, so the last good
-checkpoint stays).
+tokens_per_s, elapsed_s, a loss's extra terms such as z_loss; eval records carry val_nll) and as
+TensorBoard scalars next to them, saves on SIGINT/SIGTERM, and stops with a clear message when the
+training or validation loss diverges: NaN, infinite, or above `max_loss_factor` x ln|V| (never
+saving the diverged state, so the last good checkpoint stays).
 """
 
 import concurrent.futures
@@ -93,6 +93,10 @@ class Task:
   loss(params, batch, rng) -> (total, count): the objective summed over the batch's terms and the
       number of terms (scored tokens, masked positions). The loop minimizes total / count, and
       gradient accumulation sums both over micro-batches, so the update equals the full batch's.
+      A loss may return (total, count, extra) instead, `extra` a dict {name: sum} of further terms
+      of the objective over the same count (a regularizer such as z-loss): the loop then minimizes
+      (total + sum(extra)) / count but still reports total / count as the loss, and each extra
+      term's sum / count as the step metric `name` (see `train_step`).
   batch(step, rows) -> tuple of numpy arrays [rows, T, ...]: rows `rows` of the global batch of
       `step`, a pure function of (seed, step), so a resumed, re-sharded or multi-process run reads
       the same data.
@@ -252,17 +256,48 @@ def lm_loss(model: nn.Module, loss_chunk: int = 0) -> Callable:
   -> (weighted NLL sum, weight sum), with dropout drawn from `rng`.
 
   With loss_chunk = C > 0 the output projection and loss run C positions at a time
-  (`model.chunked_cross_entropy`), never holding the [B, T, V] logits: the same loss and gradients.
+  (`model.chunked_cross_entropy`, at the model's logit_softcap), never holding the [B, T, V] logits:
+  the same loss and gradients.
+
+  With the model's z_loss = z > 0 (PaLM's auxiliary loss) it returns (NLL sum, weight sum,
+  {"z_loss": z sum_t w_t log^2 Z_t}), Z_t = sum_v exp(logit_tv): the objective train_step minimizes
+  is then mean NLL + z mean log^2 Z, whose gradient with respect to logit_t is
+  w_t (softmax(logit_t) - onehot(y_t) + 2 z log Z_t softmax(logit_t)) / sum_t w_t, while the loss it
+  reports stays the mean NLL and the z term is reported beside it as `z_loss`. It pulls log Z
+  towards 0, keeping the logits near self-normalized, so that they do not drift together to large
+  magnitudes where bfloat16 (or float32) rounding of the softmax loses precision (Wortsman et al.
+  2023's output-logit divergence).
   """
+  cfg = model.config
+
   def loss(params, batch, rng):
     inputs_BxT, targets_BxT = batch[:2]
     weights_BxT = batch[2] if len(batch) > 2 else None
     out = model.apply({"params": params}, inputs_BxT, deterministic=False, rngs={"dropout": rng},
                       return_hidden=bool(loss_chunk))
-    return model_lib.output_nll(out, params, targets_BxT, weights_BxT, loss_chunk,
-                                model.config.logical_axis_rules)
+    sums = model_lib.output_nll(out, params, targets_BxT, weights_BxT, loss_chunk,
+                                cfg.logit_softcap, with_log_z_sq=bool(cfg.z_loss),
+                                rules=cfg.logical_axis_rules)
+    if not cfg.z_loss:
+      return sums
+    nll, count, log_z_sq = sums
+    return nll, count, {"z_loss": cfg.z_loss * log_z_sq}
 
   return loss
+
+
+# The metrics train_step computes itself; a loss's extra terms take other names.
+_STEP_METRICS = ("loss", "grad_norm", "param_norm", "update_norm")
+
+
+def _loss_parts(out) -> tuple:
+  """(total, count, extra terms) of a Task loss's (total, count) or (total, count, extra)."""
+  total, count, *rest = out
+  extra = dict(rest[0]) if rest else {}
+  clash = set(extra) & set(_STEP_METRICS)
+  if clash:
+    raise ValueError(f"a loss's extra terms {sorted(clash)} clash with the step's own metrics")
+  return total, count, extra
 
 
 def train_step(state: LoopState, batch: tuple, rng, *, loss_fn: Callable, grad_accum_steps: int = 1):
@@ -281,16 +316,23 @@ def train_step(state: LoopState, batch: tuple, rng, *, loss_fn: Callable, grad_a
   on average; weighting by c_m keeps E[micro_grad_sq] = |G|^2 + tr(Sigma) M / count when masked
   tasks give micro-batches different counts, and a micro-batch with no terms adds nothing), summed
   in `state.sums` with the loss.
+
+  A loss_fn that returns (total, count, extra) (see `Task`) has (total + sum(extra)) / count
+  differentiated, total / count reported as `loss`, and each extra[name] / count (summed over the
+  micro-batches like total) reported as the metric `name` of this step.
   """
   step_rng = jax.random.fold_in(rng, state.step)
 
   def mean_loss(params, batch, rng):
-    total, count = loss_fn(params, batch, rng)
-    return total / jax.lax.stop_gradient(jnp.maximum(count, 1)), (total, count)
+    total, count, extra = _loss_parts(loss_fn(params, batch, rng))
+    objective = total
+    for name in sorted(extra):
+      objective = objective + extra[name]
+    return objective / jax.lax.stop_gradient(jnp.maximum(count, 1)), (total, count, extra)
 
   grad_fn = jax.value_and_grad(mean_loss, has_aux=True)
   if grad_accum_steps == 1:
-    (_, (total, count)), grads = grad_fn(state.params, batch, step_rng)
+    (_, (total, count, extra)), grads = grad_fn(state.params, batch, step_rng)
     micro_sq = jnp.square(_norm(grads))
   else:
     m = grad_accum_steps
@@ -299,14 +341,21 @@ def train_step(state: LoopState, batch: tuple, rng, *, loss_fn: Callable, grad_a
 
     def accumulate(carry, micro):
       part, i = micro
-      (_, (total, count)), grads = grad_fn(state.params, part, jax.random.fold_in(step_rng, i))
+      (_, (total, count, extra)), grads = grad_fn(state.params, part,
+                                                  jax.random.fold_in(step_rng, i))
       weighted = jax.tree_util.tree_map(lambda g: g * count, grads)
       sq = count * jnp.square(_norm(grads))
-      return jax.tree_util.tree_map(jnp.add, carry, (total, count, weighted, sq)), None
+      return jax.tree_util.tree_map(jnp.add, carry, (total, count, extra, weighted, sq)), None
 
     zero = jnp.zeros((), jnp.float32)
-    init = (zero, zero, jax.tree_util.tree_map(jnp.zeros_like, state.params), zero)
-    (total, count, weighted, micro_sq), _ = jax.lax.scan(
+    # The extra terms' names and shapes (none for most losses), to start their sums at zero.
+    micro_shapes = tuple(jax.ShapeDtypeStruct((a.shape[0] // m,) + a.shape[1:], a.dtype)
+                         for a in batch)
+    extra_shapes = jax.eval_shape(lambda p, b, r: _loss_parts(loss_fn(p, b, r))[2], state.params,
+                                  micro_shapes, step_rng)
+    zero_extra = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), extra_shapes)
+    init = (zero, zero, zero_extra, jax.tree_util.tree_map(jnp.zeros_like, state.params), zero)
+    (total, count, extra, weighted, micro_sq), _ = jax.lax.scan(
         accumulate, init, (tuple(split(a) for a in batch), jnp.arange(m)))
     grads = jax.tree_util.tree_map(lambda g: g / jnp.maximum(count, 1), weighted)
     micro_sq = micro_sq / jnp.maximum(count, 1)
@@ -322,6 +371,7 @@ def train_step(state: LoopState, batch: tuple, rng, *, loss_fn: Callable, grad_a
       "param_norm": _norm(new_state.params),
       "update_norm": _norm(
           jax.tree_util.tree_map(jnp.subtract, new_state.params, state.params)),
+      **{name: term / count for name, term in extra.items()},
   }
   return new_state, metrics
 
@@ -681,12 +731,16 @@ def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
           record.update(ppl=information.perplexity(record["loss"]),
                         grad_norm=last["grad_norm"], param_norm=last["param_norm"],
                         update_norm=last["update_norm"], tokens_per_s=tokens_per_second)
+          # The loss's extra objective terms (z_loss), this step's, like the norms.
+          record.update({k: v for k, v in last.items() if k not in _STEP_METRICS})
           if learning_rate is not None:
             record["lr"] = float(learning_rate(step))
           eta = (num_steps - done) * seconds / max(record["window_steps"], 1)
           log(f"step {done:6d} | loss {record['loss']:.4f} | "
               + (f"lr {record['lr']:.2e} | " if "lr" in record else "")
-              + f"grad norm {record['grad_norm']:.3f} | {tokens_per_second:,.0f} tokens/s | "
+              + f"grad norm {record['grad_norm']:.3f} | "
+              + "".join(f"{k} {last[k]:.3g} | " for k in last if k not in _STEP_METRICS)
+              + f"{tokens_per_second:,.0f} tokens/s | "
               f"{_duration(elapsed())} elapsed, ETA {_duration(eta)}")
         paused = time.perf_counter()
         stopped = finish_step(done, record)

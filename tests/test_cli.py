@@ -34,6 +34,8 @@ def _assert_one_line_error(proc, *fragments):
     (["--data=tfds:not_a_real_dataset"], ["has no dataset of that name"]),
     (["--tokenizer=sentencepiece"], ["needs --vocab_size"]),
     (["--config.model.d_model=30", "--config.model.num_heads=4"], ["divisible by num_heads"]),
+    (["--config.model.attention_impl=fused", "--config.model.attn_logit_softcap=30"],
+     ["--config.model: attn_logit_softcap=30.0 needs attention_impl='explicit'"]),
     (["--config.seq_len=100000"], ["fewer than one context window"]),
     (["--config.no_such_field=1"], ["no_such_field"]),
     (["--config=/no/such/config.py"], ["/no/such/config.py"]),

@@ -288,13 +288,19 @@ def test_chunked_cross_entropy_matches_the_full_logits(tie):
     model_lib.chunked_cross_entropy(jnp.zeros((1, T, 16)), jnp.zeros((16, T)), y[:1], chunk=5)
 
 
-@pytest.mark.parametrize("remat", [False, "full", "dots_saveable"])
-def test_scanned_blocks_match_the_unrolled_model(remat):
+# The training-stability knobs, all on (QK-norm adds per-layer parameters that scan stacks).
+_KNOBS = dict(qk_norm=True, attn_logit_softcap=2.0, logit_softcap=3.0)
+
+
+@pytest.mark.parametrize("remat,knobs", [(False, {}), ("full", {}), ("dots_saveable", {}),
+                                         (False, _KNOBS), ("dots_saveable", _KNOBS)])
+def test_scanned_blocks_match_the_unrolled_model(remat, knobs):
   """nn.scan over stacked blocks computes the unrolled model: the same logits, loss and gradients
   (1e-6) from the same parameters, moved between the layouts by `stacked` / `unrolled`; and the
-  sown attention probabilities come out per layer as before."""
+  sown attention probabilities come out per layer as before. With the stability knobs on too, the
+  QK-norm scales stacked to [L, K] with axes ('layers', 'kv')."""
   base = dict(vocab_size=11, max_len=8, num_layers=3, num_heads=2, d_model=16, d_ff=32,
-              pos_encoding="rotary", remat=remat)
+              pos_encoding="rotary", remat=remat, **knobs)
   unrolled_model = model_lib.Transformer(model_lib.ModelConfig(**base))
   scanned_model = model_lib.Transformer(model_lib.ModelConfig(**base, scan_layers=True))
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 8), 0, 11)
@@ -310,6 +316,16 @@ def test_scanned_blocks_match_the_unrolled_model(remat):
   assert jax.tree_util.tree_structure(nn.meta.unbox(boxed)) == jax.tree_util.tree_structure(stacked)
   spec = nn.get_partition_spec(boxed)["blocks"]["block"]["mlp"]["fc_in"]["kernel"]
   assert tuple(spec) == ("layers", "embed", "mlp")
+  if knobs:
+    norm_spec = nn.get_partition_spec(boxed)["blocks"]["block"]["attn"]["key_norm"]["norm"]
+    assert tuple(norm_spec["scale"]) == ("layers", "kv")
+    assert stacked["blocks"]["block"]["attn"]["query_norm"]["norm"]["scale"].shape == (3, 8)
+    # Random scales, different in every layer, so that a mix-up of the layers' norms would show.
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: x + 0.3 * rng.standard_normal(x.shape).astype(np.float32)
+        if "_norm'" in jax.tree_util.keystr(path) else x, params)
+    stacked = model_lib.stacked(params)
 
   def loss(model, p):
     return model_lib.cross_entropy(model.apply({"params": p}, tokens), targets)[0] / targets.size

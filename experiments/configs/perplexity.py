@@ -34,11 +34,17 @@ def get_config() -> ml_collections.ConfigDict:
   # 'dots_with_no_batch_dims_saveable' (keep only the matmuls with weights) per block;
   # scan_layers: the blocks as one nn.scan over stacked parameters (compiles one block whatever the
   # depth; the large recipes turn it on; analyses read any run unstacked, `train.load_trained`).
+  # Training-stability knobs (Wortsman et al. 2023), all off here and in every recipe built on this:
+  # qk_norm (LayerNorm of each head's queries and keys), attn_logit_softcap and logit_softcap
+  # (c tanh(x / c) on attention and output logits; 0 = off; the attention cap needs 'explicit'
+  # attention), z_loss (the objective adds z_loss x mean log^2 Z; the reported loss stays the NLL,
+  # the term is logged as z_loss; PaLM used 1e-4).
   c.model = ml_collections.ConfigDict(dict(
       num_layers=2, num_heads=4, d_model=64, d_ff=256, dropout_rate=0.0,
       pos_encoding="rotary", activation="gelu", tie_embeddings=False, causal=True,
       use_bias=True, init_std=0.02, dtype="float32", param_dtype="float32",
-      attention_impl="explicit", remat="none", scan_layers=False))
+      attention_impl="explicit", remat="none", scan_layers=False,
+      qk_norm=False, attn_logit_softcap=0.0, logit_softcap=0.0, z_loss=0.0))
   c.seq_len = 64
 
   # Optimization: AdamW, linear warmup then cosine decay to min_learning_rate.
