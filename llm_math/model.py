@@ -558,17 +558,23 @@ def output_kernel(params) -> jax.Array:
 
 
 def chunked_cross_entropy(hidden_BxTxD, kernel_DxV, targets_BxT, chunk: int, weights_BxT=None,
-def output_nll(out, params, targets_BxT, weights_BxT=None, loss_chunk: int = 0,
-               logit_softcap: float = 0.0, with_log_z_sq: bool = False, rules=()):
-  """(weighted NLL sum, weight sum[, weighted log^2 Z sum]) from a Transformer's output: logits,
-  or with loss_chunk > 0 the hidden states (`return_hidden=True`), projected `loss_chunk` positions
-  at a time (the output kernel laid out by the logical axis `rules`) and soft-capped at
-  `logit_softcap` (the model's config.logit_softcap; logits come capped from the model, so the cap
-  is only read on the chunked path)."""
-  if loss_chunk:
-    return chunked_cross_entropy(out, output_kernel(params), targets_BxT, loss_chunk, weights_BxT,
-                                 logit_softcap, with_log_z_sq, rules)
-  return cross_entropy(out, targets_BxT, weights_BxT, with_log_z_sq)
+                          logit_softcap: float = 0.0, with_log_z_sq: bool = False, rules=()):
+  """`cross_entropy(softcap(hidden @ kernel, logit_softcap), targets, weights, with_log_z_sq)`
+  without holding the [B, T, V] logits: (weighted nll sum, weight sum[, weighted log^2 Z sum]).
+
+  The sequence is cut into T / chunk pieces; a `lax.map` computes each piece's float32 logits
+  [B, chunk, V] (soft-capped, see `softcap`) and its summed NLL (and log^2 Z), and `jax.checkpoint`
+  makes the backward pass recompute them piece by piece. Peak memory for the loss falls from B*T*V
+  to B*chunk*V floats (for GPT-2's V = 50304 at B x T = 12 x 1024: 2.5 GB of float32 logits, and as
+  much again for their gradient). The batch axis is untouched, so a batch sharded over devices stays
+  sharded. The matmul takes its inputs in the hidden states' (compute) dtype and accumulates in
+  float32. `logit_softcap` must be the model's (config.logit_softcap), so that this loss is the loss
+  of the model's own logits.
+
+  Under a mesh the kernel is laid out whole along d_model (only its vocabulary axis stays split, by
+  `rules`) before the loop: gathered once per step. Left to the compiler, a kernel sharded along
+  d_model (fsdp) was gathered, and its float32 gradient all-reduced whole, in every iteration
+  (XLA:TPU, GPT-2 small at fsdp:4: 2.4 GB of collectives per step instead of 0.3 GB).
   """
   b, t, d = hidden_BxTxD.shape
   if chunk <= 0 or t % chunk:
@@ -595,23 +601,17 @@ def output_nll(out, params, targets_BxT, weights_BxT=None, loss_chunk: int = 0,
   return jnp.sum(per_piece), jnp.sum(weights_BxT)
 
 
-                          logit_softcap: float = 0.0, with_log_z_sq: bool = False, rules=()):
-  """`cross_entropy(softcap(hidden @ kernel, logit_softcap), targets, weights, with_log_z_sq)`
-  without holding the [B, T, V] logits: (weighted nll sum, weight sum[, weighted log^2 Z sum]).
-
-  The sequence is cut into T / chunk pieces; a `lax.map` computes each piece's float32 logits
-  [B, chunk, V] (soft-capped, see `softcap`) and its summed NLL (and log^2 Z), and `jax.checkpoint`
-  makes the backward pass recompute them piece by piece. Peak memory for the loss falls from B*T*V
-  to B*chunk*V floats (for GPT-2's V = 50304 at B x T = 12 x 1024: 2.5 GB of float32 logits, and as
-  much again for their gradient). The batch axis is untouched, so a batch sharded over devices stays
-  sharded. The matmul takes its inputs in the hidden states' (compute) dtype and accumulates in
-  float32. `logit_softcap` must be the model's (config.logit_softcap), so that this loss is the loss
-  of the model's own logits.
-
-  Under a mesh the kernel is laid out whole along d_model (only its vocabulary axis stays split, by
-  `rules`) before the loop: gathered once per step. Left to the compiler, a kernel sharded along
-  d_model (fsdp) was gathered, and its float32 gradient all-reduced whole, in every iteration
-  (XLA:TPU, GPT-2 small at fsdp:4: 2.4 GB of collectives per step instead of 0.3 GB).
+def output_nll(out, params, targets_BxT, weights_BxT=None, loss_chunk: int = 0,
+               logit_softcap: float = 0.0, with_log_z_sq: bool = False, rules=()):
+  """(weighted NLL sum, weight sum[, weighted log^2 Z sum]) from a Transformer's output: logits,
+  or with loss_chunk > 0 the hidden states (`return_hidden=True`), projected `loss_chunk` positions
+  at a time (the output kernel laid out by the logical axis `rules`) and soft-capped at
+  `logit_softcap` (the model's config.logit_softcap; logits come capped from the model, so the cap
+  is only read on the chunked path)."""
+  if loss_chunk:
+    return chunked_cross_entropy(out, output_kernel(params), targets_BxT, loss_chunk, weights_BxT,
+                                 logit_softcap, with_log_z_sq, rules)
+  return cross_entropy(out, targets_BxT, weights_BxT, with_log_z_sq)
 
 
 def cross_entropy(logits_BxTxV, targets_BxT, weights_BxT=None, with_log_z_sq: bool = False):
