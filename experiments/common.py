@@ -37,7 +37,7 @@ MESH = flags.DEFINE_string("mesh", None, "Device mesh, e.g. 'data:-1,fsdp:1,tens
 # Config fields that may change when a run is resumed (they do not change what was trained so far).
 RESUMABLE_FIELDS = {"num_steps", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints",
                     "eval_batch_size", "mesh", "ngram", "train_transformer", "max_loss_factor",
-                    "stop_check_every"}
+                    "stop_check_every", "layer_stats", "checkpoint_schedule"}
 
 
 def _define_config(default_file: str):

@@ -41,10 +41,25 @@ class IntegrityError(RuntimeError):
   """A checkpoint step's stored bytes are not what was saved."""
 
 
-def manager(workdir, max_to_keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
-  """The run's checkpoint manager; `read_only` for readers, which never save, delete or create."""
+# Where a run's checkpoints live: the rolling ones a run resumes from, and the log-spaced snapshots
+# (config.checkpoint_schedule='log', `log_spaced`) that analyses over training read; same format.
+ROLLING, SNAPSHOTS = "checkpoints", "snapshots"
+
+
+def log_spaced(step: int, every: int) -> bool:
+  """Whether `step` is a snapshot of the 'log' schedule: 0, 1, 2, 4, 8, ... below `every`, then
+  every `every` steps (Pythia's: 0, 1, 2, 4, ..., 512, then every 1000)."""
+  if step < every:
+    return step == 0 or step & (step - 1) == 0
+  return step % every == 0
+
+
+def manager(workdir, max_to_keep: int | None = 2, read_only: bool = False,
+            directory: str = ROLLING) -> ocp.CheckpointManager:
+  """The run's checkpoint manager (`directory`: ROLLING or SNAPSHOTS, whose max_to_keep is None:
+  all kept); `read_only` for readers, which never save, delete or create."""
   return ocp.CheckpointManager(
-      files.path(workdir) / "checkpoints",
+      files.path(workdir) / directory,
       item_handlers={"state": ocp.StandardCheckpointHandler(),
                      "fingerprint": ocp.JsonCheckpointHandler()},
       options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
@@ -349,19 +364,35 @@ def _replicated_like_saved(mngr, step: int):
       dict(mngr.item_metadata(step)["state"]))
 
 
+def saved_steps(workdir) -> list[int]:
+  """Every step a run has a checkpoint of, rolling or snapshot, in order."""
+  steps = set()
+  for directory in (ROLLING, SNAPSHOTS):
+    if (files.path(workdir) / directory).is_dir():
+      mngr = manager(workdir, read_only=True, directory=directory)
+      steps.update(mngr.all_steps())
+      mngr.close()
+  return sorted(steps)
+
+
 def load_params(workdir, step: int | None = None, log=print):
-  """(params, step) of a training run's checkpoint (default: the newest intact one), as numpy.
+  """(params, step) of a training run's checkpoint (default: the newest intact rolling one; a
+  given step is read from the rolling checkpoints or the log-spaced snapshots), as numpy.
 
   A read: the step is restored into this job's own devices (any mesh may have written it), and
   nothing in the run's directory is renamed or written; damaged steps are skipped with a message."""
-  directory = files.path(workdir) / "checkpoints"
+  directory = files.path(workdir) / ROLLING
   if not directory.is_dir():
     raise UsageError(f"--workdir={workdir}: no checkpoints/ directory (train a model there first)")
   mngr = manager(workdir, read_only=True)
+  snapshots = files.path(workdir) / SNAPSHOTS
+  if step is not None and step not in mngr.all_steps() and snapshots.is_dir():
+    mngr.close()
+    directory, mngr = snapshots, manager(workdir, read_only=True, directory=SNAPSHOTS)
   try:
     if step is not None and step not in mngr.all_steps():
       raise UsageError(f"--workdir={workdir}: no checkpoint at step {step}; "
-                       f"have {sorted(mngr.all_steps())}")
+                       f"have {saved_steps(workdir)}")
     state, found = restore_latest(mngr, lambda s: _replicated_like_saved(mngr, s), log=log,
                                   move_damaged=False, steps=None if step is None else [step])
     if state is None:

@@ -348,6 +348,11 @@ class CausalSelfAttention(nn.Module):
       logits_BxHxTxS = jnp.where(mask_BxTxS[:, None], logits_BxHxTxS, jnp.finfo(jnp.float32).min)
     probs_BxHxTxS = jax.nn.softmax(logits_BxHxTxS, axis=-1)
     self.sow("intermediates", "attention_probs", probs_BxHxTxS)
+    if self.is_mutable_collection("stats"):  # `llm_math.layer_stats`: free unless asked for.
+      # Masked logits are float32's min, so the max is over visible keys; 0 log 0 = 0.
+      self.sow("stats", "attn_logit_max", jnp.max(logits_BxHxTxS))
+      entropy_BxHxT = -jnp.sum(jax.scipy.special.xlogy(probs_BxHxTxS, probs_BxHxTxS), axis=-1)
+      self.sow("stats", "attn_entropy", jnp.mean(entropy_BxHxT))
     probs_BxHxTxS = nn.Dropout(cfg.dropout_rate)(probs_BxHxTxS, deterministic=deterministic)
 
     out_BxTxHxK = jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS.astype(cfg.dtype), v_BxTxHxK)
@@ -504,7 +509,8 @@ class Transformer(nn.Module):
 
     block_cls = _rematerialized(Block, cfg.remat)
     if cfg.scan_layers:
-      scanned = nn.scan(_ScanStep, variable_axes={"params": 0, "intermediates": 0, "cache": 0},
+      scanned = nn.scan(_ScanStep, variable_axes={"params": 0, "intermediates": 0, "stats": 0,
+                                                  "cache": 0},
                         split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast,),
                         length=cfg.num_layers, unroll=cfg.scan_unroll,
                         metadata_params={nn.PARTITION_NAME: "layers"})
@@ -527,7 +533,7 @@ class Transformer(nn.Module):
     return softcap(logits_BxTxV, cfg.logit_softcap)
 
 
-def _per_layer(intermediates):
+def per_layer(intermediates):
   """Each layer's sown intermediates, unstacked when the blocks were scanned."""
   if "blocks" in intermediates:
     return [unrolled({"blocks": intermediates["blocks"]})[f"block_{i}"]
@@ -542,12 +548,12 @@ def attention_probs(intermediates) -> jax.Array:
   Use with `_, state = model.apply(variables, tokens, mutable=['intermediates'])` and pass
   `state['intermediates']`.
   """
-  return jnp.stack([layer["attn"]["attention_probs"][0] for layer in _per_layer(intermediates)])
+  return jnp.stack([layer["attn"]["attention_probs"][0] for layer in per_layer(intermediates)])
 
 
 def residual_streams(intermediates) -> jax.Array:
   """Stacks every block's output residual stream: -> x_LxBxTxD."""
-  return jnp.stack([layer["residual"][0] for layer in _per_layer(intermediates)])
+  return jnp.stack([layer["residual"][0] for layer in per_layer(intermediates)])
 
 
 def output_kernel(params) -> jax.Array:

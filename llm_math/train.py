@@ -30,6 +30,7 @@ from llm_math import data as data_lib
 from llm_math import evaluation
 from llm_math import files
 from llm_math import flops as flops_lib
+from llm_math import layer_stats as layer_stats_lib
 from llm_math import model as model_lib
 from llm_math import sharding
 from llm_math import summaries
@@ -106,12 +107,15 @@ class Task:
       inside the logical-axis boxes of `init`'s params.
   learning_rate(step) -> float, for the log (None: not logged); JAX-traceable, like optax's
       schedules, since the loop compiles it once.
+  stats(params, batch) -> {name: scalar}: statistics of a forward pass, logged at log steps with the
+      parameter groups' (`llm_math.layer_stats`) when config.layer_stats is on (None: none).
   """
   init: Callable
   loss: Callable
   batch: Callable
   tx: optax.GradientTransformation
   learning_rate: Callable | None = None
+  stats: Callable | None = None
 
 
 class LoopState(train_state.TrainState):
@@ -300,7 +304,8 @@ def _loss_parts(out) -> tuple:
   return total, count, extra
 
 
-def train_step(state: LoopState, batch: tuple, rng, *, loss_fn: Callable, grad_accum_steps: int = 1):
+def train_step(state: LoopState, batch: tuple, rng, *, loss_fn: Callable, grad_accum_steps: int = 1,
+               stats_fn: Callable | None = None, layer_stats: bool = False):
   """One optimizer step on total / count of `loss_fn` over `batch`; returns (new_state, metrics).
 
   Run under `use_mesh(mesh)`, the activations the model constrains by logical name (the residual
@@ -320,6 +325,10 @@ def train_step(state: LoopState, batch: tuple, rng, *, loss_fn: Callable, grad_a
   A loss_fn that returns (total, count, extra) (see `Task`) has (total + sum(extra)) / count
   differentiated, total / count reported as `loss`, and each extra[name] / count (summed over the
   micro-batches like total) reported as the metric `name` of this step.
+
+  With layer_stats the metrics also hold each parameter group's rms of parameters, gradients and
+  updates and `stats_fn(params, batch)` of the parameters the step started from, on the batch (its
+  first micro-batch under accumulation): see `llm_math.layer_stats`. The update is the same.
   """
   step_rng = jax.random.fold_in(rng, state.step)
 
@@ -373,14 +382,22 @@ def train_step(state: LoopState, batch: tuple, rng, *, loss_fn: Callable, grad_a
           jax.tree_util.tree_map(jnp.subtract, new_state.params, state.params)),
       **{name: term / count for name, term in extra.items()},
   }
+  if layer_stats:
+    metrics.update(layer_stats_lib.step_stats(state.params, grads, new_state.params))
+    if stats_fn is not None:
+      first = tuple(a[::grad_accum_steps] for a in batch)  # Micro-batch 0 (see `split`).
+      metrics.update(stats_fn(state.params, first))
   return new_state, metrics
 
 
-def jit_train_step(task: Task, state_sharding, batch_sharding, grad_accum_steps: int = 1):
+def jit_train_step(task: Task, state_sharding, batch_sharding, grad_accum_steps: int = 1,
+                   layer_stats: bool = False):
   """The jitted `train_step` of `task` that `fit` runs: the state in `state_sharding` (donated: the
   update reuses its buffers), every batch array in `batch_sharding`, the rng replicated. What
-  `llm_math.aot` compiles for devices that need not exist."""
-  return jax.jit(functools.partial(train_step, loss_fn=task.loss, grad_accum_steps=grad_accum_steps),
+  `llm_math.aot` compiles for devices that need not exist. With layer_stats, the variant that also
+  returns the per-layer statistics (`fit` runs it at log steps only)."""
+  return jax.jit(functools.partial(train_step, loss_fn=task.loss, grad_accum_steps=grad_accum_steps,
+                                   stats_fn=task.stats, layer_stats=layer_stats),
                  in_shardings=(state_sharding, batch_sharding, None),
                  out_shardings=(state_sharding, None), donate_argnums=0)
 
@@ -618,6 +635,11 @@ def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
   n_params = flops_lib.count_params(abstract.params)
 
   mngr = checkpoint.manager(workdir, config.get("keep_checkpoints", 2))
+  # config.checkpoint_schedule='log': the state at steps 0, 1, 2, 4, ..., then every
+  # checkpoint_every, kept (all of them) apart from the rolling checkpoints, for analyses.
+  snapshots = (checkpoint.manager(workdir, None, directory=checkpoint.SNAPSHOTS)
+               if config.get("checkpoint_schedule", "rolling") == "log" else None)
+  snapshot_every = config.get("checkpoint_every", num_steps)
   restored, start_step = checkpoint.restore_latest(mngr, abstract, log=log)
   start_step = start_step or 0
   last_saved = start_step if start_step else None
@@ -638,6 +660,9 @@ def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
   batch_sh = sharding.batch_sharding(mesh, rules)
   rows = sharding.process_rows(config.batch_size)
   step_fn = jit_train_step(task, state_sharding, batch_sh, accum)
+  # config.layer_stats: log steps run the step that also returns per-layer statistics.
+  stats_step_fn = (jit_train_step(task, state_sharding, batch_sh, accum, layer_stats=True)
+                   if config.get("layer_stats", False) else None)
   will_train = start_step < num_steps and not stopped
   if will_train:  # The step compiles on a thread while the state is created and first scored.
     batch = tuple(jax.ShapeDtypeStruct((config.batch_size,) + x.shape[1:],
@@ -695,10 +720,19 @@ def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
       raise _divergence(problem, step, last_saved)
     return problem
 
+  def snapshot(step: int, loss) -> None:
+    """Keeps the state as a log-spaced snapshot, if `step` is one and it is finite and not kept."""
+    if (snapshots is None or not checkpoint.log_spaced(step, snapshot_every)
+        or step in snapshots.all_steps()):
+      return
+    if _unsavable(state, {"loss": loss}, loss_bound, all_finite) is None:
+      checkpoint.save(snapshots, step, state)
+
   interrupted = None
   try:
     with _StopSignals() as stop, sharding.use_mesh(mesh):
       if start_step == 0:
+        snapshot(0, 0.0)
         stopped = finish_step(0, {})
       batches = data_lib.prefetch(
           lambda step: tuple(sharding.global_batch(x, batch_sh) for x in task.batch(step, rows)),
@@ -715,13 +749,15 @@ def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
           interrupted = stop.agreed()
           if interrupted:
             break
-        state, metrics = step_fn(state, next(batches), step_rng)
+        logs_now = log_at(step + 1) or step + 1 == num_steps
+        state, metrics = (stats_step_fn if stats_step_fn is not None and logs_now else step_fn)(
+            state, next(batches), step_rng)
         if await_each_step:
           jax.block_until_ready(metrics["loss"])
         window_steps += 1
         done = step + 1
         record = {}
-        if log_at(done) or done == num_steps:
+        if logs_now:
           last = {k: float(v) for k, v in jax.device_get(metrics).items()}
           record.update(_read_sums(state))
           state = reset_sums(state)
@@ -739,10 +775,12 @@ def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
           log(f"step {done:6d} | loss {record['loss']:.4f} | "
               + (f"lr {record['lr']:.2e} | " if "lr" in record else "")
               + f"grad norm {record['grad_norm']:.3f} | "
-              + "".join(f"{k} {last[k]:.3g} | " for k in last if k not in _STEP_METRICS)
+              + "".join(f"{k} {last[k]:.3g} | " for k in last
+                        if k not in _STEP_METRICS and not layer_stats_lib.is_layer_stat(k))
               + f"{tokens_per_second:,.0f} tokens/s | "
               f"{_duration(elapsed())} elapsed, ETA {_duration(eta)}")
         paused = time.perf_counter()
+        snapshot(done, metrics["loss"])
         stopped = finish_step(done, record)
         window_start += time.perf_counter() - paused  # tokens/s counts training steps only
         if stopped or save_at(done) or done == num_steps:
@@ -765,6 +803,8 @@ def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
   finally:  # Also on a divergence stop: in-flight async saves complete before the error surfaces.
     try:
       checkpoint.finish(mngr, last_saved)
+      if snapshots is not None:
+        checkpoint.finish(snapshots)
     finally:
       writer.close()
   vals = [r for r in writer.records if "val_nll" in r]
@@ -789,7 +829,8 @@ def lm_task(config, dataset: data_lib.Dataset, model: nn.Module | None = None) -
       init=lm_init(model, config.seq_len), loss=lm_loss(model, config.get("loss_chunk", 0)),
       batch=lambda step, rows: data_lib.train_batch(dataset.train_ids, config.seq_len,
                                                     config.batch_size, config.seed, step, rows),
-      tx=optimizer(config), learning_rate=learning_rate_schedule(config))
+      tx=optimizer(config), learning_rate=learning_rate_schedule(config),
+      stats=layer_stats_lib.forward_stats(model, config.get("loss_chunk", 0)))
 
 
 def train(config, dataset: data_lib.Dataset, workdir, windows=None, log=print) -> TrainResult:

@@ -97,6 +97,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.log_every = 100
   c.checkpoint_every = 500
   c.keep_checkpoints = 2
+  # 'log' also keeps the parameters at steps 1, 2, 4, 8, ... and then every checkpoint_every, for
+  # analyses over training (Pythia's schedule), apart from the rolling resume checkpoints.
+  c.checkpoint_schedule = "rolling"
+  # Per-layer statistics at log steps (attention entropy and max logit per block, output log Z, rms
+  # of each parameter group's parameters, gradients and updates): llm_math.layer_stats.
+  c.layer_stats = False
   # With several processes, how often (in steps) they share their SIGTERM/SIGINT flags, so that all
   # of them stop after the same step and save it (one small collective each time).
   c.stop_check_every = 10
