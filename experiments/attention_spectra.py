@@ -40,7 +40,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 
 import jax
@@ -135,8 +134,7 @@ def _fit(c, task: train.Task, model, windows, run_dir: str, eval_at, analyse_at,
   result = train.fit(c, task, run_dir, evaluate=evaluation.evaluator(c, windows, model.apply),
                      eval_at=eval_at, hooks=[train.Hook(analyse_at, hook_fn)],
                      on_divergence="stop", log=log)
-  if result.interrupted:
-    sys.exit(130)
+  common.exit_if_interrupted(result)
   records = sorted({r["step"]: r for r in result.records}.values(), key=lambda r: r["step"])
   return result, records, next((r["step"] for r in records if r.get("stop") == "diverged"), None)
 

@@ -35,7 +35,6 @@ import functools
 import json
 import math
 import os
-import sys
 import time
 from typing import Callable
 
@@ -195,8 +194,7 @@ def train_run(study: Study, batch_size: int, lr: float, num_steps: int, target: 
       log_at=set(steps).__contains__, hooks=hooks, on_divergence="stop",
       loss_bound=train_lib.divergence_bound(cfg, study.dataset.vocab_size),
       log=lambda line: None if line.startswith("step ") else study.log(line))
-  if result.interrupted:
-    sys.exit(130)
+  common.exit_if_interrupted(result)
   curve_steps, vals = (list(x) for x in zip(*result.val_curve))
   reached = result.stopped == "target reached"
   s = gn.steps_to_target(curve_steps, vals, target) if reached else None

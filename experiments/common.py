@@ -215,6 +215,13 @@ def reject_unused_flags(unused, script: str):
       raise UsageError(f"--{flag.name} is not used by {script}: {reason}")
 
 
+def exit_if_interrupted(result) -> None:
+  """Ends the program with status 130 after a run that a SIGINT/SIGTERM stopped (it has saved its
+  state: rerunning the same command resumes it)."""
+  if result.interrupted:
+    sys.exit(130)
+
+
 def is_primary() -> bool:
   """Only process 0 writes results, tables and figures."""
   from llm_math import sharding  # pylint: disable=g-import-not-at-top

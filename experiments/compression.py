@@ -39,7 +39,6 @@ quant.png, lora.png, distill.png (redrawn by experiments.plot_compression) to --
 import dataclasses
 import json
 import os
-import sys
 import time
 
 from absl import flags
@@ -130,8 +129,7 @@ def fit(run: tuple, task: train_lib.Task, evaluate, log) -> train_lib.TrainResul
   saving: rerunning the command continues."""
   log(f"--- {run[1]}")
   result = train_lib.fit(run[0], task, run[1], evaluate=evaluate, log=log)
-  if result.interrupted:
-    sys.exit(130)
+  common.exit_if_interrupted(result)
   return result
 
 
@@ -242,8 +240,7 @@ def main(argv):
     params, origin = trained.params, f"loaded from --init_workdir={INIT_WORKDIR.value}"
   else:
     result = train_lib.train(config, dataset, base_dir, log=log)
-    if result.interrupted:
-      sys.exit(130)
+    common.exit_if_interrupted(result)
     params, origin = train_lib.to_host(result.state.params), f"trained in {base_dir}"
   timings = {"base model": time.time() - start}
 

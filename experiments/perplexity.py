@@ -22,7 +22,6 @@ figures (perplexity.png, ngram_orders.png, scaling.png), and per model metrics.j
 import json
 import math
 import os
-import sys
 import time
 
 from absl import flags
@@ -214,8 +213,7 @@ def train_models(config, dataset, windows, tokenizer, workdir, sweep) -> tuple[l
       common.save_config(cfg, run_dir, f"{run_dir} holds a run", write=common.is_primary())
     log(f"--- {name}: {run_dir}")
     result = train_lib.train(cfg, dataset, run_dir, windows=windows, log=log)
-    if result.interrupted:
-      sys.exit(130)
+    common.exit_if_interrupted(result)
     train_tokens = result.final_step * cfg.batch_size * cfg.seq_len
     records.append(_record(
         name, "model", result.val_curve[-1][1], n_tokens, n_chars, tokenizer,
