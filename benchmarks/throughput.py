@@ -2,13 +2,16 @@ r"""Training throughput of the Transformer LM: tokens/s, step time, model TFLOP/
 
   python -m benchmarks.throughput --shape=nanogpt_cpu
   python -m benchmarks.throughput --shape=gpt2_small --dtype=bfloat16 --attention_impl=fused
+  python -m benchmarks.throughput --shape=nanogpt_cpu --layer_stats   # the step of a log step
 
 MFU = (tokens/s x FLOPs per token) / (devices x peak FLOP/s), with FLOPs per token = 6N + 12 L T d
 (`llm_math.flops`: N = parameters in matmuls, the output head counted once; attention's T x T scores
 counted in full although a causal mask wastes half of them, as nanoGPT and PaLM count them). Peak
 FLOP/s is dense bf16 from the table in llm_math/flops.py, keyed by device kind; none on CPU, so no MFU
 there. Peak memory is the accelerator's peak bytes in use, or on CPU the process's peak resident size.
-The timed steps run the same jitted, donated, sharded train step as training, on random tokens.
+The timed steps run the same jitted, donated, sharded train step as training, on random tokens;
+with --layer_stats, the step `fit` runs at log steps when config.layer_stats is on (per-layer
+statistics: `llm_math.layer_stats`), whose time less the plain step's is their cost per log step.
 """
 
 import resource
@@ -23,6 +26,7 @@ from benchmarks import cpu_info
 from benchmarks.shapes import SHAPES
 from experiments.configs import perplexity as default_config
 from llm_math import flops as flops_lib
+from llm_math import layer_stats
 from llm_math import model as model_lib
 from llm_math import sharding
 from llm_math import train as train_lib
@@ -39,6 +43,8 @@ LOSS_CHUNK = flags.DEFINE_integer("loss_chunk", 0, "Positions per piece of the c
                                   "projection + loss (0 = whole logits at once).")
 STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after 3 warm-up steps).")
 MESH = flags.DEFINE_string("mesh", "data:-1", "Device mesh.")
+LAYER_STATS = flags.DEFINE_bool("layer_stats", False, "Time the step that also computes the "
+                                  "per-layer statistics (what fit runs at log steps).")
 TUNING = flags.DEFINE_bool("xla_cpu_tuning", True, "Apply llm_math.xla_cpu's XLA:CPU settings "
                            "(where verified; see that module).")
 
@@ -81,8 +87,10 @@ def main(argv):
       jax.random.PRNGKey(0))
   batch_sh = sharding.batch_sharding(mesh, rules)
   loss_fn = train_lib.lm_loss(model, LOSS_CHUNK.value)
+  stats_fn = layer_stats.forward_stats(model, LOSS_CHUNK.value) if LAYER_STATS.value else None
   step = jax.jit(lambda s, x, y, r: train_lib.train_step(
-                     s, (x, y), r, loss_fn=loss_fn, grad_accum_steps=config.grad_accum_steps),
+                     s, (x, y), r, loss_fn=loss_fn, grad_accum_steps=config.grad_accum_steps,
+                     stats_fn=stats_fn, layer_stats=LAYER_STATS.value),
                  in_shardings=(state_sh, batch_sh, batch_sh, None), out_shardings=(state_sh, None),
                  donate_argnums=0)
   rng = np.random.default_rng(0)
@@ -113,7 +121,7 @@ def main(argv):
   print(f"shape {SHAPE.value}: {mcfg.num_layers} layers, d {mcfg.d_model}, {mcfg.num_heads} heads, "
         f"context {config.seq_len}, batch {config.batch_size}, vocab {vocab}, {DTYPE.value}, "
         f"attention {ATTENTION.value}, remat {REMAT.value}, grad_accum {ACCUM.value}, "
-        f"loss_chunk {LOSS_CHUNK.value}"
+        f"loss_chunk {LOSS_CHUNK.value}" + (", with layer statistics" if LAYER_STATS.value else "")
         + (f", XLA:CPU {xla_cpu.FLAG}" if tuned else ""))
   print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; mesh {dict(mesh.shape)}")
   print(f"cpu: {cpu_info.describe()}")
