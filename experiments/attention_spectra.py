@@ -28,12 +28,15 @@ stream, at initialization and after a short training run.
 
 Each model trains through `llm_math.train.fit` in its own directory, models/<run>/ or
 models/deep/<architecture>/ (metrics.jsonl, checkpoints/), analysed by a hook: a tracked run's
-scalars go to its metrics.jsonl, its window-0 arrays to snapshots/step_NNNNNN.npz. So the study
+scalars go to its metrics.jsonl, its window-0 arrays to spectra/step_NNNNNN.npz. So the study
 resumes after preemption (SIGTERM or Ctrl-C saves a checkpoint; rerun the same command) without
-recomputing earlier snapshots, and a rerun with another config is a one-line error. Writes to
---workdir: results.json (every scalar, the protocol, the config), spectra.npz (per run and snapshot:
-eigenvalues, singular values, stationary distributions of window 0; the final attention), results.md
-and the figures of `experiments/plot_attention_spectra.py`.
+recomputing earlier snapshots, and a rerun with another config is a one-line error. A tracked run
+also keeps its whole state at log-spaced steps 0, 1, 2, 4, ... (`checkpoint_schedule='log'`) in
+models/<run>/snapshots/; once it has trained (or is reused), every one of these checkpoints is
+analysed on the same windows (`dynamics`): per layer entropy, effective rank, spectral gap and sink
+mass over training. Writes to --workdir: results.json (every scalar, the protocol, the config),
+spectra.npz (per run and snapshot: eigenvalues, singular values, stationary distributions of window
+0; the final attention), results.md and the figures of `experiments/plot_attention_spectra.py`.
 """
 
 import dataclasses
@@ -47,6 +50,7 @@ import numpy as np
 
 from experiments import common
 from experiments import plot_attention_spectra
+from llm_math import checkpoint
 from llm_math import data as data_lib
 from llm_math import evaluation
 from llm_math import files
@@ -57,6 +61,8 @@ from llm_math.analysis import spectra
 from llm_math.errors import UsageError
 
 RUNS = ("causal", "causal_high_lr", "bidirectional")
+# Per-layer statistics followed over training, at every log-spaced checkpoint (`dynamics`).
+DYNAMICS = ("mean_normalized_row_entropy", "effective_rank", "spectral_gap", "sink_mass")
 ARCHITECTURES = {
     "pure attention": dict(residual=False, mlp=False, layernorm=False),
     "attention + skip": dict(residual=True, mlp=False, layernorm=False),
@@ -105,7 +111,8 @@ def run_config(config, name: str):
       c.model.update(num_layers=c.deep.num_layers, init_std=c.deep.init_std, causal=True,
                      **ARCHITECTURES[name])
     c.update(num_steps=c.deep.num_steps, batch_size=c.deep.batch_size,
-             warmup_steps=min(c.warmup_steps, c.deep.num_steps // 2))
+             warmup_steps=min(c.warmup_steps, c.deep.num_steps // 2),
+             checkpoint_schedule="rolling")  # Profiled at init and at the end: no dynamics.
     return c
   c.model.causal = name != "bidirectional"
   if name == "bidirectional":  # V + 1 tokens (with [MASK]) seldom divide the mesh: not split.
@@ -140,7 +147,32 @@ def _fit(c, task: train.Task, model, windows, run_dir: str, eval_at, analyse_at,
 
 
 def snapshot_path(run_dir: str, step: int):
-  return files.path(run_dir) / "snapshots" / f"step_{step:06d}.npz"
+  """The window-0 arrays of the hook's analysis at `step`: spectra/step_NNNNNN.npz, or
+  snapshots/step_NNNNNN.npz where a run analysed before snapshots/ held the log-spaced checkpoints
+  wrote them."""
+  name = f"step_{step:06d}.npz"
+  legacy = files.path(run_dir) / checkpoint.SNAPSHOTS / name
+  return legacy if legacy.exists() else files.path(run_dir) / "spectra" / name
+
+
+def dynamics(run_dir: str, mcfg, tokens_BxT: np.ndarray, log) -> dict | None:
+  """DYNAMICS per layer (means over heads and the windows `tokens_BxT`) at every log-spaced
+  checkpoint in run_dir/snapshots, analysed after training: {"steps": [S], stat: [S][L]}; None,
+  with a one-line note, for a run without them (trained with checkpoint_schedule='rolling')."""
+  steps = checkpoint.saved_steps(run_dir, directories=(checkpoint.SNAPSHOTS,))
+  if not steps:
+    log(f"no log-spaced checkpoints in {run_dir}/{checkpoint.SNAPSHOTS}: no dynamics")
+    return None
+  out = {"steps": steps, **{key: [] for key in DYNAMICS}}
+  for step in steps:
+    params, _ = checkpoint.load_params(run_dir, step, log=log)
+    scalars, _ = spectra.analyse_snapshot(params, mcfg, tokens_BxT)
+    for key in DYNAMICS:
+      out[key].append(np.mean(scalars[key], axis=1).tolist())
+  h = np.asarray(out["mean_normalized_row_entropy"])
+  log(f"dynamics at the log-spaced steps {steps} | normalized entropy per layer "
+      f"{np.array2string(h[0], precision=3)} -> {np.array2string(h[-1], precision=3)}")
+  return out
 
 
 def tracked_run(config, dataset, name: str, windows, workdir: str, log) -> dict:
@@ -183,6 +215,7 @@ def tracked_run(config, dataset, name: str, windows, workdir: str, log) -> dict:
                       "loss": [r["loss"] for r in records if "loss" in r]},
       "diverged_at": diverged_at, "run_dir": os.path.join("models", name),
       "wall_time_s": result.train_time_s,
+      "dynamics": dynamics(run_dir, mcfg, tokens_BxT, run_log),
   }
 
 
@@ -284,6 +317,12 @@ def run_experiment(config, workdir: str, log=print) -> dict:
                    f"runs score every target (contexts 1..{config.seq_len}), the masked LM scores "
                    f"the masked positions (rate {config.spectra.mask_rate}, one fixed draw)"),
           "eval_windows": len(windows),
+          "dynamics": (
+              "per layer, the mean over heads of the normalized row entropy, effective rank, "
+              "spectral gap and sink mass, on the analysis windows, from the log-spaced "
+              "checkpoints in models/<name>/snapshots (steps 0, 1, 2, 4, ... below "
+              f"checkpoint_every={config.checkpoint_every}, then every checkpoint_every), "
+              "analysed after training"),
           "bidirectional_objective": (
               "masked LM: trained on next-token prediction a bidirectional model can attend to "
               "position t + 1, its own target, and learns to copy it"),

@@ -13,6 +13,9 @@ reads DIR/results.json and DIR/spectra.npz and (re)writes:
   attention_maps.png   the most concentrated head of every layer, each run
   entropy_lr.png       entropy over training at the normal and the high learning rate, with the
                        Zhai et al. bound, sigma = ||W_Q W_K^T|| / sqrt(d_k) and the loss
+  dynamics.png         normalized entropy, effective rank, spectral gap and sink mass per layer
+                       against the step, from the log-spaced checkpoints of the causal runs
+                       (normal and high learning rate); not drawn for runs without them
 
 `report(results)` is results.md: the key numbers in words, then tables.
 """
@@ -27,6 +30,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from matplotlib import colors  # pylint: disable=g-import-not-at-top,wrong-import-position
+from matplotlib import ticker  # pylint: disable=g-import-not-at-top,wrong-import-position
 from matplotlib.lines import Line2D  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from experiments import common  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -385,6 +389,84 @@ def plot_entropy_lr(results: dict, workdir: str) -> str:
   return _save(fig, workdir, "entropy_lr.png")
 
 
+def _uniform_causal_attention(t: int) -> np.ndarray:
+  """U [T, T]: row t uniform over positions 0..t, U_ts = 1 / (t + 1)."""
+  return np.tril(np.ones((t, t))) / np.arange(1, t + 1)[:, None]
+
+
+def _effective_rank(m: np.ndarray) -> float:
+  """exp(entropy of the normalized singular values) (Roy & Vetterli 2007), as in the study."""
+  p = np.linalg.svd(m, compute_uv=False)
+  p = p[p > 0] / p.sum()
+  return float(np.exp(-np.sum(p * np.log(p))))
+
+
+# dynamics.png: (statistic of runs.<run>.dynamics, y label, panel title, value of uniform causal
+# attention at sequence length T).
+_DYNAMICS_PANELS = (
+    ("mean_normalized_row_entropy", "H_t / log(t + 1)  (nats / nats)",
+     "Normalized row entropy (1 = uniform, 0 = one-hot)", lambda t: 1.0),
+    ("effective_rank", "effective rank  (positions, 1 .. T)",
+     "Effective rank exp(H(sigma_i / sum_j sigma_j)) of A",
+     lambda t: _effective_rank(_uniform_causal_attention(t))),
+    ("spectral_gap", "1 - |lambda_2|  (dimensionless)",
+     "Spectral gap (causal: 1 - max_{t>=1} A_tt)", lambda t: 0.5),
+    ("sink_mass", "mean A_t0, rows t = 1..T-1  (probability)",
+     "Sink mass: attention on position 0", lambda t: float(np.mean(1.0 / np.arange(2, t + 1)))),
+)
+
+
+def plot_dynamics(results: dict, workdir: str) -> str | None:
+  """Per layer (mean over heads) the statistics of _DYNAMICS_PANELS at every log-spaced checkpoint
+  of the causal run (solid) and the high learning-rate run (dashed); None when the causal run has
+  no dynamics (trained without log-spaced checkpoints)."""
+  runs = results["runs"]
+  if not runs["causal"].get("dynamics"):
+    return None
+  styles = {name: ls for name, ls in (("causal", "-"), ("causal_high_lr", "--"))
+            if runs[name].get("dynamics")}
+  t = results["config"]["seq_len"]
+  fig, axes = plt.subplots(2, 2, figsize=(12, 8.6))
+  num_layers = len(runs["causal"]["dynamics"]["mean_normalized_row_entropy"][0])
+  steps_shown = sorted({s for name in styles for s in runs[name]["dynamics"]["steps"]})
+  for (key, ylabel, title, uniform), ax in zip(_DYNAMICS_PANELS, axes.ravel()):
+    for name, ls in styles.items():
+      dyn = runs[name]["dynamics"]
+      values = np.asarray(dyn[key], float)  # [S, L]
+      for l, color in enumerate(_layer_colors(num_layers)):
+        ax.plot(dyn["steps"], values[:, l], ls=ls, marker="o", ms=3, lw=1.4, color=color)
+    ax.axhline(uniform(t), color="gray", ls=":", lw=1)
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlim(-0.1, steps_shown[-1] * 1.25)
+    ax.set_xticks(steps_shown)
+    ax.set_xticklabels([str(s) for s in steps_shown], fontsize=7,
+                       rotation=90 if len(steps_shown) > 8 else 0)
+    ax.xaxis.set_minor_locator(ticker.NullLocator())
+    ax.set(xlabel="training step (symlog: linear in [0, 1]; ticks at the checkpoints)",
+           ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+  labels = {name: (f"{RUN_LABELS[name]}: lr {runs[name]['learning_rate']:g}, warmup "
+                   f"{runs[name]['warmup_steps']}"
+                   + (f", diverged at step {runs[name]['diverged_at']}"
+                      if runs[name]["diverged_at"] is not None else "")
+                   + (" (solid)" if ls == "-" else " (dashed)"))
+            for name, ls in styles.items()}
+  handles = [Line2D([], [], color=c, marker="o", ms=3, label=f"layer {l + 1}")
+             for l, c in enumerate(_layer_colors(num_layers))]
+  handles += [Line2D([], [], color="black", ls=ls, label=labels[name])
+              for name, ls in styles.items()]
+  handles.append(Line2D([], [], color="gray", ls=":", lw=1,
+                        label=f"uniform causal attention U_ts = 1/(t+1), T = {t}"))
+  fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=8,
+             frameon=False)
+  runs_text = " and ".join(f"{RUN_LABELS[n]} ({'solid' if ls == '-' else 'dashed'})"
+                           for n, ls in styles.items())
+  _suptitle(fig, results, f"Attention over training per layer (mean over heads), {runs_text} "
+            f"runs, from log-spaced checkpoints (steps 0, 1, 2, 4, ...)")
+  fig.tight_layout(rect=(0, 0.07, 1, 1))
+  return _save(fig, workdir, "dynamics.png")
+
+
 def plot_all(workdir: str, results: dict | None = None, arrays: dict | None = None) -> list[str]:
   """Draws every figure from `results` and `arrays` (default: workdir/results.json and spectra.npz,
   where non-finite values are None) into `workdir`; returns the file names."""
@@ -392,14 +474,16 @@ def plot_all(workdir: str, results: dict | None = None, arrays: dict | None = No
     results = files.read_json(files.path(workdir) / "results.json")
   if arrays is None:
     arrays = files.read_npz(files.path(workdir) / "spectra.npz")
-  return [plot_eigenvalues(results, arrays, workdir),
-          plot_singular_values(results, arrays, workdir),
-          plot_stationary(results, arrays, workdir),
-          plot_entropy_gap(results, workdir),
-          plot_rank_collapse(results, workdir),
-          plot_sink_mass(results, workdir),
-          plot_attention_maps(results, arrays, workdir),
-          plot_entropy_lr(results, workdir)]
+  names = [plot_eigenvalues(results, arrays, workdir),
+           plot_singular_values(results, arrays, workdir),
+           plot_stationary(results, arrays, workdir),
+           plot_entropy_gap(results, workdir),
+           plot_rank_collapse(results, workdir),
+           plot_sink_mass(results, workdir),
+           plot_attention_maps(results, arrays, workdir),
+           plot_entropy_lr(results, workdir)]
+  dynamics = plot_dynamics(results, workdir)  # None for runs without log-spaced checkpoints.
+  return names + ([dynamics] if dynamics else [])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -509,6 +593,25 @@ def _learning_rate_report(results: dict) -> list[str]:
   return lines
 
 
+def _dynamics_report(results: dict) -> list[str]:
+  """The causal run's dynamics per layer at its first and last log-spaced checkpoint, in words."""
+  dyn = results["runs"]["causal"].get("dynamics")
+  lines = ["## Over training, from the log-spaced checkpoints", ""]
+  if not dyn:
+    return lines + ["The causal run kept no log-spaced checkpoints (checkpoint_schedule='rolling' "
+                    "when it was trained): no dynamics."]
+  steps = dyn["steps"]
+  pair = lambda key, l, spec: f"{dyn[key][0][l]:{spec}} -> {dyn[key][-1][l]:{spec}}"
+  layers = [f"layer {l + 1}: normalized entropy {pair('mean_normalized_row_entropy', l, '.3f')}, "
+            f"effective rank {pair('effective_rank', l, '.2f')}, spectral gap "
+            f"{pair('spectral_gap', l, '.3f')}, sink mass {pair('sink_mass', l, '.3f')}"
+            for l in range(len(dyn["effective_rank"][0]))]
+  return lines + [
+      f"Causal run, analysed after training at each of its {len(steps)} log-spaced checkpoints "
+      f"(steps {', '.join(map(str, steps))}; dynamics.png), means over heads, step {steps[0]} -> "
+      f"step {steps[-1]}: " + "; ".join(layers) + "."]
+
+
 _PER_LAYER = (("entropy (nats)", "mean_row_entropy", ".3f"),
               ("normalized entropy", "mean_normalized_row_entropy", ".3f"),
               ("spectral gap", "spectral_gap", ".3f"),
@@ -546,7 +649,7 @@ def report(results: dict) -> str:
   runs = results["runs"]
   lines = [f"# Attention spectra: {results['data']}", "",
            *_rank_collapse_report(results["rank_collapse"]), "", *_learning_rate_report(results),
-           "", *_spectra_report(results), "",
+           "", *_dynamics_report(results), "", *_spectra_report(results), "",
            "Protocol: " + "; ".join(f"{k}: {v}" for k, v in results["protocol"].items()
                                     if isinstance(v, str)) + ".", "",
            "Runs: " + "; ".join(

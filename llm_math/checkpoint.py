@@ -364,10 +364,11 @@ def _replicated_like_saved(mngr, step: int):
       dict(mngr.item_metadata(step)["state"]))
 
 
-def saved_steps(workdir) -> list[int]:
-  """Every step a run has a checkpoint of, rolling or snapshot, in order."""
+def saved_steps(workdir, directories=(ROLLING, SNAPSHOTS)) -> list[int]:
+  """Every step a run has a checkpoint of in `directories` (default: rolling or snapshot), in
+  order; a directory that does not exist holds none."""
   steps = set()
-  for directory in (ROLLING, SNAPSHOTS):
+  for directory in directories:
     if (files.path(workdir) / directory).is_dir():
       mngr = manager(workdir, read_only=True, directory=directory)
       steps.update(mngr.all_steps())

@@ -13,12 +13,14 @@ from experiments import attention_spectra as exp
 from experiments import common
 from experiments import plot_attention_spectra
 from experiments.configs import attention_spectra as default_config
+from llm_math import checkpoint
 from llm_math.analysis import spectra
 from llm_math.errors import UsageError
 from tests import helpers
 
 FIGURES = ("eigenvalues.png", "singular_values.png", "stationary.png", "entropy_gap.png",
-           "rank_collapse.png", "sink_mass.png", "attention_maps.png", "entropy_lr.png")
+           "rank_collapse.png", "sink_mass.png", "attention_maps.png", "entropy_lr.png",
+           "dynamics.png")
 TINY = {"seq_len": 12, "batch_size": 8, "num_steps": 6, "warmup_steps": 2, "log_every": 3,
         "checkpoint_every": 6, "model.num_layers": 2, "model.d_model": 16, "model.d_ff": 32,
         "model.num_heads": 2, "synthetic.train_tokens": 20000, "synthetic.val_tokens": 2000,
@@ -91,7 +93,7 @@ def test_writes_results_figures_and_a_directory_per_run(one_device):
     assert run["diverged_at"] is None
     run_dir = os.path.join(workdir, run["run_dir"])
     assert run["run_dir"] == os.path.join("models", name)
-    assert sorted(os.listdir(os.path.join(run_dir, "snapshots"))) == [
+    assert sorted(os.listdir(os.path.join(run_dir, "spectra"))) == [
         "step_000000.npz", "step_000003.npz", "step_000006.npz"]
     # The snapshot scalars are metrics.jsonl records of the run, next to its val NLL.
     with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
@@ -110,6 +112,60 @@ def test_writes_results_figures_and_a_directory_per_run(one_device):
   assert f"attention + skip keeps {skip[-1]:.3g}" in md
   high = results["runs"]["causal_high_lr"]["snapshots"][-1]
   assert f"its val NLL {high['val_nll']:.4f}" in md
+
+
+def test_dynamics_are_measured_on_every_log_spaced_checkpoint(one_device):
+  """After training, every run is analysed at each step its snapshots/ kept (0, 1, 2, 4 below
+  checkpoint_every = 6, then 6): per layer, one value per step; at steps 0 (the initialization)
+  and 6 (the end) the checkpoint holds the parameters the hook analysed during training."""
+  workdir, results, _ = one_device
+  for name, run in results["runs"].items():
+    dyn = run["dynamics"]
+    kept = checkpoint.saved_steps(os.path.join(workdir, run["run_dir"]),
+                                  directories=(checkpoint.SNAPSHOTS,))
+    assert dyn["steps"] == kept == [0, 1, 2, 4, 6], name
+    hooked = {s["step"]: s for s in run["snapshots"]}
+    for key in exp.DYNAMICS:
+      assert np.shape(dyn[key]) == (5, 2), (name, key)  # [steps, layers]
+      for i, step in ((0, 0), (-1, 6)):
+        np.testing.assert_allclose(dyn[key][i], np.mean(hooked[step][key], axis=1), rtol=0,
+                                   atol=1e-6, err_msg=f"{name} {key} step {step}")
+  # Trained states: step 1 at the high rate (no warmup); the causal run's first update has the
+  # warmup's learning rate 0, so its step 1 repeats step 0 and step 2 is the first that moves.
+  high, causal = (results["runs"][name]["dynamics"] for name in ("causal_high_lr", "causal"))
+  assert high["sink_mass"][1] != high["sink_mass"][0]
+  assert causal["sink_mass"][2] != causal["sink_mass"][0]
+  with open(os.path.join(workdir, "results.md"), encoding="utf-8") as f:
+    md = f.read()
+  h = causal["mean_normalized_row_entropy"]
+  assert (f"step 0 -> step 6: layer 1: normalized entropy {h[0][0]:.3f} -> {h[-1][0]:.3f}, "
+          f"effective rank {causal['effective_rank'][0][0]:.2f}") in md
+  assert "models/<name>/snapshots" in results["protocol"]["dynamics"]
+
+
+def test_a_run_without_log_spaced_checkpoints_has_no_dynamics(one_device, tmp_path):
+  """A rank-collapse model keeps rolling checkpoints only: no dynamics, one line, and the report
+  and figures go without them."""
+  workdir, results, _ = one_device
+  deep = results["rank_collapse"]["architectures"]["full block"]
+  run_dir = os.path.join(workdir, deep["run_dir"])
+  lines = []
+  assert exp.dynamics(run_dir, None, None, lines.append) is None
+  assert lines == [f"no log-spaced checkpoints in {run_dir}/snapshots: no dynamics"]
+  without = json.loads(json.dumps(results))
+  for run in without["runs"].values():
+    run["dynamics"] = None
+  assert plot_attention_spectra.plot_dynamics(without, str(tmp_path)) is None
+  assert "The causal run kept no log-spaced checkpoints" in plot_attention_spectra.report(without)
+
+
+def test_hook_arrays_of_an_older_run_are_read_where_it_wrote_them(tmp_path):
+  """Runs analysed before snapshots/ held the log-spaced checkpoints wrote their window-0 arrays
+  there; a reused run is read from there, new arrays go to spectra/."""
+  (tmp_path / "snapshots").mkdir()
+  (tmp_path / "snapshots" / "step_000000.npz").write_bytes(b"")
+  assert exp.snapshot_path(str(tmp_path), 0) == tmp_path / "snapshots" / "step_000000.npz"
+  assert exp.snapshot_path(str(tmp_path), 3) == tmp_path / "spectra" / "step_000003.npz"
 
 
 def test_causal_eigenvalues_are_the_exact_diagonal(one_device):
@@ -210,7 +266,7 @@ def test_a_diverging_run_stops_and_keeps_earlier_snapshots(tmp_path):
                         log=lambda *_: None)
   assert run["diverged_at"] == 3
   assert [s["step"] for s in run["snapshots"]] == [0]
-  assert os.listdir(tmp_path / "models" / "causal" / "snapshots") == ["step_000000.npz"]
+  assert os.listdir(tmp_path / "models" / "causal" / "spectra") == ["step_000000.npz"]
 
 
 def test_a_run_preempted_midway_resumes_without_recomputing_its_snapshots(one_device, tmp_path):
@@ -229,7 +285,7 @@ def test_a_run_preempted_midway_resumes_without_recomputing_its_snapshots(one_de
   with pytest.raises(SystemExit) as exit_:
     run(tmp_path / "preempted", preempt_at_step_3)
   assert exit_.value.code == 130
-  snapshots = tmp_path / "preempted" / "models" / "causal" / "snapshots"
+  snapshots = tmp_path / "preempted" / "models" / "causal" / "spectra"
   written = {p.name: p.stat().st_mtime_ns for p in snapshots.iterdir()}
   assert sorted(written) == ["step_000000.npz", "step_000003.npz"]
   lines = []

@@ -9,6 +9,11 @@ architectures (pure attention, attention + skip, attention + MLP, the full block
 initial draw), at initialization and after `deep.num_steps` steps.
 
 Every run is checkpointed every `checkpoint_every` steps in its own directory under the workdir.
+`checkpoint_schedule = "log"`: the three tracked runs also keep their state at steps 0, 1, 2, 4, ...
+below `checkpoint_every` and then every `checkpoint_every` steps (models/<run>/snapshots/); their
+entropy, effective rank, spectral gap and sink mass over training are measured on these checkpoints
+after training (results.json runs.<run>.dynamics, dynamics.png). The rank-collapse models keep the
+rolling checkpoints only.
 Fields of the perplexity config that this experiment does not read are dropped: the evaluation
 fields but eval_batch_size (every snapshot is scored on `spectra.eval_windows` fixed windows),
 max_loss_factor (only a non-finite loss stops a run, as diverged: the high learning rate may) and
@@ -33,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.warmup_steps = 50
   c.log_every = 25
   c.checkpoint_every = 200
+  c.checkpoint_schedule = "log"  # + steps 0, 1, 2, 4, ..., 128, then 200, 400, 600: the dynamics
 
   c.spectra = ml_collections.ConfigDict(dict(
       # Training steps at which every run is analysed (0 = initialization; must include num_steps).
