@@ -22,6 +22,7 @@ UsageError too. A step without its `fingerprint` item restores with a warning.
 """
 
 import errno
+import logging
 import shutil
 
 import jax
@@ -62,8 +63,20 @@ def manager(workdir, max_to_keep: int | None = 2, read_only: bool = False,
       files.path(workdir) / directory,
       item_handlers={"state": ocp.StandardCheckpointHandler(),
                      "fingerprint": ocp.JsonCheckpointHandler()},
-      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
-                                           read_only=read_only))
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=None if read_only else max_to_keep, create=not read_only,
+          read_only=read_only, **({"save_interval_steps": 0} if read_only else {})))
+
+
+class _QuietReaders(logging.Filter):
+  """Drops orbax's notice that a reader's directory is read-only: every read says it, and
+  analyses over training read one checkpoint per step."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Given directory is read only")
+
+
+logging.getLogger("absl").addFilter(_QuietReaders())
 
 
 def _words(x: jax.Array) -> jax.Array:
