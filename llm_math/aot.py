@@ -299,22 +299,28 @@ def _loop_costs(compile_variant, config, mcfg, cost: dict) -> tuple[dict, dict]:
   B = outside + k * layer (k = 2, or 3 when an odd depth leaves one layer outside the loop), and with
   chunks twice as long C = outside + layer + 2 * chunk (a chunk's cost is linear in its length). The
   whole step is A + (L - 1) * layer + (n - 1) * chunk. `compile_variant(model_cfg, loss_chunk)`
-  compiles a variant and returns its cost.
+  compiles a variant and returns its cost, or None when the compiler refuses it (a variant holds
+  more than the program: it may not fit where the program does). `done['complete']` is whether
+  every loop that needed it was extrapolated; where not, the counts fall short.
   """
-  whole, done = dict(cost), {"layers": False, "loss_chunks": False}
+  whole, done = dict(cost), {"layers": False, "loss_chunks": False, "complete": True}
   layers, chunk = mcfg.num_layers, config.get("loss_chunk", 0)
   if mcfg.scan_layers and layers > 1:
     twice = compile_variant(dataclasses.replace(mcfg, scan_unroll=2), chunk)
-    k = 2 + layers % 2
-    for key in whole:
-      whole[key] += (layers - 1) * (twice[key] - cost[key]) / (k - 1)
-    done["layers"] = True
+    if twice is not None:
+      k = 2 + layers % 2
+      for key in whole:
+        whole[key] += (layers - 1) * (twice[key] - cost[key]) / (k - 1)
+    done["layers"] = twice is not None
+    done["complete"] &= done["layers"]
   n = config.seq_len // chunk if chunk else 1
-  if n > 1 and config.seq_len % (2 * chunk) == 0:
-    longer = compile_variant(mcfg, 2 * chunk)
-    for key in whole:
-      whole[key] += (n - 1) * (longer[key] - cost[key])
-    done["loss_chunks"] = True
+  if n > 1:
+    longer = compile_variant(mcfg, 2 * chunk) if config.seq_len % (2 * chunk) == 0 else None
+    if longer is not None:
+      for key in whole:
+        whole[key] += (n - 1) * (longer[key] - cost[key])
+    done["loss_chunks"] = longer is not None
+    done["complete"] &= done["loss_chunks"]
   return whole, done
 
 
@@ -374,20 +380,25 @@ def compile_report(config, devices, vocab_size: int, topology: str = "local",
       eval_step, (abstract.params, eval_tokens, eval_tokens, eval_weights), mesh)
 
   memory, loops = _memory(compiled), loop_collectives(hlo)
-  cost, extrapolated = _cost(compiled), {"layers": False, "loss_chunks": False}
+  def variant_cost(model_cfg, chunk):
+    try:
+      return _cost(_compile(step_for(model_cfg, chunk), train_args, mesh)[0])
+    except DoesNotFit:
+      return None
+
+  cost, extrapolated = _cost(compiled), {"layers": False, "loss_chunks": False, "complete": False}
   if extrapolate:
-    cost, extrapolated = _loop_costs(
-        lambda model_cfg, chunk: _cost(_compile(step_for(model_cfg, chunk), train_args, mesh)[0]),
-        config, mcfg, cost)
+    cost, extrapolated = _loop_costs(variant_cost, config, mcfg, cost)
   model_flops = (flops_lib.flops_per_token(mcfg, n_params, config.seq_len)
                  * config.batch_size * config.seq_len / len(devices))
   # XLA:TPU decomposes sharded matmuls into loops over the shards (windowed einsums that overlap the
   # all-gather with the matmul); their bodies too are counted once, so XLA's counts fall short and
   # the compute term takes our count where it is larger.
   windowed = "windowed_dot_general" in hlo
+  short = windowed or not extrapolated["complete"]  # XLA's counts miss loop iterations.
   roofline = None
   if chip["peak_flops"] and chip["hbm_bytes_per_s"]:
-    roofline = max((max(cost["flops"], model_flops) if windowed else cost["flops"])
+    roofline = max((max(cost["flops"], model_flops) if short else cost["flops"])
                    / chip["peak_flops"], cost["bytes_accessed"] / chip["hbm_bytes_per_s"])
   fits = None if chip["hbm_bytes"] is None else memory["total"] <= chip["hbm_bytes"]
   return {

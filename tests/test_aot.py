@@ -191,9 +191,10 @@ def test_loop_costs_are_the_whole_steps():
   chunked = aot.compile_report(config, devices, 4096, "v5e:2x2")
   config.model.scan_layers = True
   scanned = aot.compile_report(config, devices, 4096, "v5e:2x2")
-  assert whole["loops_extrapolated"] == {"layers": False, "loss_chunks": False}
-  assert chunked["loops_extrapolated"] == {"layers": False, "loss_chunks": True}
-  assert scanned["loops_extrapolated"] == {"layers": True, "loss_chunks": True}
+  complete = {"complete": True}
+  assert whole["loops_extrapolated"] == {"layers": False, "loss_chunks": False, **complete}
+  assert chunked["loops_extrapolated"] == {"layers": False, "loss_chunks": True, **complete}
+  assert scanned["loops_extrapolated"] == {"layers": True, "loss_chunks": True, **complete}
   assert scanned["flops_per_step"] == pytest.approx(chunked["flops_per_step"], rel=0.01)
   # The chunked loss recomputes its logits in the backward pass: 2 B T d V more FLOPs per step.
   recompute = 2 * _BATCH * _T * 128 * 4096 / 4
@@ -212,3 +213,21 @@ def test_a_sweep_studys_config_compiles_its_largest_run(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads((tmp_path / "compile_report.json").read_text())
   assert report["batch_size"] == 256 and report["fits"] is True
+
+
+def test_a_variant_the_compiler_refuses_leaves_the_counts_marked_short():
+  """A variant compiled for extrapolation holds more than the program (two layers' activations per
+  iteration) and may not fit where the program does: its loop is then not extrapolated, and the
+  report says the counts are short."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from llm_math import model as model_lib  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict(dict(loss_chunk=32, seq_len=128))
+  mcfg = model_lib.ModelConfig(vocab_size=10, max_len=128, num_layers=4, scan_layers=True)
+  cost = {"flops": 10.0, "bytes_accessed": 5.0}
+  assert aot._loop_costs(lambda m, c: None, config, mcfg, cost) == (  # pylint: disable=protected-access
+      cost, {"layers": False, "loss_chunks": False, "complete": False})
+  variant = lambda m, c: ({"flops": 12.0, "bytes_accessed": 6.0} if m.scan_unroll == 2
+                          else {"flops": 11.0, "bytes_accessed": 5.5})
+  # A + (L - 1) * layer + (n - 1) * chunk = 10 + 3 * 2 + 3 * 1.
+  assert aot._loop_costs(variant, config, mcfg, cost)[0] == {  # pylint: disable=protected-access
+      "flops": 19.0, "bytes_accessed": 9.5}
