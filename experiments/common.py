@@ -93,9 +93,10 @@ def load_dataset(config, workdir=None, tokenizer=None, vocab_size=None):
   return dataset
 
 
-def prepare_workdir(config) -> str:
+def prepare_workdir(config, ignored=frozenset()) -> str:
   """Checks the config, creates --workdir (a local path or a URL such as gs://bucket/run), checks
-  that it is writable, and saves (or checks) the config in it.
+  that it is writable, and saves (or checks) the config in it (fields in `ignored` may differ: a
+  sweep's grid, whose runs each check their own config, may grow).
 
   Until training saves its first checkpoint, a UsageError (see `run`) puts the workdir back as it was.
   """
@@ -114,7 +115,7 @@ def prepare_workdir(config) -> str:
                      f"({e.strerror or e})") from None
   if is_primary():
     _FAILED_START_UNDO.append(lambda: _undo_start(root, before))
-  save_config(config, workdir, f"--workdir={workdir} holds a run", write=is_primary())
+  save_config(config, workdir, f"--workdir={workdir} holds a run", ignored, write=is_primary())
   return workdir
 
 
@@ -177,12 +178,13 @@ def save_config(config, directory, what: str, ignored=frozenset(), write: bool =
     files.write_json(path, current, indent=2)
 
 
-def run_dir(config, parent, *names: str) -> str:
+def run_dir(config, parent, *names: str, ignored=frozenset()) -> str:
   """The workdir of one point of a sweep, `parent/names...`: created, and checked like a single run's
-  (a different config there is a one-line error naming the field; the same one resumes)."""
+  (a different config there is a one-line error naming the field, `ignored` fields aside; the same
+  one resumes)."""
   directory = os.path.join(str(parent), *names)
   files.path(directory).mkdir(parents=True, exist_ok=True)
-  save_config(config, directory, f"{directory} holds a run", write=is_primary())
+  save_config(config, directory, f"{directory} holds a run", ignored, write=is_primary())
   return directory
 
 

@@ -13,6 +13,7 @@ import os
 import sys
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -46,7 +47,7 @@ def plot_lr_sweep(results: dict, path: str):
   l0 = results["initial_loss"]
   for ax, size in zip(axes[0], sizes):
     rows = [s for s in results["summary"] if s["size"] == size]
-    for row in rows:
+    for i, row in enumerate(rows):
       color, marker, ls = STYLE.get(row["variant"], ("k", "o", "-"))
       lrs, loss = np.asarray(row["learning_rates"]), _floats(row["final_val_nll"])
       ax.plot(lrs, loss, color=color, marker=marker, ls=ls, ms=5, label=row["variant"])
@@ -54,7 +55,8 @@ def plot_lr_sweep(results: dict, path: str):
         if run["size"] == size and run["variant"] == row["variant"] and not run["diverged"]:
           ax.plot(run["learning_rate"], run["final_val_nll"], marker, color=color, ms=3, alpha=0.3)
       gone = np.asarray(row["diverged"]) > 0
-      ax.plot(lrs[gone], np.full(gone.sum(), l0 * 1.03), "x", color=color, ms=8, mew=2)
+      # Diverged: an x above L0, nudged right per variant so that coinciding ones stay visible.
+      ax.plot(lrs[gone] * 1.08 ** i, np.full(gone.sum(), l0 * 1.03), "x", color=color, ms=8, mew=2)
     _references(ax, results)
     ax.set_xscale("log")
     ax.set_xlabel("peak learning rate (AdamW)")
@@ -68,18 +70,28 @@ def plot_lr_sweep(results: dict, path: str):
 
 
 def plot_lr_sensitivity(results: dict, path: str):
-  fig, ax = plt.subplots(figsize=(6, 4.2))
-  for variant in dict.fromkeys(s["variant"] for s in results["summary"]):
+  fig, ax = plt.subplots(figsize=(6.4, 4.4))
+  for i, variant in enumerate(dict.fromkeys(s["variant"] for s in results["summary"])):
     rows = [s for s in results["summary"] if s["variant"] == variant]
     color, marker, ls = STYLE.get(variant, ("k", "o", "-"))
     n = np.asarray([r["params"] for r in rows], np.float64)
     mean = _floats([r["lr_sensitivity"]["mean"] for r in rows])
     ci = [r["lr_sensitivity"]["ci95"] for r in rows]
     err = np.asarray([[m - c[0], c[1] - m] if c else [0, 0] for m, c in zip(mean, ci)]).T
-    ax.errorbar(n, mean, yerr=err, color=color, marker=marker, ls=ls, capsize=4, label=variant)
+    # Variants side by side at each size (x nudged by 6% per variant).
+    ax.errorbar(n * 1.06 ** i, mean, yerr=err, color=color, marker=marker, ls=ls, capsize=4,
+                label=variant)
   seeds = rows[0]["lr_sensitivity"]["n"]
   ax.set_xscale("log")
-  ax.set_xlabel("parameters")
+  smallest = {}  # One tick per size, at its fewest parameters (qk_norm adds its norm scales).
+  for r in results["summary"]:
+    smallest[r["size"]] = min(smallest.get(r["size"], r["params"]), r["params"])
+  sizes = sorted((p, size) for size, p in smallest.items())
+  ax.set_xticks([p for p, _ in sizes])
+  ax.set_xticklabels([f"{p:,}\n({size})" for p, size in sizes], fontsize=8)
+  ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+  ax.axhline(0, color="0.5", lw=0.8)
+  ax.set_xlabel("parameters (d_model x layers)")
   ax.set_ylabel("LR sensitivity E[min(L, L0) - L*] (nats)")
   ax.set_title(f"Learning-rate sensitivity (Wortsman et al. 2023); bars: 95% t-interval over "
                f"{seeds} seeds", fontsize=9)

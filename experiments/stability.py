@@ -32,9 +32,6 @@ from llm_math.analysis import intervals
 from llm_math.analysis import stability as stability_lib
 from llm_math.errors import UsageError
 
-CURVES = ("loss", "attn_logit_max", "attn_entropy", "log_z_mean", "output_logit_max")
-
-
 def sizes(config) -> list[tuple[int, int]]:
   """[(d_model, layers)] of config.stability.sizes ('32x2,64x2'); a one-line error otherwise."""
   try:
@@ -76,7 +73,8 @@ def train_point(config, dataset, windows, workdir: str, size, variant: str, lr: 
   c = run_config(config, size, variant, lr, seed)
   task = train_lib.lm_task(c, dataset)
   name = f"{size[0]}x{size[1]}"
-  run_dir = common.run_dir(c, workdir, "runs", name, variant, f"lr{lr:g}_s{seed}")
+  run_dir = common.run_dir(c, workdir, "runs", name, variant, f"lr{lr:g}_s{seed}",
+                           ignored={"stability"})  # The grid may grow around a run.
   model = model_lib.Transformer(train_lib.model_config(c, dataset.vocab_size))
   evaluate = evaluation.evaluator(c, windows, model.apply)
   result = train_lib.fit(c, task, run_dir, evaluate=evaluate, eval_at=lambda step: False,
@@ -139,7 +137,7 @@ def main(argv):
   del argv
   config = common.config_from_flags()
   sizes(config)
-  workdir = common.prepare_workdir(config)
+  workdir = common.prepare_workdir(config, ignored={"stability"})
   use_compilation_cache(workdir)
   results = run_experiment(config, workdir, print if common.is_primary() else lambda *_: None)
   if common.is_primary():
