@@ -54,7 +54,8 @@ def benchmark_config():
   c = default_config.get_config()
   # GPT-2/nanoGPT's architecture: learned positions, tied embeddings, no biases.
   c.model.update(num_layers=layers, d_model=d, num_heads=heads, d_ff=4 * d, dtype=DTYPE.value,
-                 attention_impl=ATTENTION.value, remat=REMAT.value, tie_embeddings=True,
+                 attention_impl=ATTENTION.value, remat="full" if REMAT.value else "none",
+                 tie_embeddings=True,
                  use_bias=False, pos_encoding="learned")
   c.seq_len, c.batch_size, c.mesh, c.grad_accum_steps = t, BATCH.value or batch, MESH.value, ACCUM.value
   return c, vocab

@@ -53,5 +53,6 @@ def report(results: dict) -> str:
           for v, r in runs.items()]
   lines += markdown_table(["variant", "final val NLL", "max attention logit",
                            "attention entropy (nats)", "output log Z"], rows)
-  lines += ["", f"{len(results['runs'])} runs, {results['wall_time_s'] / 60:.1f} min."]
+  lines += ["", f"{len(results['runs'])} runs; this command took {results['wall_time_s'] / 60:.1f} "
+            "min (runs an earlier command made are reused, not retrained)."]
   return "\n".join(lines) + "\n"
