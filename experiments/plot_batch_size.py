@@ -9,9 +9,7 @@ learning_rate.png (best learning rate vs B) and loss_curves.png (validation loss
 `report` renders results.md (the study writes it with results.json).
 """
 
-import argparse
 import os
-import sys
 import textwrap
 
 import matplotlib
@@ -23,7 +21,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from experiments.common import fmt  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments.common import markdown_table  # pylint: disable=g-import-not-at-top,wrong-import-position
-from llm_math import files  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llm_math.plotting import redraw_main  # pylint: disable=g-import-not-at-top,wrong-import-position
 from llm_math.plotting import save_figure  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -456,16 +454,7 @@ def plot_all(results: dict, workdir: str) -> list[str]:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", required=True, help="A workdir of experiments/batch_size.py.")
-  args = parser.parse_args(argv)
-  path = files.path(args.workdir) / "results.json"
-  if not path.exists():
-    print(f"error: --workdir={args.workdir}: no results.json (run experiments/batch_size.py first)",
-          file=sys.stderr)
-    sys.exit(2)
-  results = files.read_json(path)
-  print("wrote " + ", ".join(plot_all(results, args.workdir)) + f" to {args.workdir}")
+  redraw_main(__doc__, "batch_size", plot_all, argv)
 
 
 if __name__ == "__main__":

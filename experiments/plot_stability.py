@@ -8,9 +8,7 @@ with 95% intervals over seeds) and logit_growth.png (the max attention logit, th
 and the output log Z against the step at a high learning rate, with and without each fix).
 """
 
-import argparse
 import os
-import sys
 
 import matplotlib
 import matplotlib.ticker
@@ -20,8 +18,8 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from experiments.report_stability import logit_growth_runs  # pylint: disable=g-import-not-at-top,wrong-import-position
-from llm_math import files  # pylint: disable=g-import-not-at-top,wrong-import-position
 from llm_math.plotting import measurement_caption  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llm_math.plotting import redraw_main  # pylint: disable=g-import-not-at-top,wrong-import-position
 from llm_math.plotting import save_figure  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 STYLE = {"baseline": ("tab:red", "o", "-"), "qk_norm": ("tab:blue", "s", "-"),
@@ -138,15 +136,7 @@ def plot_all(results: dict, workdir: str) -> list[str]:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", required=True, help="A workdir of experiments/stability.py.")
-  args = parser.parse_args(argv)
-  path = files.path(args.workdir) / "results.json"
-  if not path.exists():
-    print(f"error: --workdir={args.workdir}: no results.json (run experiments/stability.py first)",
-          file=sys.stderr)
-    sys.exit(2)
-  print("wrote " + ", ".join(plot_all(files.read_json(path), args.workdir)) + f" to {args.workdir}")
+  redraw_main(__doc__, "stability", plot_all, argv)
 
 
 if __name__ == "__main__":

@@ -30,3 +30,19 @@ def save_figure(fig, path, dpi: int = 130, tight: bool = True):
     fig.tight_layout()
   files.save_figure_to(fig, path, dpi=dpi)
   plt.close(fig)
+
+
+def redraw_main(doc: str, study: str, plot_all, argv=None) -> None:
+  """The main of an experiments/plot_<study>.py whose `plot_all(results, workdir)` draws every
+  figure: reads --workdir's results.json (a one-line error without it) and redraws them there."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+  parser.add_argument("--workdir", required=True, help=f"A workdir of experiments/{study}.py.")
+  args = parser.parse_args(argv)
+  path = files.path(args.workdir) / "results.json"
+  if not path.exists():
+    print(f"error: --workdir={args.workdir}: no results.json (run experiments/{study}.py first)",
+          file=sys.stderr)
+    sys.exit(2)
+  print("wrote " + ", ".join(plot_all(files.read_json(path), args.workdir)) + f" to {args.workdir}")
