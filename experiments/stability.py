@@ -28,12 +28,19 @@ from experiments import report_stability
 from llm_math import evaluation
 from llm_math import model as model_lib
 from llm_math import train as train_lib
-from llm_math.analysis import intervals
 from llm_math.analysis import stability as stability_lib
 from llm_math.errors import UsageError
 
+VARIANTS = ("baseline", "qk_norm", "z_loss", "qk_norm+z_loss")
+
+
 def sizes(config) -> list[tuple[int, int]]:
-  """[(d_model, layers)] of config.stability.sizes ('32x2,64x2'); a one-line error otherwise."""
+  """[(d_model, layers)] of config.stability.sizes ('32x2,64x2'), after checking the grid's sizes
+  and variants (VARIANTS); a one-line error otherwise."""
+  unknown = [v for v in config.stability.variants if v not in VARIANTS]
+  if unknown:
+    raise UsageError(f"--config.stability.variants: {unknown[0]!r} is not one of "
+                     f"{', '.join(VARIANTS)}")
   try:
     out = [tuple(int(v) for v in s.split("x")) for s in config.stability.sizes.split(",")]
   except ValueError:
@@ -90,29 +97,6 @@ def train_point(config, dataset, windows, workdir: str, size, variant: str, lr: 
           "curves": curves(result.records)}
 
 
-def summarize(config, runs: list[dict], initial_loss: float) -> list[dict]:
-  """Per size and variant: the final loss per learning rate (mean over seeds), the best learning
-  rate, and the learning-rate sensitivity per seed with its mean and 95% interval."""
-  out = []
-  for size in dict.fromkeys(r["size"] for r in runs):
-    for variant in config.stability.variants:
-      mine = [r for r in runs if r["size"] == size and r["variant"] == variant]
-      lrs = list(config.stability.learning_rates)
-      by_seed = {s: [next(r["final_val_nll"] for r in mine if r["seed"] == s
-                          and r["learning_rate"] == lr) for lr in lrs]
-                 for s in config.stability.seeds}
-      mean_loss = [intervals.mean_ci95([by_seed[s][i] for s in by_seed])["mean"]
-                   for i in range(len(lrs))]
-      sensitivity = [stability_lib.lr_sensitivity(v, initial_loss) for v in by_seed.values()]
-      out.append({"size": size, "params": mine[0]["params"], "variant": variant,
-                  "learning_rates": lrs, "final_val_nll": mean_loss,
-                  "diverged": [sum(v[i] is None for v in by_seed.values()) for i in range(len(lrs))],
-                  "best_learning_rate": stability_lib.best_learning_rate(lrs, mean_loss),
-                  "lr_sensitivity_per_seed": sensitivity,
-                  "lr_sensitivity": intervals.mean_ci95(sensitivity)})
-  return out
-
-
 def run_experiment(config, workdir: str, log=print) -> dict:
   start = time.time()
   dataset = common.load_dataset(config, workdir)
@@ -124,7 +108,9 @@ def run_experiment(config, workdir: str, log=print) -> dict:
   refs = evaluation.reference_nlls(dataset, windows)
   results = {"experiment": "stability", "data": dataset.description,
              "evaluation": {"split": "validation", **windows.describe()}, "references": refs,
-             "initial_loss": refs["uniform"], "summary": summarize(config, runs, refs["uniform"]),
+             "initial_loss": refs["uniform"], "summary": stability_lib.summarize(
+                 runs, config.stability.learning_rates, config.stability.seeds,
+                 config.stability.variants, refs["uniform"]),
              "runs": runs, "wall_time_s": time.time() - start,
              "config": json.loads(config.to_json_best_effort())}
   if common.is_primary():

@@ -188,6 +188,10 @@ def check_loss_chunk(loss_chunk: int, seq_len: int, flag: str = "--config.loss_c
     raise UsageError(f"{flag}={loss_chunk}: expected 0 (off) or a divisor of seq_len={seq_len}")
 
 
+# 'rolling': the newest keep_checkpoints states; 'log' also keeps log-spaced snapshots (`fit`).
+CHECKPOINT_SCHEDULES = ("rolling", "log")
+
+
 def check_config(config, devices=None):
   """Checks the training fields of `config` before any work starts, for `devices` (default: this
   job's; `llm_math.aot` passes a topology's).
@@ -233,6 +237,11 @@ def check_config(config, devices=None):
     need(is_int(config.eval_sample_every) and config.eval_sample_every >= 1
          and (config.eval_sample_every == 1 or config.get("eval_stride", 0) in (0, config.seq_len)),
          "eval_sample_every", "an integer >= 1, and 1 unless eval_stride is 0 (independent windows)")
+  if "checkpoint_schedule" in config:
+    need(config.checkpoint_schedule in CHECKPOINT_SCHEDULES, "checkpoint_schedule",
+         f"one of {', '.join(CHECKPOINT_SCHEDULES)}")
+  if "layer_stats" in config:
+    need(isinstance(config.layer_stats, bool), "layer_stats", "true or false")
   check_loss_chunk(config.get("loss_chunk", 0), config.seq_len)
   model_config(config, vocab_size=2)  # The model block's own checks (sizes, names, dtypes).
   if "batch_size" in config:

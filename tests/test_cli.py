@@ -37,6 +37,8 @@ def _assert_one_line_error(proc, *fragments):
     (["--config.model.attention_impl=fused", "--config.model.attn_logit_softcap=30"],
      ["--config.model: attn_logit_softcap=30.0 needs attention_impl='explicit'"]),
     (["--config.seq_len=100000"], ["fewer than one context window"]),
+    (["--config.checkpoint_schedule=logs"],
+     ["error: --config.checkpoint_schedule='logs': expected one of rolling, log"]),
     (["--config.no_such_field=1"], ["no_such_field"]),
     (["--config=/no/such/config.py"], ["/no/such/config.py"]),
 ])

@@ -72,3 +72,12 @@ def _with_sizes(sizes):
   c = _tiny()
   c.stability.sizes = sizes
   return c
+
+
+def test_an_unknown_variant_is_a_one_line_error():
+  from experiments import stability as study  # pylint: disable=g-import-not-at-top
+  from llm_math.errors import UsageError  # pylint: disable=g-import-not-at-top
+  c = _tiny()
+  c.stability.variants = ("baseline", "qknorm")
+  with pytest.raises(UsageError, match="'qknorm' is not one of baseline, qk_norm"):
+    study.sizes(c)
