@@ -50,6 +50,7 @@ import numpy as np
 
 from experiments import common
 from experiments import plot_attention_spectra
+from llm_math import studies
 from llm_math import checkpoint
 from llm_math import data as data_lib
 from llm_math import evaluation
@@ -141,7 +142,7 @@ def _fit(c, task: train.Task, model, windows, run_dir: str, eval_at, analyse_at,
   result = train.fit(c, task, run_dir, evaluate=evaluation.evaluator(c, windows, model.apply),
                      eval_at=eval_at, hooks=[train.Hook(analyse_at, hook_fn)],
                      on_divergence="stop", log=log)
-  common.exit_if_interrupted(result)
+  studies.completed(result)
   records = sorted({r["step"]: r for r in result.records}.values(), key=lambda r: r["step"])
   return result, records, next((r["step"] for r in records if r.get("stop") == "diverged"), None)
 
@@ -188,7 +189,7 @@ def tracked_run(config, dataset, name: str, windows, workdir: str, log) -> dict:
         dataset.train_ids, c.seq_len, c.batch_size, c.seed, step, mask_id, rate, rows))
     windows = spectra.masked_windows(windows, mask_id, rate, c.seed)
   tokens_BxT = windows.batch(0, min(c.spectra.analysis_windows, len(windows)))[0]
-  run_dir = common.run_dir(c, workdir, "models", name)
+  run_dir = studies.run_dir(c, workdir, "models", name)
   tracked = lambda step: step in c.spectra.track_steps
   run_log = lambda line: log(f"{name}: {line}")
 
@@ -241,7 +242,7 @@ def rank_collapse_run(config, dataset, arch: str, windows, tokens_BxT, workdir: 
     return out
 
   name = arch.replace(" + ", "_").replace(" ", "_")
-  run_dir = common.run_dir(c, workdir, "models", "deep", name)
+  run_dir = studies.run_dir(c, workdir, "models", "deep", name)
   result, records, diverged_at = _fit(c, task, model, windows, run_dir, lambda step: False,
                                       lambda step: step == c.num_steps, analyse,
                                       lambda line: log(f"{arch}: {line}"))
@@ -298,7 +299,7 @@ def run_experiment(config, workdir: str, log=print) -> dict:
   """Everything: the three tracked runs, rank collapse, results.json/.md, spectra.npz, figures."""
   start = time.time()
   check_config(config)
-  dataset = common.load_dataset(config, workdir)
+  dataset = studies.load_dataset(config, workdir)
   log(f"data: {dataset.description}; vocabulary {dataset.vocab_size}; "
       f"{len(dataset.train_ids):,} training / {len(dataset.val_ids):,} validation tokens")
   windows = validation_windows(config, dataset)

@@ -45,6 +45,7 @@ import optax
 
 from experiments import common
 from experiments import plot_batch_size
+from llm_math import studies
 from llm_math import data as data_lib
 from llm_math import evaluation
 from llm_math import files
@@ -178,7 +179,7 @@ def train_run(study: Study, batch_size: int, lr: float, num_steps: int, target: 
   """
   name = f"b{batch_size}_lr{lr:.4g}" if target else "pilot"
   cfg = run_config(study.config, batch_size, lr, num_steps, target)
-  run_dir = common.run_dir(cfg, study.workdir, "runs", name)
+  run_dir = studies.run_dir(cfg, study.workdir, "runs", name)
   steps = eval_steps(study.config.eval_growth, num_steps)
   marks = {next(s for s in steps if s >= 4**k) for k in range(int(math.log(num_steps, 4)) + 1)}
   progress = train_lib.Hook(marks.__contains__, lambda step, params, record: study.log(
@@ -194,7 +195,7 @@ def train_run(study: Study, batch_size: int, lr: float, num_steps: int, target: 
       log_at=set(steps).__contains__, hooks=hooks, on_divergence="stop",
       loss_bound=train_lib.divergence_bound(cfg, study.dataset.vocab_size),
       log=lambda line: None if line.startswith("step ") else study.log(line))
-  common.exit_if_interrupted(result)
+  studies.completed(result)
   curve_steps, vals = (list(x) for x in zip(*result.val_curve))
   reached = result.stopped == "target reached"
   s = gn.steps_to_target(curve_steps, vals, target) if reached else None
@@ -300,7 +301,7 @@ def variance_record(study: Study, params, key: jax.Array) -> dict:
 def run_experiment(config, workdir: str, log=print) -> dict:
   """The whole sweep on `config` (checked by `check_config`); writes results and figures to `workdir`."""
   start = time.time()
-  dataset = common.load_dataset(config, workdir)
+  dataset = studies.load_dataset(config, workdir)
   study = make_study(config, dataset, workdir, log)
   log(f"data: {dataset.description}; vocabulary {dataset.vocab_size}; {jax.device_count()} devices "
       f"in {jax.process_count()} process(es), mesh {config.mesh}")

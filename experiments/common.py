@@ -17,6 +17,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from llm_math import files
+from llm_math import studies
 from llm_math.errors import UsageError
 
 _CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -33,11 +34,6 @@ DATA_CACHE = flags.DEFINE_string(
     "data_cache", None, "Local directory where text: and tfds: sources are tokenized once "
     "(default $LLM_MATH_DATA_CACHE or ~/.cache/llm_math/tokens).")
 MESH = flags.DEFINE_string("mesh", None, "Device mesh, e.g. 'data:-1,fsdp:1,tensor:1' (-1 = the rest).")
-
-# Config fields that may change when a run is resumed (they do not change what was trained so far).
-RESUMABLE_FIELDS = {"num_steps", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints",
-                    "eval_batch_size", "mesh", "ngram", "train_transformer", "max_loss_factor",
-                    "stop_check_every", "layer_stats", "checkpoint_schedule"}
 
 
 def _define_config(default_file: str):
@@ -76,23 +72,6 @@ def config_from_flags():
   return config
 
 
-def load_dataset(config, workdir=None, tokenizer=None, vocab_size=None):
-  """The config's data source, tokenized (`tokenizer`/`vocab_size` override the config's) and checked
-  to hold at least one window of `config.seq_len` tokens in each split."""
-  from llm_math import data as data_lib  # pylint: disable=g-import-not-at-top
-
-  dataset = data_lib.load(
-      config.data, tokenizer=tokenizer or config.tokenizer,
-      vocab_size=(config.vocab_size if vocab_size is None else vocab_size) or None,
-      seed=config.seed, synthetic_config=config.synthetic,
-      tfds_data_dir=config.tfds_data_dir or None, max_chars=config.max_chars or None,
-      workdir=workdir, split=config.get("data_split") or None,
-      cache_dir=DATA_CACHE.value if flags.FLAGS.is_parsed() else None,
-      log=print if is_primary() else None)
-  data_lib.check_fits(dataset, config.seq_len)
-  return dataset
-
-
 def prepare_workdir(config, ignored=frozenset()) -> str:
   """Checks the config, creates --workdir (a local path or a URL such as gs://bucket/run), checks
   that it is writable, and saves (or checks) the config in it (fields in `ignored` may differ: a
@@ -115,8 +94,14 @@ def prepare_workdir(config, ignored=frozenset()) -> str:
                      f"({e.strerror or e})") from None
   if is_primary():
     _FAILED_START_UNDO.append(lambda: _undo_start(root, before))
-  save_config(config, workdir, f"--workdir={workdir} holds a run", ignored, write=is_primary())
+  studies.save_config(config, workdir, f"--workdir={workdir} holds a run", ignored,
+                      write=is_primary())
   return workdir
+
+
+def is_primary() -> bool:
+  """Only process 0 writes results, tables and figures."""
+  return studies.is_primary()
 
 
 _FAILED_START_UNDO = []
@@ -137,97 +122,12 @@ def _undo_start(root, before: set[str] | None):
       p.rmtree(missing_ok=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
-# Model field values older configs wrote that mean what a current value means.
-_LEGACY_MODEL_VALUES = {"remat": {False: "none", True: "full"}}
-
-
-def _with_new_model_defaults(saved: dict, current: dict) -> dict:
-  """`saved` with the model fields it predates (in `current`, not in `saved`) at the values
-  ModelConfig gives them by default, the values a run saved before such a field existed had, and
-  legacy values written as their current names (remat false -> 'none')."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
-  from llm_math import model as model_lib  # pylint: disable=g-import-not-at-top
-  if not isinstance(saved.get("model"), dict) or not isinstance(current.get("model"), dict):
-    return saved
-  defaults = {f.name: f.default for f in dataclasses.fields(model_lib.ModelConfig)
-              if f.default is not dataclasses.MISSING}
-  added = {k: defaults[k] for k in current["model"] if k not in saved["model"] and k in defaults}
-  model = {**saved["model"], **added}
-  for key, legacy in _LEGACY_MODEL_VALUES.items():
-    if key in model and not isinstance(model[key], str) and model[key] in legacy:
-      model[key] = legacy[model[key]]
-  return {**saved, "model": model}
-
-
-def save_config(config, directory, what: str, ignored=frozenset(), write: bool = True):
-  """Writes config.json in `directory` (if `write`), first refusing a config that differs from the
-  one its checkpoints (or a sweep's models/) were trained with (fields in RESUMABLE_FIELDS or
-  `ignored` may differ)."""
-  path = files.path(directory) / "config.json"
-  current = json.loads(config.to_json_best_effort())
-  trained = [files.path(directory) / sub  # models/, runs/: a sweep's runs
-             for sub in ("checkpoints", "models", "runs")]
-  if path.exists() and any(d.is_dir() and any(d.iterdir()) for d in trained):
-    saved = _with_new_model_defaults(files.read_json(path), current)
-    for key in sorted((set(saved) | set(current)) - RESUMABLE_FIELDS - set(ignored)):
-      if saved.get(key) != current.get(key):
-        raise UsageError(
-            f"{what} with a different config ({key}: {saved.get(key)!r} there, "
-            f"{current.get(key)!r} now); use a new --workdir to start another run")
-  if write:
-    files.write_json(path, current, indent=2)
-
-
-def run_dir(config, parent, *names: str, ignored=frozenset()) -> str:
-  """The workdir of one point of a sweep, `parent/names...`: created, and checked like a single run's
-  (a different config there is a one-line error naming the field, `ignored` fields aside; the same
-  one resumes)."""
-  directory = os.path.join(str(parent), *names)
-  files.path(directory).mkdir(parents=True, exist_ok=True)
-  save_config(config, directory, f"{directory} holds a run", ignored, write=is_primary())
-  return directory
-
-
-def markdown_table(header: list[str], rows: list[list], align: str | None = None) -> list[str]:
-  """The lines of a markdown table; `align` has one character per column, 'l' or 'r' (default:
-  the first column left, the rest right). Cells are written with str()."""
-  align = align or "l" + "r" * (len(header) - 1)
-  line = lambda cells: "| " + " | ".join(str(c) for c in cells) + " |"
-  return [line(header), "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"] + [
-      line(r) for r in rows]
-
-
-def fmt(value, spec: str, missing: str = "-") -> str:
-  """format(value, spec), or `missing` for None (a number results.json could not hold)."""
-  return missing if value is None else format(value, spec)
-
-
-def write_results(directory, results: dict, report: str):
-  """Writes results.json (the machine-readable record, strict JSON: no NaN) and results.md (the
-  report) in `directory`."""
-  files.write_json(files.path(directory) / "results.json", results)
-  files.write_text(files.path(directory) / "results.md", report)
-
-
 def reject_unused_flags(unused, script: str):
   """A one-line UsageError for the first flag of `unused` ((flag, why it has no use) pairs) that
   the user set: a script that analyses a finished run must not silently ignore a shared flag."""
   for flag, reason in unused:
     if flag.value is not None:
       raise UsageError(f"--{flag.name} is not used by {script}: {reason}")
-
-
-def exit_if_interrupted(result) -> None:
-  """Ends the program with status 130 after a run that a SIGINT/SIGTERM stopped (it has saved its
-  state: rerunning the same command resumes it)."""
-  if result.interrupted:
-    sys.exit(130)
-
-
-def is_primary() -> bool:
-  """Only process 0 writes results, tables and figures."""
-  from llm_math import sharding  # pylint: disable=g-import-not-at-top
-  return sharding.is_primary()
 
 
 def _mesh_fits(devices: int) -> bool:
@@ -253,6 +153,7 @@ def run(main, config_file: str | None = None):
   if config_file:
     _define_config(config_file)
   from llm_math.train import DivergenceError  # pylint: disable=g-import-not-at-top
+  from llm_math.studies import Interrupted  # pylint: disable=g-import-not-at-top
 
   def wrapped(argv):
     if len(argv) > 1:
@@ -263,7 +164,11 @@ def run(main, config_file: str | None = None):
       from llm_math import xla_cpu  # pylint: disable=g-import-not-at-top
       xla_cpu.tune(xla_cpu.host_devices(_mesh_fits) if config_file else 1)
       sharding.initialize_distributed()
+      if DATA_CACHE.value:
+        os.environ["LLM_MATH_DATA_CACHE"] = DATA_CACHE.value
       return main(argv)
+    except Interrupted:  # The run saved its state: the same command resumes it.
+      sys.exit(130)
     except UsageError as e:
       print(f"error: {e}", file=sys.stderr)
       while _FAILED_START_UNDO:

@@ -49,6 +49,7 @@ import ml_collections
 from experiments import common
 from experiments.configs import compression as config_lib
 from experiments import plot_compression
+from llm_math import studies
 from llm_math import data as data_lib
 from llm_math import evaluation
 from llm_math import flops as flops_lib
@@ -84,7 +85,7 @@ def load_base(config):
   merged = ml_collections.ConfigDict(trained.config.to_dict())
   for field in config_lib.STUDY_FIELDS + ("eval_batch_size", "mesh"):
     merged[field] = config[field]
-  dataset = common.load_dataset(merged)
+  dataset = studies.load_dataset(merged)
   if not _same_tokenizer(dataset.tokenizer, trained.tokenizer):
     raise UsageError(f"--init_workdir={INIT_WORKDIR.value}: the saved tokenizer differs from the "
                      f"one rebuilt from {merged.data}; cannot score the run's validation split")
@@ -129,7 +130,7 @@ def fit(run: tuple, task: train_lib.Task, evaluate, log) -> train_lib.TrainResul
   saving: rerunning the command continues."""
   log(f"--- {run[1]}")
   result = train_lib.fit(run[0], task, run[1], evaluate=evaluate, log=log)
-  common.exit_if_interrupted(result)
+  studies.completed(result)
   return result
 
 
@@ -228,19 +229,19 @@ def main(argv):
     config, dataset, trained = load_base(config)
     base = {"model": INIT_WORKDIR.value, "step": trained.step}
   else:
-    base_dir = common.run_dir(config_lib.run_config(config), workdir, "base")
-    dataset = common.load_dataset(config, base_dir)
+    base_dir = studies.run_dir(config_lib.run_config(config), workdir, "base")
+    dataset = studies.load_dataset(config, base_dir)
     base = {"model": "WORKDIR/base", "step": config.num_steps}
   log(f"data: {dataset.description}; vocabulary {dataset.vocab_size}")
   config_lib.check(config, dataset.vocab_size)
   target = load_target(config, dataset) if "lora" in studies else None
-  runs = {names: (cfg, common.run_dir(cfg, workdir, *names))  # Every run's config checked first.
+  runs = {names: (cfg, studies.run_dir(cfg, workdir, *names))  # Every run's config checked first.
           for names, cfg in config_lib.plan_runs(config, studies, base).items()}
   if INIT_WORKDIR.value:
     params, origin = trained.params, f"loaded from --init_workdir={INIT_WORKDIR.value}"
   else:
     result = train_lib.train(config, dataset, base_dir, log=log)
-    common.exit_if_interrupted(result)
+    studies.completed(result)
     params, origin = train_lib.to_host(result.state.params), f"trained in {base_dir}"
   timings = {"base model": time.time() - start}
 

@@ -29,6 +29,8 @@ import jax
 
 from experiments import common
 from experiments import plot_perplexity
+from llm_math import studies
+from llm_math import reports
 from llm_math import data as data_lib
 from llm_math import files
 from llm_math.analysis import information
@@ -210,10 +212,10 @@ def train_models(config, dataset, windows, tokenizer, workdir, sweep) -> tuple[l
                             f"d{cfg.model.d_model}_L{cfg.model.num_layers}") if sweep else workdir)
     files.path(run_dir).mkdir(parents=True, exist_ok=True)
     if sweep:  # Each point is a run of its own: the same config check as a single run.
-      common.save_config(cfg, run_dir, f"{run_dir} holds a run", write=common.is_primary())
+      studies.save_config(cfg, run_dir, f"{run_dir} holds a run", write=common.is_primary())
     log(f"--- {name}: {run_dir}")
     result = train_lib.train(cfg, dataset, run_dir, windows=windows, log=log)
-    common.exit_if_interrupted(result)
+    studies.completed(result)
     train_tokens = result.final_step * cfg.batch_size * cfg.seq_len
     records.append(_record(
         name, "model", result.val_curve[-1][1], n_tokens, n_chars, tokenizer,
@@ -255,8 +257,8 @@ def markdown_report(results: dict) -> str:
               f"{ev['chars_scored']:,} characters{grams}.", ""]
     header = ["model", "params", "train FLOPs", "val NLL (nats/token)", "perplexity", "bits/token",
               "bits/char"] + (["NLL - floor"] if floor is not None else [])
-    lines += common.markdown_table(header, [
-        [r["name"], f"{r['params']:,}", common.fmt(r.get("train_flops"), ".3g"),
+    lines += reports.markdown_table(header, [
+        [r["name"], f"{r['params']:,}", reports.fmt(r.get("train_flops"), ".3g"),
          f"{r['val_nll_nats']:.4f}", f"{r['val_ppl']:.3f}", f"{r['bits_per_token']:.4f}",
          f"{r['bits_per_char']:.4f}"]
         + ([f"{r['val_nll_nats'] - floor:+.4f}"] if floor is not None else []) for r in recs])
@@ -301,7 +303,7 @@ def main(argv):
     tokenizer = f"{kind}:{vocab_size}" if kind == "sentencepiece" else kind
     tok_dir = os.path.join(workdir, "tokenizers", tokenizer.replace(":", "_")) if sweep else workdir
     files.path(tok_dir).mkdir(parents=True, exist_ok=True)
-    dataset = common.load_dataset(config, tok_dir, tokenizer=kind, vocab_size=vocab_size)
+    dataset = studies.load_dataset(config, tok_dir, tokenizer=kind, vocab_size=vocab_size)
     if dataset.source is not None:
       tokenizer = "synthetic"
     print(f"data: {dataset.description}; tokenizer {tokenizer}, vocabulary {dataset.vocab_size}; "

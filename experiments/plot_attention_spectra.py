@@ -34,8 +34,9 @@ from matplotlib import ticker  # pylint: disable=g-import-not-at-top,wrong-impor
 from matplotlib.lines import Line2D  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from experiments import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llm_math import reports
 from llm_math import files  # pylint: disable=g-import-not-at-top,wrong-import-position
-from llm_math.plotting import save_figure  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llm_math.figures import save_figure  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 RUN_LABELS = {"causal": "causal", "causal_high_lr": "causal, high lr",
               "bidirectional": "bidirectional (masked LM)"}
@@ -492,7 +493,7 @@ def plot_all(workdir: str, results: dict | None = None, arrays: dict | None = No
 
 
 def _g(value) -> str:
-  return common.fmt(value, ".3g", "n/a")
+  return reports.fmt(value, ".3g", "n/a")
 
 
 def _layer_means(snapshot: dict, key: str) -> list[float]:
@@ -530,9 +531,9 @@ def _rank_collapse_report(rc: dict) -> list[str]:
            yes(r["switches"]["layernorm"]), f"{r['params']:,}", _g(r["init"]["fro"][1]),
            _g(r["init"]["fro"][depth // 2]), last(r["init"]), _g(r["init"]["composite"][-1]),
            last(r["init_bidirectional"]), last(r["trained"]),
-           common.fmt(r["init"]["val_nll"], ".3f"),
-           common.fmt(r["trained"] and r["trained"]["val_nll"], ".3f")] for name, r in arch.items()]
-  table = common.markdown_table(
+           reports.fmt(r["init"]["val_nll"], ".3f"),
+           reports.fmt(r["trained"] and r["trained"]["val_nll"], ".3f")] for name, r in arch.items()]
+  table = reports.markdown_table(
       ["architecture", "residual", "MLP", "LayerNorm", "params", "layer 1", f"layer {depth // 2}",
        f"layer {depth}", f"layer {depth} composite", f"layer {depth} no mask",
        f"layer {depth} trained", "val NLL init", "val NLL trained"], rows, "lccc" + "r" * 9)
@@ -552,13 +553,13 @@ def _learning_rate_report(results: dict) -> list[str]:
   for name, run in (("normal", normal), ("high", high)):
     s0, s1 = run["snapshots"][0], run["snapshots"][-1]
     rows.append([name, f"{run['learning_rate']:g}", run["warmup_steps"],
-                 common.fmt(run["diverged_at"], "d"), s1["step"],
+                 reports.fmt(run["diverged_at"], "d"), s1["step"],
                  f"{_layer_means(s0, 'mean_row_entropy')[0]:.3f} -> "
                  f"{_layer_means(s1, 'mean_row_entropy')[0]:.3f}",
                  f"{np.mean(s1['mean_row_entropy']):.3f}",
                  f"{np.max(s0['qk_norm']):.3g} -> {np.max(s1['qk_norm']):.3g}",
                  _g(s1["zhai_bound"] and float(np.mean(s1["zhai_bound"]))),
-                 common.fmt(s1["val_nll"], ".4f")])
+                 reports.fmt(s1["val_nll"], ".4f")])
   h_normal, h_high = (_layer_means(r["snapshots"][-1], "mean_row_entropy")[0]
                       for r in (normal, high))
   t = results["config"]["seq_len"]
@@ -569,9 +570,9 @@ def _learning_rate_report(results: dict) -> list[str]:
            f"{float(np.mean(np.log(np.arange(1, t + 1)))):.3f}); its largest sigma is "
            f"{np.max(high['snapshots'][-1]['qk_norm']):.3g} against "
            f"{np.max(normal['snapshots'][-1]['qk_norm']):.3g}, and its val NLL "
-           f"{common.fmt(high['snapshots'][-1]['val_nll'], '.4f')} against "
-           f"{common.fmt(normal['snapshots'][-1]['val_nll'], '.4f')} nats (entropy_lr.png).", "",
-           *common.markdown_table(["lr", "peak", "warmup", "diverged at", "step",
+           f"{reports.fmt(high['snapshots'][-1]['val_nll'], '.4f')} against "
+           f"{reports.fmt(normal['snapshots'][-1]['val_nll'], '.4f')} nats (entropy_lr.png).", "",
+           *reports.markdown_table(["lr", "peak", "warmup", "diverged at", "step",
                                    "entropy layer 1 (init -> end)", "entropy, all layers (end)",
                                    "largest sigma (init -> end)", "Zhai bound (end)", "val NLL"],
                                   rows)]
@@ -639,7 +640,7 @@ def _spectra_report(results: dict) -> list[str]:
       rows.append([name, l + 1, *(pair(key, spec, l) for _, key, spec in _PER_LAYER),
                    f"{np.max(s0['qk_norm'][l]):.3g} -> {np.max(s1['qk_norm'][l]):.3g}",
                    pair("zhai_bound", ".3f", l) if s1["zhai_bound"] is not None else "n/a"])
-  lines += common.markdown_table(["run", "layer", *(h for h, _, _ in _PER_LAYER),
+  lines += reports.markdown_table(["run", "layer", *(h for h, _, _ in _PER_LAYER),
                                   "sigma (max head)", "Zhai bound"], rows)
   return lines
 
@@ -655,7 +656,7 @@ def report(results: dict) -> str:
            "Runs: " + "; ".join(
                f"{n}: {r['num_steps']} steps, batch {r['batch_size']}, lr "
                f"{r['learning_rate']:g} -> {r['min_learning_rate']:g}, warmup {r['warmup_steps']}, "
-               f"{r['params']:,} params, {common.fmt(r['wall_time_s'], '.0f')} s"
+               f"{r['params']:,} params, {reports.fmt(r['wall_time_s'], '.0f')} s"
                for n, r in runs.items())
            + f". This command: {results['wall_time_s']:.0f} s."]
   return "\n".join(lines) + "\n"

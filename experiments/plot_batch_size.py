@@ -21,8 +21,8 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from experiments.common import fmt  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments.common import markdown_table  # pylint: disable=g-import-not-at-top,wrong-import-position
-from llm_math.plotting import redraw_main  # pylint: disable=g-import-not-at-top,wrong-import-position
-from llm_math.plotting import save_figure  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llm_math.figures import redraw_main  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llm_math.figures import save_figure  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _floats(values) -> np.ndarray:

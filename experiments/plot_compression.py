@@ -24,8 +24,10 @@ from matplotlib import ticker  # pylint: disable=g-import-not-at-top,wrong-impor
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from experiments import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llm_math import reports
 from llm_math import files  # pylint: disable=g-import-not-at-top,wrong-import-position
-from llm_math.plotting import measurement_caption, save_figure  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llm_math.figures import save_figure
+from llm_math.reports import measurement_caption  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _REFERENCE_STYLES = {"floor": ("black", "-", "floor (true model)"),
                      "unigram": ("tab:orange", "--", "unigram (add-one)"),
@@ -358,7 +360,7 @@ def _references_line(what: str, refs: dict) -> str:
 
 
 def _pct(r: dict) -> str:
-  return common.fmt(r["ppl_change_pct"], "+.2f") + "%"
+  return reports.fmt(r["ppl_change_pct"], "+.2f") + "%"
 
 
 def _svd_section(s: dict, base: dict) -> list[str]:
@@ -366,21 +368,21 @@ def _svd_section(s: dict, base: dict) -> list[str]:
   rows = [[r["method"], f"{r['setting']:g}", f"{r['singular_values_kept']:.3f}",
            f"{r['energy_kept']:.4f}", f"{r['relative_error']:.4f}",
            f"{r['params_factored'] / r['params_dense']:.3f}", f"{r['val_nll']:.4f}",
-           common.fmt(r["val_ppl"], ".3f"), _pct(r)] for r in recs]
+           reports.fmt(r["val_ppl"], ".3f"), _pct(r)] for r in recs]
   lines = ["", "## Perplexity vs rank (SVD truncation)", "",
            f"Matrices `{s['pattern']}` ({len(s['spectra'])} of them) replaced by their best rank-r "
            "approximation; 'uniform' keeps the same fraction of min(in, out) in every matrix, "
            "'global energy' keeps the largest singular values over all matrices until that share "
            "of sum s^2. Stored as factors they would take r (in + out) numbers.", ""]
-  lines += common.markdown_table(
+  lines += reports.markdown_table(
       ["method", "setting", "singular values kept", "energy kept", "rel. Frobenius error",
        "factored / dense params", "val NLL", "perplexity", "PPL change"], rows, "lrrrrrrrr")
   uniform = sorted((r for r in recs if r["method"] == "uniform"), key=lambda r: r["setting"])
   within = [r for r in recs if r["ppl_change_pct"] is not None and r["ppl_change_pct"] <= 1.0]
   if uniform:
     lo, hi = uniform[0], uniform[-1]
-    lines += ["", f"Perplexity falls from {common.fmt(lo['val_ppl'], '.3f')} at rank fraction "
-              f"{lo['setting']:g} to {common.fmt(hi['val_ppl'], '.3f')} at {hi['setting']:g} "
+    lines += ["", f"Perplexity falls from {reports.fmt(lo['val_ppl'], '.3f')} at rank fraction "
+              f"{lo['setting']:g} to {reports.fmt(hi['val_ppl'], '.3f')} at {hi['setting']:g} "
               f"(float {base['val_ppl']:.3f})."]
   if within:
     r = min(within, key=lambda r: r["params_factored"])
@@ -392,13 +394,13 @@ def _svd_section(s: dict, base: dict) -> list[str]:
 
 def _quant_section(q: dict, base: dict) -> list[str]:
   rows = [[r["scheme"], f"{r['bits_per_param']:.3f}", f"{r['bytes']:,}", f"{r['model_bytes']:,}",
-           f"{r['relative_error']:.4f}", f"{r['val_nll']:.4f}", common.fmt(r["val_ppl"], ".3f"),
+           f"{r['relative_error']:.4f}", f"{r['val_nll']:.4f}", reports.fmt(r["val_ppl"], ".3f"),
            _pct(r)] for r in q["records"]]
   lines = ["", "## Perplexity vs quantization scheme", "",
            f"Symmetric absmax round-to-nearest of the {q['params_quantized']:,} parameters in "
            f"`{q['pattern']}` (of {q['params_total']:,}; the rest stay float32), scales stored as "
            f"{q['scale_dtype']} and counted in bits/param; dequantized on load.", ""]
-  lines += common.markdown_table(["scheme", "bits/param", "quantized bytes", "model bytes",
+  lines += reports.markdown_table(["scheme", "bits/param", "quantized bytes", "model bytes",
                                   "rel. weight error", "val NLL", "perplexity", "PPL change"], rows)
   by = {r["scheme"]: r for r in q["records"]}
   if "int8-per_channel" in by:
@@ -421,8 +423,8 @@ def _lora_section(lo: dict, data: str) -> list[str]:
            f"{100 * r['trainable_params'] / lo['params_total']:.2f}%",
            (f"{r['adapted_params'] / r['trainable_params']:.0f}x ({r['adapted_matrices']} matrices)"
             if r["kind"] == "lora" else "-"),
-           common.fmt(r.get("share_of_full_gain"), ".0%"), f"{r['val_nll']:.4f}",
-           common.fmt(r["val_ppl"], ".3f")] for r in lo["runs"]]
+           reports.fmt(r.get("share_of_full_gain"), ".0%"), f"{r['val_nll']:.4f}",
+           reports.fmt(r["val_ppl"], ".3f")] for r in lo["runs"]]
   lines = ["", "## LoRA transfer: quality vs rank", "",
            f"Pretrained on {data}, fine-tuned on {lo['target']}"
            + ("; changed: " + ", ".join(f"{k} {a:g} -> {b:g}" for k, (a, b) in changes.items())
@@ -432,7 +434,7 @@ def _lora_section(lo: dict, data: str) -> list[str]:
            f"trains all {lo['params_total']:,} parameters.",
            f"Measured on the {_caption(lo['evaluation'])}.",
            _references_line("Target references", lo["references"]), ""]
-  lines += common.markdown_table(["run", "trainable params", "% of full",
+  lines += reports.markdown_table(["run", "trainable params", "% of full",
                                   "adapted matrices' params / trainable",
                                   "share of full FT's gain", "val NLL", "perplexity"], rows)
   runs = {r["kind"]: r for r in lo["runs"] if r["kind"] != "lora"}
@@ -476,7 +478,7 @@ def _distill_section(d: dict) -> list[str]:
            f"the same optimizer; distilled students minimize alpha T^2 KL(teacher_T || student_T) "
            f"+ (1 - alpha) CE with alpha = {d['alpha']:g}, the scratch student CE alone. "
            "Differences are paired by seed.", ""]
-  lines += common.markdown_table(
+  lines += reports.markdown_table(
       ["model", "alpha", "T", "val NLL, mean over seeds (min-max)", "perplexity at mean NLL",
        "NLL - scratch, per seed", "mean NLL - scratch", "seeds better than scratch"], rows)
   distilled = {k: s for k, s in summary.items() if k != scratch_name}

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from llm_math import files  # pylint: disable=g-import-not-at-top,wrong-import-position
-from llm_math.plotting import save_figure  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llm_math.figures import save_figure  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CLASS_COLORS = {
     "lowercase vowel": "tab:red", "lowercase consonant": "tab:blue",

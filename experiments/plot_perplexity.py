@@ -19,7 +19,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from llm_math import files
-from llm_math.plotting import measurement_caption, plain_log_ticks, save_figure
+from llm_math.figures import plain_log_ticks, save_figure
+from llm_math.reports import measurement_caption
 
 LN2 = math.log(2.0)
 _STYLES = {"uniform": ("tab:gray", ":"), "unigram": ("tab:orange", "--"),

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from experiments import attention_spectra as exp
-from experiments import common
+from llm_math import studies
 from experiments import plot_attention_spectra
 from experiments.configs import attention_spectra as default_config
 from llm_math import checkpoint
@@ -247,7 +247,7 @@ def test_pure_attention_collapses_with_depth_and_skip_connections_prevent_it(one
 
 def test_a_short_deep_run_is_profiled_after_training(tmp_path):
   c = tiny_config(**{"deep.num_steps": 2, "deep.num_layers": 3})
-  dataset = common.load_dataset(c)
+  dataset = studies.load_dataset(c)
   windows = exp.validation_windows(c, dataset)
   tokens_BxT = np.random.default_rng(0).integers(0, dataset.vocab_size, size=(4, c.seq_len))
   record = exp.rank_collapse_run(c, dataset, "attention + skip", windows, tokens_BxT,
@@ -261,7 +261,7 @@ def test_a_short_deep_run_is_profiled_after_training(tmp_path):
 def test_a_diverging_run_stops_and_keeps_earlier_snapshots(tmp_path):
   c = tiny_config(**{"model.num_layers": 1})
   c.learning_rate = c.min_learning_rate = float("inf")
-  dataset = common.load_dataset(c)
+  dataset = studies.load_dataset(c)
   run = exp.tracked_run(c, dataset, "causal", exp.validation_windows(c, dataset), str(tmp_path),
                         log=lambda *_: None)
   assert run["diverged_at"] == 3
@@ -274,7 +274,7 @@ def test_a_run_preempted_midway_resumes_without_recomputing_its_snapshots(one_de
   keeps the snapshots of steps 0 and 3 (records and files) and ends as the uninterrupted run of
   the command line did (there compiled without backend optimizations: rounding may differ)."""
   c = tiny_config()
-  dataset = common.load_dataset(c)
+  dataset = studies.load_dataset(c)
   windows = exp.validation_windows(c, dataset)
   run = lambda workdir, log: exp.tracked_run(c, dataset, "causal", windows, str(workdir), log)
 

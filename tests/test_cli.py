@@ -107,7 +107,7 @@ def test_killed_run_resumes_to_the_same_results(tmp_path):
 def test_a_run_saved_before_scan_layers_and_remat_policies_still_resumes(tmp_path):
   """config.json of a run from before `model.scan_layers` existed and when `model.remat` was a bool
   matches today's default config (the same model), and a real change is still refused."""
-  from experiments import common  # pylint: disable=g-import-not-at-top
+  from llm_math import studies  # pylint: disable=g-import-not-at-top
   from experiments.configs import perplexity  # pylint: disable=g-import-not-at-top
   from llm_math.errors import UsageError  # pylint: disable=g-import-not-at-top
   config = perplexity.get_config()
@@ -116,7 +116,7 @@ def test_a_run_saved_before_scan_layers_and_remat_policies_still_resumes(tmp_pat
   old["model"]["remat"] = False
   (tmp_path / "checkpoints" / "500").mkdir(parents=True)
   (tmp_path / "config.json").write_text(json.dumps(old))
-  common.save_config(config, str(tmp_path), "--workdir holds a run", write=False)
+  studies.save_config(config, str(tmp_path), "--workdir holds a run", write=False)
   config.model.scan_layers = True
   with pytest.raises(UsageError, match="model"):
-    common.save_config(config, str(tmp_path), "--workdir holds a run", write=False)
+    studies.save_config(config, str(tmp_path), "--workdir holds a run", write=False)

@@ -39,8 +39,10 @@ def test_the_study_writes_its_sweep_sensitivities_and_figures(tmp_path):
   """A 2 variants x 2 seeds grid at learning rate 1 (the sensitivity's mathematics: the tests
   above): every run recorded, the summary recomputed from the runs, the attention logits of the
   baseline far above qk-norm's, and the figures and report written; a rerun reuses every run."""
-  from experiments import stability as study  # pylint: disable=g-import-not-at-top
-  results = study.run_experiment(_tiny(), str(tmp_path), log=lambda *_: None)
+  from llm_math import studies  # pylint: disable=g-import-not-at-top
+  from llm_math.studies import stability as study  # pylint: disable=g-import-not-at-top
+  results = study.run(_tiny(), str(tmp_path), log=lambda *_: None)
+  studies.write_results(str(tmp_path), results)
   assert len(results["runs"]) == 4
   for row in results["summary"]:
     per_seed = [[r["final_val_nll"] for r in results["runs"] if r["variant"] == row["variant"]
@@ -56,12 +58,12 @@ def test_the_study_writes_its_sweep_sensitivities_and_figures(tmp_path):
   for name in ("results.json", "results.md", "lr_sweep.png", "lr_sensitivity.png",
                "logit_growth.png"):
     assert (tmp_path / name).exists(), name
-  again = study.run_experiment(_tiny(), str(tmp_path), log=lambda *_: None)
+  again = study.run(_tiny(), str(tmp_path), log=lambda *_: None)
   assert [r["final_val_nll"] for r in again["runs"]] == [r["final_val_nll"] for r in results["runs"]]
 
 
 def test_bad_sizes_are_one_line_errors():
-  from experiments import stability as study  # pylint: disable=g-import-not-at-top
+  from llm_math.studies import stability as study  # pylint: disable=g-import-not-at-top
   from llm_math.errors import UsageError  # pylint: disable=g-import-not-at-top
   for sizes in ("", "24x2", "32", "axb"):
     with pytest.raises(UsageError, match="--config.stability.sizes"):
@@ -75,7 +77,7 @@ def _with_sizes(sizes):
 
 
 def test_an_unknown_variant_is_a_one_line_error():
-  from experiments import stability as study  # pylint: disable=g-import-not-at-top
+  from llm_math.studies import stability as study  # pylint: disable=g-import-not-at-top
   from llm_math.errors import UsageError  # pylint: disable=g-import-not-at-top
   c = _tiny()
   c.stability.variants = ("baseline", "qknorm")

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from experiments import common
+from llm_math import studies
 from experiments.configs import perplexity
 from llm_math import evaluation
 from llm_math import model as model_lib
@@ -379,14 +379,14 @@ def test_knob_fields_plumb_through_configs_and_old_runs_resume(tmp_path):
   old = json.loads(config.to_json_best_effort())
   for key in OFF:
     del old["model"][key]
-  assert {k: v for k, v in common._with_new_model_defaults(old, json.loads(
+  assert {k: v for k, v in studies.with_new_model_defaults(old, json.loads(
       config.to_json_best_effort()))["model"].items() if k in OFF} == OFF
   (tmp_path / "checkpoints" / "500").mkdir(parents=True)
   (tmp_path / "config.json").write_text(json.dumps(old))
-  common.save_config(config, str(tmp_path), "--workdir holds a run", write=False)
+  studies.save_config(config, str(tmp_path), "--workdir holds a run", write=False)
   config.model.z_loss = 1e-4
   with pytest.raises(UsageError, match="model"):
-    common.save_config(config, str(tmp_path), "--workdir holds a run", write=False)
+    studies.save_config(config, str(tmp_path), "--workdir holds a run", write=False)
 
 
 def test_a_run_with_every_knob_logs_its_z_loss(tmp_path):

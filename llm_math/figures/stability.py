@@ -1,8 +1,6 @@
-"""Figures of experiments/stability.py from its results.json (json, numpy and matplotlib only, no JAX).
+"""Figures of the stability study (`llm_math.studies.stability`) from its results.json.
 
-  python -m experiments.plot_stability --workdir=DIR
-
-Writes to DIR: lr_sweep.png (final validation loss against the peak learning rate, a panel per
+Draws lr_sweep.png (final validation loss against the peak learning rate, a panel per
 model size, a line per variant), lr_sensitivity.png (learning-rate sensitivity against parameters,
 with 95% intervals over seeds) and logit_growth.png (the max attention logit, the attention entropy
 and the output log Z against the step at a high learning rate, with and without each fix).
@@ -17,10 +15,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from experiments.report_stability import logit_growth_runs  # pylint: disable=g-import-not-at-top,wrong-import-position
-from llm_math.plotting import measurement_caption  # pylint: disable=g-import-not-at-top,wrong-import-position
-from llm_math.plotting import redraw_main  # pylint: disable=g-import-not-at-top,wrong-import-position
-from llm_math.plotting import save_figure  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llm_math.figures import draw_each  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llm_math.figures import save_figure  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llm_math.reports import measurement_caption  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llm_math.reports.stability import logit_growth_runs  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 STYLE = {"baseline": ("tab:red", "o", "-"), "qk_norm": ("tab:blue", "s", "-"),
          "z_loss": ("tab:orange", "^", "--"), "qk_norm+z_loss": ("tab:green", "D", ":")}
@@ -128,16 +126,6 @@ FIGURES = {"lr_sweep.png": plot_lr_sweep, "lr_sensitivity.png": plot_lr_sensitiv
            "logit_growth.png": plot_logit_growth}
 
 
-def plot_all(results: dict, workdir: str) -> list[str]:
+def draw(results: dict, workdir) -> list[str]:
   """Draws every figure into `workdir`; returns their file names."""
-  for name, plot in FIGURES.items():
-    plot(results, os.path.join(workdir, name))
-  return list(FIGURES)
-
-
-def main(argv=None):
-  redraw_main(__doc__, "stability", plot_all, argv)
-
-
-if __name__ == "__main__":
-  main()
+  return draw_each(FIGURES, results, workdir)

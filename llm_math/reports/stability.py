@@ -1,8 +1,9 @@
-"""results.md of experiments/stability.py, from its results.json (no JAX, no plotting)."""
+"""results.md of the stability study (`llm_math.studies.stability`), from its results.json."""
 
-from experiments.common import fmt
-from experiments.common import markdown_table
-from llm_math.plotting import measurement_caption
+from llm_math.reports import fmt
+from llm_math.reports import interval
+from llm_math.reports import markdown_table
+from llm_math.reports import measurement_caption
 
 
 def logit_growth_runs(results: dict) -> dict:
@@ -14,15 +15,6 @@ def logit_growth_runs(results: dict) -> dict:
   finished = [r["learning_rate"] for r in mine if r["variant"] == "baseline" and not r["diverged"]]
   lr = max(finished) if finished else max(r["learning_rate"] for r in mine)
   return {r["variant"]: r for r in mine if r["learning_rate"] == lr}
-
-
-def _interval(stat: dict) -> str:
-  """'mean +- half-width (n seeds)', or the mean alone with one seed."""
-  if stat["mean"] is None:
-    return "-"
-  if not stat["ci95"]:
-    return f"{stat['mean']:.3f} (1 seed)"
-  return f"{stat['mean']:.3f} ± {(stat['ci95'][1] - stat['ci95'][0]) / 2:.3f} ({stat['n']} seeds)"
 
 
 def report(results: dict) -> str:
@@ -40,7 +32,7 @@ def report(results: dict) -> str:
     cells = [fmt(v, ".3f") + (f" ({d} div.)" if d else "")
              for v, d in zip(s["final_val_nll"], s["diverged"])]
     rows.append([s["size"], f"{s['params']:,}", s["variant"], *cells,
-                 fmt(s["best_learning_rate"], "g"), _interval(s["lr_sensitivity"])])
+                 fmt(s["best_learning_rate"], "g"), interval(s["lr_sensitivity"])])
   lines += markdown_table(["size", "params", "variant", *[f"lr {lr:g}" for lr in lrs], "best lr",
                            "LR sensitivity (95% CI)"], rows, "lrl" + "r" * (len(lrs) + 2))
   runs = logit_growth_runs(results)
