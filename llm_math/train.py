@@ -136,6 +136,19 @@ def lm_init(model: nn.Module, seq_len: int) -> Callable:
   return lambda rng: model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
 
 
+def run_rngs(seed: int) -> tuple[jax.Array, jax.Array]:
+  """(init_rng, step_rng) of a run with `seed`: `fit` initializes the task's params from the first
+  and draws each step's dropout key from the second."""
+  init_rng, step_rng = jax.random.split(jax.random.PRNGKey(seed))
+  return init_rng, step_rng
+
+
+def initial_params(init: Callable, seed: int):
+  """The params (unboxed) a run with `seed` starts from, `init` being its Task.init (e.g.
+  `lm_init(model, seq_len)`): what `fit` initializes at step 0."""
+  return nn.meta.unbox(init(run_rngs(seed)[0]))
+
+
 def boxed_like(boxed, values):
   """`values` (a plain params tree) boxed with the logical axis names of `boxed` (e.g. the abstract
   params of `jax.eval_shape(lm_init(model, T), rng)`), so loaded parameters shard like fresh ones."""
@@ -638,7 +651,7 @@ def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
   log_at = log_at or every(config.log_every)
   save_at = every(config.get("checkpoint_every", num_steps))
   accum = config.get("grad_accum_steps", 1)
-  init_rng, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  init_rng, step_rng = run_rngs(config.seed)
   abstract = abstract_state(task.init, task.tx, mesh, rules, init_rng)
   state_sharding = shardings_of(abstract)
   n_params = flops_lib.count_params(abstract.params)
