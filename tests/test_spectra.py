@@ -640,3 +640,16 @@ def test_masked_windows_do_not_depend_on_the_batching():
   np.testing.assert_array_equal(targets, tokens)
   np.testing.assert_array_equal(inputs, np.where(weights > 0, 7, tokens))
   assert abs(weights.mean() - 0.3) < 0.1
+
+
+def test_the_two_effective_ranks_are_named_apart():
+  """effective_rank weights singular values by sigma (Roy & Vetterli), variance_effective_rank by
+  sigma^2 (PCA variance shares); both are n for n equal singular values, and squaring concentrates."""
+  s = np.array([3.0, 2.0, 1.0])
+  m = np.diag(s)
+  entropy_rank = lambda p: np.exp(-np.sum(p * np.log(p)))
+  assert spectra.effective_rank(m) == pytest.approx(entropy_rank(s / s.sum()))
+  assert spectra.variance_effective_rank(m) == pytest.approx(entropy_rank(s**2 / np.sum(s**2)))
+  assert spectra.variance_effective_rank(m) < spectra.effective_rank(m)
+  assert spectra.variance_effective_rank(np.eye(4)) == pytest.approx(4.0)
+  assert spectra.variance_effective_rank(np.zeros((3, 3))) == 0.0

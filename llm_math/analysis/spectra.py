@@ -256,12 +256,24 @@ def singular_values(m_BxMxN: Any) -> np.ndarray:
 
 
 def effective_rank(m_BxMxN: Any) -> np.ndarray:
-  """Roy & Vetterli (2007): erank = exp(-sum_i p_i log p_i), p_i = sigma_i / sum_j sigma_j.
+  """Roy & Vetterli (2007): erank = exp(-sum_i p_i log p_i), p_i = sigma_i / sum_j sigma_j
+  (`variance_effective_rank` weights by sigma_i^2 instead).
 
   Lies in [1, rank]: 1 for a rank-one matrix, n for I_n (or any matrix with n equal nonzero
   singular values). 0 for an all-zero matrix. Shape `[...]`.
   """
   return _effective_rank_from_singular_values(singular_values(m_BxMxN))
+
+
+def variance_effective_rank(m_BxMxN: Any) -> np.ndarray:
+  """exp of the entropy of the variance shares p_i = sigma_i^2 / sum_j sigma_j^2 (the principal
+  components' shares of the squared Frobenius norm), the rank that weights directions by variance.
+
+  Not `effective_rank` (p_i proportional to sigma_i): for the same matrix this one is smaller, as
+  squaring concentrates the shares. Both are 1 for rank one and n for n equal singular values, 0 for
+  an all-zero matrix. Shape `[...]`.
+  """
+  return _effective_rank_from_singular_values(singular_values(m_BxMxN) ** 2)
 
 
 def _effective_rank_from_singular_values(s_BxR: np.ndarray) -> np.ndarray:
