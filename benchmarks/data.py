@@ -33,6 +33,7 @@ JAX and the training code are imported only where needed, so the prepare childre
 spawned workers, which import this module) measure prepare, not JAX.
 """
 
+from llm_math import evaluation
 import dataclasses
 import json
 import os
@@ -259,7 +260,7 @@ def child_startup() -> dict:
 
   config = startup_config()
   start = time.perf_counter()
-  windows = train_lib.validation_windows(config, dataset)
+  windows = evaluation.validation_windows(config, dataset.val_ids)
   record["windows_s"] = time.perf_counter() - start
   record["windows_bytes"] = windows_bytes(windows)
   record["windows"] = windows_count(windows)

@@ -173,7 +173,7 @@ def learning_rate(step: int) -> float:
   """Linear warmup from 0 to LEARNING_RATE, cosine decay to MIN_LEARNING_RATE at DECAY_STEPS.
 
   The same function of the step count as `optax.warmup_cosine_decay_schedule`, which the JAX
-  benchmark's optimizer (`llm_math.train.learning_rate_schedule`) uses.
+  benchmark's optimizer (`llm_math.optimizer.learning_rate_schedule`) uses.
   """
   if step < WARMUP_STEPS:
     return LEARNING_RATE * step / WARMUP_STEPS

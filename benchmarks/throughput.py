@@ -28,8 +28,10 @@ from experiments.configs import perplexity as default_config
 from llm_math import flops as flops_lib
 from llm_math import layer_stats
 from llm_math import model as model_lib
+from llm_math import optimizer as optimizer_lib
 from llm_math import sharding
 from llm_math import train as train_lib
+from llm_math import train_config
 from llm_math import xla_cpu
 from llm_math.errors import UsageError
 
@@ -76,15 +78,15 @@ def main(argv):
   started = xla_cpu.tune(devices, fusion_flag=TUNING.value)
   tuned = started and TUNING.value and xla_cpu.should_tune(devices=devices)
   try:
-    train_lib.check_loss_chunk(LOSS_CHUNK.value, config.seq_len, flag="--loss_chunk")
+    train_config.check_loss_chunk(LOSS_CHUNK.value, config.seq_len, flag="--loss_chunk")
   except UsageError as e:
     raise app.UsageError(str(e)) from None
-  mcfg = train_lib.model_config(config, vocab)
+  mcfg = train_config.model_config(config, vocab)
   model = model_lib.Transformer(mcfg)
   mesh = sharding.make_mesh(config.mesh)
   rules = tuple(tuple(r) for r in config.logical_axis_rules)
   state, state_sh = train_lib.create_state(
-      train_lib.lm_init(model, config.seq_len), train_lib.optimizer(config), mesh, rules,
+      train_lib.lm_init(model, config.seq_len), optimizer_lib.optimizer(config), mesh, rules,
       jax.random.PRNGKey(0))
   batch_sh = sharding.batch_sharding(mesh, rules)
   loss_fn = train_lib.lm_loss(model, LOSS_CHUNK.value)

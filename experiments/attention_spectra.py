@@ -58,6 +58,7 @@ from llm_math import files
 from llm_math import model as model_lib
 from llm_math import sharding
 from llm_math import train
+from llm_math import train_config
 from llm_math.analysis import spectra
 from llm_math.errors import UsageError
 
@@ -180,7 +181,7 @@ def tracked_run(config, dataset, name: str, windows, workdir: str, log) -> dict:
   """One of RUNS, trained and analysed at every step of spectra.track_steps: its results record."""
   c = run_config(config, name)
   masked = name == "bidirectional"
-  mcfg = train.model_config(c, dataset.vocab_size + masked)  # + the [MASK] token
+  mcfg = train_config.model_config(c, dataset.vocab_size + masked)  # + the [MASK] token
   model = model_lib.Transformer(mcfg)
   task = train.lm_task(c, dataset, model)
   if masked:
@@ -224,7 +225,7 @@ def rank_collapse_run(config, dataset, arch: str, windows, tokens_BxT, workdir: 
   """One architecture of the rank-collapse study: residual profiles at initialization (causal, and
   the same weights without the mask) and after deep.num_steps steps of next-token training."""
   c = run_config(config, arch)
-  mcfg = train.model_config(c, dataset.vocab_size)
+  mcfg = train_config.model_config(c, dataset.vocab_size)
   model = model_lib.Transformer(mcfg)
   full = model_lib.Transformer(dataclasses.replace(mcfg, residual=True, mlp=True, layernorm=True))
   like = jax.eval_shape(train.lm_init(model, c.seq_len), jax.random.PRNGKey(0))

@@ -45,6 +45,7 @@ import optax
 
 from experiments import common
 from experiments import plot_batch_size
+from llm_math import optimizer as optimizer_lib
 from llm_math import studies
 from llm_math import data as data_lib
 from llm_math import evaluation
@@ -52,6 +53,7 @@ from llm_math import files
 from llm_math import model as model_lib
 from llm_math import sharding
 from llm_math import train as train_lib
+from llm_math import train_config
 from llm_math.analysis import gradient_noise as gn
 from llm_math.analysis import sharpness as sharpness_lib
 from llm_math.errors import UsageError
@@ -129,7 +131,7 @@ class Study:
 
 
 def make_study(config, dataset, workdir: str, log) -> Study:
-  model = model_lib.Transformer(train_lib.model_config(config, dataset.vocab_size))
+  model = model_lib.Transformer(train_config.model_config(config, dataset.vocab_size))
   windows = {"val": evaluation.validation_windows(config, dataset.val_ids),
              "train": evaluation.validation_windows(config, dataset.train_ids)}
   unit = config.copy_and_resolve_references()
@@ -139,7 +141,7 @@ def make_study(config, dataset, workdir: str, log) -> Study:
   loss = lambda params, batch: jnp.divide(*score(params, *batch, jnp.ones(batch[0].shape)))
   return Study(config, dataset, workdir, model, windows,
                {k: evaluation.evaluator(config, w, model.apply) for k, w in windows.items()},
-               train_lib.optimizer(unit), train_lib.learning_rate_schedule(unit), loss, log)
+               optimizer_lib.optimizer(unit), optimizer_lib.learning_rate_schedule(unit), loss, log)
 
 
 def run_config(config, batch_size: int, learning_rate: float, num_steps: int, target: float):
@@ -193,7 +195,7 @@ def train_run(study: Study, batch_size: int, lr: float, num_steps: int, target: 
   result = train_lib.fit(
       cfg, task, run_dir, evaluate=study.evaluate["val"], eval_at=set(steps).__contains__,
       log_at=set(steps).__contains__, hooks=hooks, on_divergence="stop",
-      loss_bound=train_lib.divergence_bound(cfg, study.dataset.vocab_size),
+      loss_bound=train_config.train_config(cfg).loss_bound(study.dataset.vocab_size),
       log=lambda line: None if line.startswith("step ") else study.log(line))
   studies.completed(result)
   curve_steps, vals = (list(x) for x in zip(*result.val_curve))

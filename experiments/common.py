@@ -82,8 +82,8 @@ def prepare_workdir(config, ignored=frozenset()) -> str:
   workdir = WORKDIR.value
   if not workdir:
     raise UsageError("--workdir is required: the directory for checkpoints and results")
-  from llm_math import train as train_lib  # pylint: disable=g-import-not-at-top
-  train_lib.check_config(config)
+  from llm_math import train_config  # pylint: disable=g-import-not-at-top
+  train_config.check_config(config)
   root = files.path(workdir)
   try:
     before = {p.name for p in root.iterdir()} if root.is_dir() else None

@@ -49,12 +49,14 @@ import ml_collections
 from experiments import common
 from experiments.configs import compression as config_lib
 from experiments import plot_compression
+from llm_math import checkpoint
 from llm_math import studies
 from llm_math import data as data_lib
 from llm_math import evaluation
 from llm_math import flops as flops_lib
 from llm_math import model as model_lib
 from llm_math import train as train_lib
+from llm_math import train_config
 from llm_math.analysis import compression
 from llm_math.analysis import distillation
 from llm_math.analysis import lora as lora_lib
@@ -75,7 +77,7 @@ def _same_tokenizer(a, b) -> bool:
 def load_base(config):
   """(config, dataset, TrainedModel) of --init_workdir: that run's config (data, model, training,
   evaluation windows) with this experiment's blocks and eval_batch_size/mesh from `config`."""
-  trained = train_lib.load_trained(INIT_WORKDIR.value)
+  trained = checkpoint.load_trained(INIT_WORKDIR.value)
   for flag, field in ((common.DATA, "data"), (common.TOKENIZER, "tokenizer"),
                       (common.VOCAB_SIZE, "vocab_size"), (common.SEED, "seed")):
     if flag.value is not None and flag.value != trained.config.get(field):
@@ -142,7 +144,7 @@ def record(name: str, result: train_lib.TrainResult, **fields) -> dict:
 def lora_study(config, runs: dict, params, model: nn.Module, target, log) -> dict:
   """No FT vs LoRA at each rank vs full FT (vs scratch) on the target, on the same batches."""
   lc = config.lora
-  windows = train_lib.validation_windows(config, target)
+  windows = evaluation.validation_windows(config, target.val_ids)
   evaluate = evaluation.evaluator(config, windows, model.apply)
   merged = evaluation.evaluator(config, windows, model.apply,
                                 select=lambda p: lora_lib.apply_lora(p["base"], p["lora"], lc.alpha))
@@ -183,7 +185,7 @@ def distill_study(config, runs: dict, params, teacher: nn.Module, dataset, windo
   """Distilled vs scratch student, per seed: the same init, batches, optimizer and steps (the
   seed draws the student's initialization and the batch order)."""
   d, student_cfg = config.distill, config_lib.student_config(config)
-  student = model_lib.Transformer(train_lib.model_config(student_cfg, dataset.vocab_size))
+  student = model_lib.Transformer(train_config.model_config(student_cfg, dataset.vocab_size))
   teacher_init = frozen_init(teacher, config.seq_len, params)
   evaluate = evaluation.evaluator(config, windows, student.apply)
   evaluate_student = evaluation.evaluator(config, windows, student.apply,
@@ -245,8 +247,8 @@ def main(argv):
     params, origin = train_lib.to_host(result.state.params), f"trained in {base_dir}"
   timings = {"base model": time.time() - start}
 
-  model = model_lib.Transformer(train_lib.model_config(config, dataset.vocab_size))
-  windows = train_lib.validation_windows(config, dataset)
+  model = model_lib.Transformer(train_config.model_config(config, dataset.vocab_size))
+  windows = evaluation.validation_windows(config, dataset.val_ids)
   evaluate = evaluation.evaluator(config, windows, model.apply)
   float_nll = evaluate(params)
   log(f"base model: val nll {float_nll:.4f} nats")

@@ -38,6 +38,7 @@ from absl import logging
 from experiments import common
 from experiments import plot_embeddings
 from llm_math.analysis import embeddings as emb_lib
+from llm_math import checkpoint
 from llm_math import files
 from llm_math import train as train_lib
 from llm_math.errors import UsageError
@@ -302,7 +303,7 @@ def main(argv):
   if not files.path(workdir).is_dir():
     raise UsageError(f"--workdir={workdir}: no such directory")
   k = NUM_NEIGHBORS.value
-  trained = train_lib.load_trained(workdir)
+  trained = checkpoint.load_trained(workdir)
   emb_VxD = np.asarray(trained.params["token_embed"]["embedding"], np.float32)
   v, d = emb_VxD.shape
   if not 1 <= k <= v - 4:

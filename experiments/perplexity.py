@@ -29,6 +29,7 @@ import jax
 
 from experiments import common
 from experiments import plot_perplexity
+from llm_math import evaluation
 from llm_math import studies
 from llm_math import reports
 from llm_math import data as data_lib
@@ -310,7 +311,7 @@ def main(argv):
           f"{len(dataset.train_ids):,} training / {len(dataset.val_ids):,} validation tokens")
     print(f"devices: {jax.device_count()} {jax.devices()[0].platform} in {jax.process_count()} "
           f"process(es), this is process {jax.process_index()}; mesh {config.mesh}")
-    windows = train_lib.validation_windows(config, dataset)
+    windows = evaluation.validation_windows(config, dataset.val_ids)
     train_tokens = {"train_tokens": len(dataset.train_ids),
                     "ngram_train_tokens": ngram_train_tokens(len(dataset.train_ids), config.ngram)}
     start = time.time()

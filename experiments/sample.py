@@ -27,6 +27,7 @@ from absl import flags
 from absl import logging
 
 from experiments import common
+from llm_math import checkpoint
 from llm_math import files
 from llm_math import generate as generate_lib
 from llm_math.analysis import information
@@ -127,7 +128,7 @@ def main(argv):
     raise UsageError(f"--workdir={workdir}: no such directory")
   settings = dict(temperature=TEMPERATURE.value, top_k=TOP_K.value, top_p=TOP_P.value)
   check_settings(NUM_TOKENS.value, TEMPERATURE.value, TOP_K.value, TOP_P.value, NUM_SAMPLES.value)
-  trained = train_lib.load_trained(workdir)
+  trained = checkpoint.load_trained(workdir)
   cfg = trained.model_config
   prompt_P = encode_prompt(trained.tokenizer, PROMPT.value, cfg.vocab_size)
   prompt_BxP = np.tile(prompt_P[None], (NUM_SAMPLES.value, 1))

@@ -43,6 +43,7 @@ from llm_math import flops as flops_lib
 from llm_math import model as model_lib
 from llm_math import sharding
 from llm_math import train as train_lib
+from llm_math import train_config
 from llm_math.errors import UsageError
 
 GiB = 2**30
@@ -304,7 +305,7 @@ def _loop_costs(compile_variant, config, mcfg, cost: dict) -> tuple[dict, dict]:
   every loop that needed it was extrapolated; where not, the counts fall short.
   """
   whole, done = dict(cost), {"layers": False, "loss_chunks": False, "complete": True}
-  layers, chunk = mcfg.num_layers, config.get("loss_chunk", 0)
+  layers, chunk = mcfg.num_layers, train_config.train_config(config).loss_chunk
   if mcfg.scan_layers and layers > 1:
     twice = compile_variant(dataclasses.replace(mcfg, scan_unroll=2), chunk)
     if twice is not None:
@@ -330,13 +331,13 @@ def compile_report(config, devices, vocab_size: int, topology: str = "local",
   and returns the report: per-chip memory, whether it fits, FLOPs (XLA's and ours), collectives,
   host transfers, compile seconds and the roofline bound. See the module docstring. With
   extrapolate=False the loops' FLOPs and bytes are XLA's own counts (no further compiles)."""
-  train_lib.check_config(config, devices)
-  mcfg = train_lib.model_config(config, vocab_size)
+  tc = train_config.check_config(config, devices)
+  mcfg = train_config.model_config(config, vocab_size)
   model = model_lib.Transformer(mcfg)
-  mesh = sharding.make_mesh(config.mesh, devices=devices)
-  rules = tuple(tuple(r) for r in config.logical_axis_rules)
+  mesh = sharding.make_mesh(tc.mesh, devices=devices)
+  rules = tc.logical_axis_rules
   dp = sharding.data_parallel_size(mesh, rules)
-  accum = config.get("grad_accum_steps", 1)
+  accum = tc.grad_accum_steps
   # fit's own Task; no dataset: only the batch function reads one, and nothing is run.
   task = train_lib.lm_task(config, dataset=None, model=model)
   init_rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
@@ -353,7 +354,7 @@ def compile_report(config, devices, vocab_size: int, topology: str = "local",
     return train_lib.jit_train_step(t, train_lib.shardings_of(abstract), batch_sh, accum)
 
   train_args = (abstract, (tokens, tokens), rng)
-  step = step_for(mcfg, config.get("loss_chunk", 0))
+  step = step_for(mcfg, tc.loss_chunk)
   kind = devices[0].device_kind
   cores = cores_per_chip(devices)
   chip = chip_figures(kind, cores)
@@ -361,7 +362,7 @@ def compile_report(config, devices, vocab_size: int, topology: str = "local",
   head = {"topology": topology, "device_kind": kind, "platform": devices[0].platform,
           "chips": len(devices) // cores, "devices": len(devices), "devices_per_chip": cores,
           "mesh": dict(mesh.shape), "params": n_params,
-          "batch_size": config.batch_size, "seq_len": config.seq_len, "vocab_size": vocab_size,
+          "batch_size": tc.batch_size, "seq_len": tc.seq_len, "vocab_size": vocab_size,
           "dtype": jnp.dtype(mcfg.dtype).name, "hbm_bytes_per_chip": chip["hbm_bytes"]}
   try:
     compiled, seconds = _compile(step, train_args, mesh)
@@ -370,10 +371,10 @@ def compile_report(config, devices, vocab_size: int, topology: str = "local",
             "largest_buffers": _largest_buffers(e.hlo_text)}
   hlo = compiled.as_text()
 
-  eval_batch = max(dp, config.get("eval_batch_size", 64) // dp * dp)
-  score = evaluation.nll_score(model.apply, config.get("loss_chunk", 0), rules=rules)
-  eval_tokens = jax.ShapeDtypeStruct((eval_batch, config.seq_len), jnp.int32, sharding=batch_sh)
-  eval_weights = jax.ShapeDtypeStruct((eval_batch, config.seq_len), jnp.float32, sharding=batch_sh)
+  eval_batch = max(dp, tc.eval_batch_size // dp * dp)
+  score = evaluation.nll_score(model.apply, tc.loss_chunk, rules=rules)
+  eval_tokens = jax.ShapeDtypeStruct((eval_batch, tc.seq_len), jnp.int32, sharding=batch_sh)
+  eval_weights = jax.ShapeDtypeStruct((eval_batch, tc.seq_len), jnp.float32, sharding=batch_sh)
   eval_step = jax.jit(score, in_shardings=(train_lib.shardings_of(abstract.params),)
                       + (batch_sh,) * 3)
   eval_compiled, eval_seconds = _compile(

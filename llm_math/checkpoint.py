@@ -21,6 +21,7 @@ A checkpoint that is intact but written by another model (other shapes or struct
 UsageError too. A step without its `fingerprint` item restores with a warning.
 """
 
+import dataclasses
 import errno
 import logging
 import shutil
@@ -30,8 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from llm_math import data as data_lib
 from llm_math import files
+from llm_math import model as model_lib
 from llm_math import sharding
+from llm_math import tokenizers
+from llm_math import train_config
 from llm_math.errors import UsageError
 
 COMMIT_MARKER = "commit_success.txt"
@@ -415,3 +420,36 @@ def load_params(workdir, step: int | None = None, log=print):
   finally:
     mngr.close()
   return jax.device_get(state["params"]), found
+
+
+@dataclasses.dataclass
+class TrainedModel:
+  """A finished (or checkpointed) run: its config, model, parameters and tokenizer."""
+  config: object  # ml_collections.ConfigDict
+  model_config: model_lib.ModelConfig
+  params: dict
+  tokenizer: object
+  step: int
+
+  @property
+  def model(self) -> model_lib.Transformer:
+      return model_lib.Transformer(self.model_config)
+
+
+def load_trained(workdir: str, step: int | None = None) -> TrainedModel:
+  """Loads the config, tokenizer and checkpointed parameters that a training run left in `workdir`,
+  in the unrolled layout (params['block_i']; a run trained with scan_layers is unstacked)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  path = files.path(workdir) / "config.json"
+  if not path.exists():
+    raise UsageError(f"--workdir={workdir}: no config.json (not a training run's workdir)")
+  config = ml_collections.ConfigDict(files.read_json(path))
+  params, step = load_params(workdir, step)
+  params = model_lib.unrolled(params)  # Analyses read layer by layer: scanned blocks unstacked.
+  vocab_size = params["token_embed"]["embedding"].shape[0]
+  if config.data == "synthetic":
+    tokenizer = data_lib.SyntheticTokenizer(vocab_size)
+  else:
+    tokenizer = tokenizers.load(workdir)
+  mcfg = dataclasses.replace(train_config.model_config(config, vocab_size), scan_layers=False)
+  return TrainedModel(config, mcfg, params, tokenizer, step)

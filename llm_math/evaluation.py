@@ -19,6 +19,7 @@ import numpy as np
 from llm_math import data as data_lib
 from llm_math import model as model_lib
 from llm_math import sharding
+from llm_math import train_config
 
 
 def nll_score(apply_fn: Callable, loss_chunk: int = 0, select: Callable = lambda p: p,
@@ -81,17 +82,18 @@ class Evaluator:
 def validation_windows(config, val_ids: np.ndarray) -> data_lib.EvalWindows:
   """The validation windows of a config: its first `eval_max_tokens` tokens (0 = all) at
   `eval_stride` (0 = independent windows), every `eval_sample_every`-th independent window."""
-  val_ids = val_ids[: (config.get("eval_max_tokens", 0) or None)]
-  return data_lib.eval_windows(val_ids, config.seq_len, config.get("eval_stride", 0) or None,
-                               config.get("eval_sample_every") or 1)
+  tc = train_config.train_config(config)
+  return data_lib.eval_windows(val_ids[: tc.eval_max_tokens or None], tc.seq_len,
+                               tc.eval_stride or None, tc.eval_sample_every)
 
 
 def evaluator(config, windows: data_lib.EvalWindows, apply_fn: Callable,
               select: Callable = lambda p: p) -> Evaluator:
   """The evaluator of a config's model on `windows`: its mesh, rules, eval batch and loss_chunk."""
-  mesh, rules = sharding.from_config(config)
-  score = nll_score(apply_fn, config.get("loss_chunk", 0), select, rules=rules)
-  return Evaluator(windows, score, config.get("eval_batch_size", 64), mesh, rules)
+  tc = train_config.train_config(config)
+  mesh, rules = sharding.make_mesh(tc.mesh), tc.logical_axis_rules
+  score = nll_score(apply_fn, tc.loss_chunk, select, rules=rules)
+  return Evaluator(windows, score, tc.eval_batch_size, mesh, rules)
 
 
 def reference_nlls(dataset: data_lib.Dataset, windows: data_lib.EvalWindows) -> dict:

@@ -1,6 +1,7 @@
 """Training and evaluation of the Transformer LM: one jitted, sharded train step and a resumable loop.
 
-    config (ml_collections) -> ModelConfig + optimizer -> sharded TrainState -> train_step, repeated
+    config (ml_collections) -> TrainConfig + ModelConfig (`train_config`) -> optimizer
+    (`optimizer`) -> sharded TrainState -> train_step, repeated; metrics to `metrics`
 
 The loop resumes from the newest intact checkpoint in `workdir` (a damaged one is moved aside, see
 `llm_math.checkpoint`), writes metrics as JSON lines (`metrics.jsonl`: step, loss, ppl, lr, norms,
@@ -28,61 +29,21 @@ from flax.training import train_state
 from llm_math import checkpoint
 from llm_math import data as data_lib
 from llm_math import evaluation
-from llm_math import files
 from llm_math import flops as flops_lib
 from llm_math import layer_stats as layer_stats_lib
+from llm_math import metrics as metrics_lib
 from llm_math import model as model_lib
+from llm_math import optimizer as optimizer_lib
 from llm_math import sharding
-from llm_math import summaries
-from llm_math import tokenizers
+from llm_math import train_config as train_config_lib
 from llm_math import xla_cpu
 from llm_math.analysis import information
-from llm_math.errors import UsageError
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
 
 _norm = optax.tree.norm if hasattr(optax, "tree") and hasattr(optax.tree, "norm") else optax.global_norm
 
 
 class DivergenceError(RuntimeError):
   """The training or validation loss became NaN, infinite, or larger than the divergence bound."""
-
-
-def _frozen(value):
-  """Lists (as read back from config.json) to tuples, all the way down: a hashable value."""
-  return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def model_config(config, vocab_size: int) -> model_lib.ModelConfig:
-  """The frozen model config from the experiment config's `model` block."""
-  m = dict(config.model)
-  for key in ("dtype", "param_dtype"):
-    if m.get(key, "float32") not in _DTYPES:
-      raise UsageError(f"--config.model.{key}={m[key]!r}: expected one of {', '.join(_DTYPES)}")
-    m[key] = _DTYPES[m.get(key, "float32")]
-  try:
-    return model_lib.ModelConfig(
-        vocab_size=vocab_size, max_len=config.seq_len,
-        logical_axis_rules=_frozen(config.get("logical_axis_rules", ())), **m)
-  except (TypeError, ValueError) as e:
-    raise UsageError(f"--config.model: {e}") from None
-
-
-def learning_rate_schedule(config) -> optax.Schedule:
-  """Linear warmup from 0 to `learning_rate`, then cosine decay to `min_learning_rate` at `num_steps`."""
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps,
-      decay_steps=max(config.num_steps, config.warmup_steps + 1), end_value=config.min_learning_rate)
-
-
-def optimizer(config) -> optax.GradientTransformation:
-  """Global-norm clipping, then AdamW with weight decay on matrices only (ndim >= 2)."""
-  decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
-  return optax.chain(
-      optax.clip_by_global_norm(config.grad_clip) if config.grad_clip else optax.identity(),
-      optax.adamw(learning_rate_schedule(config), b1=config.b1, b2=config.b2, eps=config.eps,
-                  weight_decay=config.weight_decay, mask=decay_mask))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,88 +154,6 @@ def create_state(init: Callable, tx, mesh, rules, rng, abstract=None):
   make = _make_state(init, tx)
   state = jax.jit(lambda r: nn.meta.unbox(make(r)), out_shardings=shardings)(rng)
   return state, shardings
-
-
-def check_loss_chunk(loss_chunk: int, seq_len: int, flag: str = "--config.loss_chunk"):
-  """A one-line UsageError unless loss_chunk is 0 (off) or a positive divisor of seq_len."""
-  if loss_chunk < 0 or (loss_chunk and seq_len % loss_chunk):
-    raise UsageError(f"{flag}={loss_chunk}: expected 0 (off) or a divisor of seq_len={seq_len}")
-
-
-# 'rolling': the newest keep_checkpoints states; 'log' also keeps log-spaced snapshots (`fit`).
-CHECKPOINT_SCHEDULES = ("rolling", "log")
-
-
-def check_config(config, devices=None):
-  """Checks the training fields of `config` before any work starts, for `devices` (default: this
-  job's; `llm_math.aot` passes a topology's).
-
-  Each failure is a one-line UsageError naming the `--config.` field and what was expected. Fields a
-  config does not have (a study's own config) are skipped.
-  """
-  def need(ok: bool, field: str, expected: str):
-    if not ok:
-      raise UsageError(f"--config.{field}={config.get(field)!r}: expected {expected}")
-
-  is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
-  is_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-  for field in ("seq_len", "batch_size", "num_steps", "grad_accum_steps", "eval_every", "log_every",
-                "checkpoint_every", "keep_checkpoints", "eval_batch_size", "stop_check_every"):
-    if field in config:
-      need(is_int(config[field]) and config[field] > 0, field, "a positive integer")
-  if "learning_rate" in config:
-    need(is_num(config.learning_rate) and config.learning_rate > 0, "learning_rate",
-         "a positive number")
-  if "min_learning_rate" in config:
-    need(is_num(config.min_learning_rate) and 0 <= config.min_learning_rate <= config.learning_rate,
-         "min_learning_rate", f"a number in [0, learning_rate={config.learning_rate}]")
-  if "warmup_steps" in config:
-    need(is_int(config.warmup_steps) and 0 <= config.warmup_steps <= config.num_steps,
-         "warmup_steps", f"an integer in [0, num_steps={config.num_steps}]")
-  for field in ("b1", "b2"):
-    if field in config:
-      need(is_num(config[field]) and 0 <= config[field] < 1, field, "a number in [0, 1)")
-  for field, lowest, note in (("eps", "positive", ""), ("weight_decay", "non-negative", ""),
-                              ("grad_clip", "non-negative", " (0 = off)"),
-                              ("max_loss_factor", "non-negative", " (0 = only NaN/inf stop a run)")):
-    if field in config:
-      ok = config[field] > 0 if lowest == "positive" else config[field] >= 0
-      need(is_num(config[field]) and ok, field, f"a {lowest} number{note}")
-  if "eval_stride" in config:
-    need(is_int(config.eval_stride) and 0 <= config.eval_stride <= config.seq_len, "eval_stride",
-         f"an integer in [0, seq_len={config.seq_len}] (0 = seq_len)")
-  if "eval_max_tokens" in config:
-    need(is_int(config.eval_max_tokens) and config.eval_max_tokens >= 0, "eval_max_tokens",
-         "a non-negative integer (0 = all)")
-  if "eval_sample_every" in config:
-    need(is_int(config.eval_sample_every) and config.eval_sample_every >= 1
-         and (config.eval_sample_every == 1 or config.get("eval_stride", 0) in (0, config.seq_len)),
-         "eval_sample_every", "an integer >= 1, and 1 unless eval_stride is 0 (independent windows)")
-  if "checkpoint_schedule" in config:
-    need(config.checkpoint_schedule in CHECKPOINT_SCHEDULES, "checkpoint_schedule",
-         f"one of {', '.join(CHECKPOINT_SCHEDULES)}")
-  if "layer_stats" in config:
-    need(isinstance(config.layer_stats, bool), "layer_stats", "true or false")
-  check_loss_chunk(config.get("loss_chunk", 0), config.seq_len)
-  model_config(config, vocab_size=2)  # The model block's own checks (sizes, names, dtypes).
-  if "batch_size" in config:
-    mesh = sharding.make_mesh(config.mesh, devices=devices)
-    dp = sharding.data_parallel_size(mesh, tuple(tuple(r) for r in config.logical_axis_rules))
-    accum = config.get("grad_accum_steps", 1)
-    if config.batch_size % (dp * accum):
-      raise UsageError(f"--config.batch_size={config.batch_size} is not divisible by the {dp} "
-                       f"data-parallel devices of mesh {dict(mesh.shape)} times "
-                       f"grad_accum_steps={accum}")
-
-
-def divergence_bound(config, vocab_size: int) -> float:
-  """The loss above which a run counts as diverged: max_loss_factor x ln|V| (inf when the factor is 0).
-
-  ln|V| is the loss of the uniform distribution, where every run starts; a loss several times that
-  means the model is confidently wrong, and no optimizer brings it back within a useful time.
-  """
-  factor = config.get("max_loss_factor", 0.0)
-  return factor * math.log(vocab_size) if factor else math.inf
 
 
 def lm_loss(model: nn.Module, loss_chunk: int = 0) -> Callable:
@@ -486,50 +365,6 @@ class _StopSignals:
       signal.signal(sig, signal.SIG_IGN if late and sig == signal.SIGTERM else handler)
 
 
-class MetricsWriter:
-  """Writes metrics as JSON lines (`workdir/metrics.jsonl`) and TensorBoard scalars (event files in
-  `workdir`), on process 0 only. `records` are the records up to `resume_step` (-1: a fresh run),
-  the history the resumed run continues. The file is never truncated: when records past
-  `resume_step` exist (a run resumed from an older checkpoint, or started afresh after every step
-  was damaged), the whole earlier file is kept as `metrics.earlier-N.jsonl` first (`kept_as`)."""
-
-  def __init__(self, workdir, resume_step: int):
-    self.path = files.path(workdir) / "metrics.jsonl"
-    self.enabled = sharding.is_primary()
-    earlier = files.read_jsonl(self.path)
-    self.records = [r for r in earlier if r["step"] <= resume_step]
-    self.kept_as = None
-    self._events = None
-    if self.enabled:
-      if len(self.records) < len(earlier):
-        self.kept_as = _unused_name(self.path, "metrics.earlier-{}.jsonl")
-        self.path.rename(self.kept_as)
-      files.write_jsonl(self.path, self.records)
-      self._events = summaries.ScalarWriter(files.path(workdir))
-
-  def write(self, record: dict):
-    self.records.append(record)
-    if self.enabled:
-      if files.is_local(self.path):
-        files.append_jsonl(self.path, [record])
-      else:  # An object store rewrites the object: from the records in memory, no read-back.
-        files.write_jsonl(self.path, self.records)
-      self._events.write(record["step"], {k: v for k, v in record.items()
-                                          if k != "step" and isinstance(v, (int, float))})
-
-  def close(self):
-    if self._events:
-      self._events.close()
-
-
-def _unused_name(path, pattern: str):
-  """path's sibling named `pattern` with the first free number 1, 2, ..."""
-  n = 1
-  while (path.parent / pattern.format(n)).exists():
-    n += 1
-  return path.parent / pattern.format(n)
-
-
 def _loss_problem(loss: float, bound: float, what: str = "training") -> str | None:
   """Why `loss` counts as diverged (NaN, infinite or above `bound`), or None."""
   if math.isfinite(loss) and loss <= bound:
@@ -630,8 +465,10 @@ def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
         log=print) -> TrainResult:
   """Trains `task` for config.num_steps steps (or until a hook stops it), resuming from `workdir`.
 
-  config supplies: seed, num_steps, batch_size (global), grad_accum_steps, mesh, logical_axis_rules,
-  log_every, eval_every, checkpoint_every, keep_checkpoints, stop_check_every (several processes). `evaluate(params)` -> mean validation
+  `config` (an experiment config or its `train_config.TrainConfig`) supplies the loop's fields:
+  seed, num_steps, batch_size (global), grad_accum_steps, mesh, logical_axis_rules, log_every,
+  eval_every, checkpoint_every, keep_checkpoints, checkpoint_schedule, layer_stats and
+  stop_check_every (several processes). `evaluate(params)` -> mean validation
   NLL runs at step 0, at `eval_at` steps (default every eval_every) and at the end; log records (the
   window means of the loss and of the gradient-noise terms, see `train_step`) are written at
   `log_at` steps (default every log_every) and at the end. A loss that is NaN, infinite or above
@@ -645,29 +482,30 @@ def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
   finite states are saved. A run that has finished (num_steps, or a hook's stop) returns its saved
   state at once.
   """
-  mesh, rules = sharding.from_config(config)
-  num_steps = config.num_steps
-  eval_at = eval_at or every(config.eval_every)
-  log_at = log_at or every(config.log_every)
-  save_at = every(config.get("checkpoint_every", num_steps))
-  accum = config.get("grad_accum_steps", 1)
-  init_rng, step_rng = run_rngs(config.seed)
+  tc = train_config_lib.train_config(config)
+  mesh, rules = sharding.make_mesh(tc.mesh), tc.logical_axis_rules
+  num_steps = tc.num_steps
+  eval_at = eval_at or every(tc.eval_every)
+  log_at = log_at or every(tc.log_every)
+  save_at = every(tc.save_every)
+  accum = tc.grad_accum_steps
+  init_rng, step_rng = run_rngs(tc.seed)
   abstract = abstract_state(task.init, task.tx, mesh, rules, init_rng)
   state_sharding = shardings_of(abstract)
   n_params = flops_lib.count_params(abstract.params)
 
-  mngr = checkpoint.manager(workdir, config.get("keep_checkpoints", 2))
-  # config.checkpoint_schedule='log': the state at steps 0, 1, 2, 4, ..., then every
+  mngr = checkpoint.manager(workdir, tc.keep_checkpoints)
+  # checkpoint_schedule='log': the state at steps 0, 1, 2, 4, ..., then every
   # checkpoint_every, kept (all of them) apart from the rolling checkpoints, for analyses.
   snapshots = (checkpoint.manager(workdir, None, directory=checkpoint.SNAPSHOTS)
-               if config.get("checkpoint_schedule", "rolling") == "log" else None)
-  snapshot_every = config.get("checkpoint_every", num_steps)
+               if tc.checkpoint_schedule == "log" else None)
+  snapshot_every = tc.save_every
   restored, start_step = checkpoint.restore_latest(mngr, abstract, log=log)
   start_step = start_step or 0
   last_saved = start_step if start_step else None
   if start_step < num_steps:  # Before anything is written: a read-only disk fails here, at once.
     checkpoint.check_writable(mngr)
-  writer = MetricsWriter(workdir, start_step if restored is not None else -1)  # -1: a fresh run
+  writer = metrics_lib.MetricsWriter(workdir, start_step if restored is not None else -1)  # -1: a fresh run
   if writer.kept_as is not None:
     log(f"metrics.jsonl held records past step {start_step}; kept them in {writer.kept_as.name}")
     if restored is None:
@@ -680,14 +518,14 @@ def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
     log(f"reusing the finished run in {workdir} (step {start_step})")
 
   batch_sh = sharding.batch_sharding(mesh, rules)
-  rows = sharding.process_rows(config.batch_size)
+  rows = sharding.process_rows(tc.batch_size)
   step_fn = jit_train_step(task, state_sharding, batch_sh, accum)
-  # config.layer_stats: log steps run the step that also returns per-layer statistics.
+  # layer_stats: log steps run the step that also returns per-layer statistics.
   stats_step_fn = (jit_train_step(task, state_sharding, batch_sh, accum, layer_stats=True)
-                   if config.get("layer_stats", False) else None)
+                   if tc.layer_stats else None)
   will_train = start_step < num_steps and not stopped
   if will_train:  # The step compiles on a thread while the state is created and first scored.
-    batch = tuple(jax.ShapeDtypeStruct((config.batch_size,) + x.shape[1:],
+    batch = tuple(jax.ShapeDtypeStruct((tc.batch_size,) + x.shape[1:],
                                        jax.dtypes.canonicalize_dtype(x.dtype), sharding=batch_sh)
                   for x in task.batch(start_step, rows))
     compiled_step = _compile_ahead(mesh, step_fn, (abstract, batch, step_rng),
@@ -702,7 +540,7 @@ def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
   learning_rate = jax.jit(task.learning_rate) if task.learning_rate is not None else None
   if jax.process_count() > 1 and will_train:
     print(f"process {jax.process_index()} of {jax.process_count()} reads rows {rows.start}:"
-          f"{rows.stop} of each global batch of {config.batch_size}", flush=True)
+          f"{rows.stop} of each global batch of {tc.batch_size}", flush=True)
   timed = [r for r in writer.records if "elapsed_s" in r]
   elapsed_before = timed[-1]["elapsed_s"] if timed else 0.0  # Earlier sessions of this run.
   tokens_per_second = next((r["tokens_per_s"] for r in reversed(writer.records)
@@ -761,9 +599,9 @@ def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
           start_step, num_steps) if not stopped else iter(())
       if will_train and not stopped:
         step_fn = compiled_step()
-      tokens_per_step = config.batch_size * config.seq_len
+      tokens_per_step = tc.batch_size * tc.seq_len
       # With several processes, a signal counts at the steps where all of them ask (`agreed`).
-      check_every = 1 if jax.process_count() == 1 else config.get("stop_check_every", 10)
+      check_every = 1 if jax.process_count() == 1 else tc.stop_check_every
       await_each_step = xla_cpu.await_each_step()
       window_start, window_steps = time.perf_counter(), 0
       for step in range(start_step, num_steps if not stopped else start_step):
@@ -839,31 +677,27 @@ def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
                      val_elapsed_s=[r.get("elapsed_s", math.nan) for r in vals])
 
 
-def validation_windows(config, dataset: data_lib.Dataset) -> data_lib.EvalWindows:
-  """The validation windows every model and baseline of a run is scored on."""
-  return evaluation.validation_windows(config, dataset.val_ids)
-
-
 def lm_task(config, dataset: data_lib.Dataset, model: nn.Module | None = None) -> Task:
   """Next-token prediction of `config`'s Transformer on (seed, step) windows of the training split."""
-  model = model or model_lib.Transformer(model_config(config, dataset.vocab_size))
+  tc = train_config_lib.train_config(config)
+  model = model or model_lib.Transformer(train_config_lib.model_config(config, dataset.vocab_size))
   return Task(
-      init=lm_init(model, config.seq_len), loss=lm_loss(model, config.get("loss_chunk", 0)),
-      batch=lambda step, rows: data_lib.train_batch(dataset.train_ids, config.seq_len,
-                                                    config.batch_size, config.seed, step, rows),
-      tx=optimizer(config), learning_rate=learning_rate_schedule(config),
-      stats=layer_stats_lib.forward_stats(model, config.get("loss_chunk", 0)))
+      init=lm_init(model, tc.seq_len), loss=lm_loss(model, tc.loss_chunk),
+      batch=lambda step, rows: data_lib.train_batch(dataset.train_ids, tc.seq_len,
+                                                    tc.batch_size, tc.seed, step, rows),
+      tx=optimizer_lib.optimizer(tc), learning_rate=optimizer_lib.learning_rate_schedule(tc),
+      stats=layer_stats_lib.forward_stats(model, tc.loss_chunk))
 
 
 def train(config, dataset: data_lib.Dataset, workdir, windows=None, log=print) -> TrainResult:
   """Trains (or resumes training of) the Transformer LM described by `config` on `dataset`.
 
-  `windows` (default: `validation_windows(config, dataset)`) are the validation windows evaluated
+  `windows` (default: `evaluation.validation_windows(config, dataset.val_ids)`) are the validation windows evaluated
   every `config.eval_every` steps and at the end. `workdir` is a local path or a URL (gs://...).
   """
-  check_config(config)
-  data_lib.check_fits(dataset, config.seq_len)
-  mcfg = model_config(config, dataset.vocab_size)
+  tc = train_config_lib.check_config(config)
+  data_lib.check_fits(dataset, tc.seq_len)
+  mcfg = train_config_lib.model_config(config, dataset.vocab_size)
   model = model_lib.Transformer(mcfg)
   if mcfg.attention_impl == "fused":
     platform, capability = model_lib.default_platform()
@@ -871,41 +705,10 @@ def train(config, dataset: data_lib.Dataset, workdir, windows=None, log=print) -
                                                       capability)
     log(f"attention: fused, implementation={kernel} ({platform}, "
         f"{jnp.dtype(mcfg.dtype).name}, head_dim {mcfg.head_dim})")
-  evaluate = evaluation.evaluator(config, windows or validation_windows(config, dataset),
+  evaluate = evaluation.evaluator(config, windows or evaluation.validation_windows(
+      config, dataset.val_ids),
                                   model.apply)
   result = fit(config, lm_task(config, dataset, model), workdir, evaluate=evaluate,
-               loss_bound=divergence_bound(config, dataset.vocab_size), log=log)
-  result.flops_per_token = flops_lib.flops_per_token(mcfg, result.params, config.seq_len)
+               loss_bound=tc.loss_bound(dataset.vocab_size), log=log)
+  result.flops_per_token = flops_lib.flops_per_token(mcfg, result.params, tc.seq_len)
   return result
-
-@dataclasses.dataclass
-class TrainedModel:
-  """A finished (or checkpointed) run: its config, model, parameters and tokenizer."""
-  config: object  # ml_collections.ConfigDict
-  model_config: model_lib.ModelConfig
-  params: dict
-  tokenizer: object
-  step: int
-
-  @property
-  def model(self) -> model_lib.Transformer:
-    return model_lib.Transformer(self.model_config)
-
-
-def load_trained(workdir: str, step: int | None = None) -> TrainedModel:
-  """Loads the config, tokenizer and checkpointed parameters that a training run left in `workdir`,
-  in the unrolled layout (params['block_i']; a run trained with scan_layers is unstacked)."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  path = files.path(workdir) / "config.json"
-  if not path.exists():
-    raise UsageError(f"--workdir={workdir}: no config.json (not a training run's workdir)")
-  config = ml_collections.ConfigDict(files.read_json(path))
-  params, step = checkpoint.load_params(workdir, step)
-  params = model_lib.unrolled(params)  # Analyses read layer by layer: scanned blocks unstacked.
-  vocab_size = params["token_embed"]["embedding"].shape[0]
-  if config.data == "synthetic":
-    tokenizer = data_lib.SyntheticTokenizer(vocab_size)
-  else:
-    tokenizer = tokenizers.load(workdir)
-  mcfg = dataclasses.replace(model_config(config, vocab_size), scan_layers=False)
-  return TrainedModel(config, mcfg, params, tokenizer, step)

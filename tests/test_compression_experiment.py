@@ -21,6 +21,7 @@ from llm_math import checkpoint
 from llm_math import evaluation
 from llm_math import model as model_lib
 from llm_math import train as train_lib
+from llm_math import train_config
 from llm_math.analysis import compression
 from llm_math.analysis import lora as lora_lib
 from llm_math.errors import UsageError
@@ -69,10 +70,10 @@ def run(tmp_path_factory):
 
 def _trained(workdir, results):
   """The base model and an evaluator on the base run's validation windows."""
-  trained = train_lib.load_trained(str(workdir / "base"))
+  trained = checkpoint.load_trained(str(workdir / "base"))
   dataset = helpers.tiny_dataset(trained.config)
-  model = model_lib.Transformer(train_lib.model_config(trained.config, dataset.vocab_size))
-  windows = train_lib.validation_windows(trained.config, dataset)
+  model = model_lib.Transformer(train_config.model_config(trained.config, dataset.vocab_size))
+  windows = evaluation.validation_windows(trained.config, dataset.val_ids)
   assert results["base"]["step"] == trained.step == trained.config.num_steps
   return trained, evaluation.evaluator(trained.config, windows, model.apply)
 

@@ -8,6 +8,7 @@ import pytest
 
 from llm_math import model as model_lib
 from llm_math import train
+from llm_math import train_config
 from llm_math.analysis import distillation as ds
 
 from tests import helpers
@@ -137,9 +138,9 @@ def test_sums_add_up_over_split_batches():
 def _teacher_and_student():
   """The tiny Transformer config of the tests, its model (teacher) and a narrower one (student)."""
   config = helpers.tiny_config()
-  teacher = model_lib.Transformer(train.model_config(config, 32))
+  teacher = model_lib.Transformer(train_config.model_config(config, 32))
   config.model.update(d_model=16, d_ff=32)
-  return config, teacher, model_lib.Transformer(train.model_config(config, 32))
+  return config, teacher, model_lib.Transformer(train_config.model_config(config, 32))
 
 
 def test_objective_reads_the_frozen_teacher_inside_the_loss():

@@ -15,6 +15,7 @@ import pytest
 from llm_math import checkpoint
 from llm_math.analysis import information
 from llm_math import train as train_lib
+from llm_math import train_config
 from llm_math.errors import UsageError
 
 from tests import helpers
@@ -160,7 +161,7 @@ def test_divergence_stops_before_saving_the_diverged_state(tmp_path):
   """A huge learning rate: the loss grows far past ln|V| while staying finite."""
   config = helpers.tiny_config(num_steps=40, learning_rate=1e6, warmup_steps=40, grad_clip=0.0,
                                checkpoint_every=1, log_every=1)
-  bound = train_lib.divergence_bound(config, 32)
+  bound = train_config.train_config(config).loss_bound(32)
   assert bound == pytest.approx(config.max_loss_factor * np.log(32))
   with pytest.raises(train_lib.DivergenceError, match="above the divergence bound"):
     train_lib.train(config, helpers.tiny_dataset(config), str(tmp_path), log=lambda *_: None)
@@ -192,7 +193,7 @@ def test_perplexity_never_overflows():
 def test_invalid_config_is_one_line_naming_the_field(field, value, expected):
   config = helpers.tiny_config(**{field: value})
   with pytest.raises(UsageError) as e:
-    train_lib.check_config(config)
+    train_config.check_config(config)
   message = str(e.value)
   assert message.startswith("--config.") and field in message.split(":")[0] + message
   assert expected in message and "\n" not in message

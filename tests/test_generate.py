@@ -14,6 +14,7 @@ from llm_math import generate as g
 from llm_math import model as model_lib
 from llm_math.analysis import sampling
 from llm_math import train as train_lib
+from llm_math import train_config
 from tests import helpers
 
 V, W = 3, 8  # vocabulary, context (max_len)
@@ -30,7 +31,7 @@ def trained(tmp_path_factory):
   result = train_lib.train(config, dataset, str(tmp_path_factory.mktemp("gen")), log=lambda _: None)
   # Learned something: validation NLL well below the uniform ln 3 = 1.0986.
   assert result.val_curve[-1][1] < 0.9, result.val_curve
-  return jax.device_get(result.state.params), train_lib.model_config(config, V)
+  return jax.device_get(result.state.params), train_config.model_config(config, V)
 
 
 @jax.jit(static_argnames="cfg")

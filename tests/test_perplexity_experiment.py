@@ -9,6 +9,7 @@ import pytest
 from experiments import perplexity
 from llm_math import data as data_lib
 from llm_math.analysis import ngram
+from llm_math import evaluation
 from llm_math import train as train_lib
 from llm_math.errors import UsageError
 
@@ -31,7 +32,7 @@ def test_baselines_are_scored_on_the_models_tokens():
   config = helpers.tiny_config()
   config.ngram.orders = "1,3"
   dataset = helpers.tiny_dataset(config)
-  windows = train_lib.validation_windows(config, dataset)
+  windows = evaluation.validation_windows(config, dataset.val_ids)
   records = {r["name"]: r for r in perplexity.baseline_records(dataset, windows, "synthetic",
                                                                config.ngram)}
   scored = windows.weights_NxT > 0
@@ -60,15 +61,15 @@ def _reset_contexts(positions, stream_len: int, window: int) -> np.ndarray:
   return np.where(regular, (positions - 1) % window + 1, positions - (n_targets - window))
 
 
-@pytest.mark.parametrize("evaluation", [{"eval_max_tokens": 1000}, {"eval_sample_every": 3}],
+@pytest.mark.parametrize("eval_fields", [{"eval_max_tokens": 1000}, {"eval_sample_every": 3}],
                          ids=["eval_max_tokens", "eval_sample_every"])
-def test_ngram_window_rows_score_the_transformers_tokens(tmp_path, evaluation):
+def test_ngram_window_rows_score_the_transformers_tokens(tmp_path, eval_fields):
   """With ngram.window = W and a capped or sampled evaluation, every n-gram row scores exactly the
   tokens the Transformer's windows score (its record's count), with the context its name says."""
-  config = helpers.tiny_config(num_steps=2, eval_every=2, checkpoint_every=2, **evaluation)
+  config = helpers.tiny_config(num_steps=2, eval_every=2, checkpoint_every=2, **eval_fields)
   config.ngram.update(orders="1,3", window=20)
   dataset = helpers.tiny_dataset(config)  # 2,000 validation tokens
-  windows = train_lib.validation_windows(config, dataset)
+  windows = evaluation.validation_windows(config, dataset.val_ids)
   (transformer,), _ = perplexity.train_models(config, dataset, windows, "synthetic", str(tmp_path),
                                                False)
   # The Transformer's scored targets, read from its evaluation batches (not from windows.scored()).
@@ -213,7 +214,7 @@ def test_char_and_sentencepiece_baselines_compare_in_bits_per_char(tmp_path):
   for kind, vocab in (("char", None), ("sentencepiece", 1000)):
     ds = data_lib.load(f"text:{helpers.TINY_SHAKESPEARE}", tokenizer=kind, vocab_size=vocab,
                        max_chars=200_000, workdir=str(tmp_path))
-    windows = train_lib.validation_windows(config, ds)
+    windows = evaluation.validation_windows(config, ds.val_ids)
     by_tokenizer[kind] = {r["name"]: r for r in perplexity.baseline_records(ds, windows, kind,
                                                                            config.ngram)}
   # Per token the subword unigram is worse (bigger vocabulary) ...
@@ -227,7 +228,7 @@ def test_ngram_max_train_tokens_caps_the_counts_and_is_reported():
   config = helpers.tiny_config()
   config.ngram.update(orders="1,3", methods="kneser_ney", max_train_tokens=5000)
   dataset = helpers.tiny_dataset(config)  # 20,000 training tokens
-  windows = train_lib.validation_windows(config, dataset)
+  windows = evaluation.validation_windows(config, dataset.val_ids)
   records = {r["name"]: r for r in perplexity.baseline_records(dataset, windows, "synthetic",
                                                                config.ngram)}
   positions, contexts = windows.scored()
@@ -239,10 +240,10 @@ def test_ngram_max_train_tokens_caps_the_counts_and_is_reported():
   unigram = np.bincount(dataset.train_ids, minlength=32) + 1.0
   assert records["unigram (add-one)"]["val_nll_nats"] == pytest.approx(
       -np.log(unigram[dataset.val_ids[positions]] / unigram.sum()).mean())
-  evaluation = {"split": "validation", **windows.describe(), "vocab_size": 32, "chars_scored": 1,
+  measured = {"split": "validation", **windows.describe(), "vocab_size": 32, "chars_scored": 1,
                 "train_tokens": 20000,
                 "ngram_train_tokens": perplexity.ngram_train_tokens(20000, config.ngram)}
-  report = perplexity.markdown_report({"data": "tiny", "evaluations": {"synthetic": evaluation},
+  report = perplexity.markdown_report({"data": "tiny", "evaluations": {"synthetic": measured},
                                        "records": list(records.values())})
   assert "n-grams counted on the first 5,000 of 20,000 training tokens" in report
   for cap, used in ((0, 20000), (20000, 20000), (10**9, 20000), (1, 1)):

@@ -14,6 +14,7 @@ from experiments.configs import perplexity as default_config
 from llm_math import flops as flops_lib
 from llm_math import model as model_lib
 from llm_math import train as train_lib
+from llm_math import train_config
 
 torch = pytest.importorskip("torch")
 from benchmarks import pytorch_reference as ref  # noqa: E402  (needs torch)
@@ -28,7 +29,7 @@ def jax_param_count(shape: Shape, bias: bool) -> int:
   c.model.update(num_layers=shape.layers, d_model=shape.d_model, num_heads=shape.heads,
                  d_ff=4 * shape.d_model, tie_embeddings=True, use_bias=bias, pos_encoding="learned")
   c.seq_len, c.batch_size = shape.context, shape.batch
-  model = model_lib.Transformer(train_lib.model_config(c, shape.vocab))
+  model = model_lib.Transformer(train_config.model_config(c, shape.vocab))
   abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                             jax.ShapeDtypeStruct((1, shape.context), jax.numpy.int32))
   return flops_lib.count_params(abstract["params"])

@@ -16,6 +16,7 @@ from llm_math import checkpoint
 from llm_math import data as data_lib
 from llm_math import generate as generate_lib
 from llm_math import model as model_lib
+from llm_math import optimizer as optimizer_lib
 from llm_math import sharding
 from llm_math import train as train_lib
 from tests import helpers
@@ -84,7 +85,7 @@ def test_sample_prints_text_entropy_and_speed_and_matches_the_library(run_dir, t
   assert "context rule: windows of at most 16 tokens; when full, keep the last 8" in proc.stdout
   assert _listing(run_dir) == before  # the run's directory is only read
   record = json.loads(out_json.read_text())
-  trained = train_lib.load_trained(str(run_dir))
+  trained = checkpoint.load_trained(str(run_dir))
   alphabet = set(trained.tokenizer.chars)
   assert len(record["samples"]) == 2
   for text in record["samples"]:
@@ -126,7 +127,7 @@ def test_embeddings_experiment_measures_the_checkpoint(run_dir, tmp_path):
   assert proc.returncode == 0, proc.stderr
   results = json.loads((out_dir / "results.json").read_text())
   assert (out_dir / "results.md").read_text().startswith("# Token embeddings")
-  trained = train_lib.load_trained(str(run_dir))
+  trained = checkpoint.load_trained(str(run_dir))
   emb = np.asarray(trained.params["token_embed"]["embedding"], np.float64)
   v = emb.shape[0]
   assert results["texts"] == [trained.tokenizer.chars[i] for i in range(v)]
@@ -142,7 +143,7 @@ def test_embeddings_experiment_measures_the_checkpoint(run_dir, tmp_path):
   # The initialization is the run's own step-0 embedding (same model, initializer and seed).
   model = model_lib.Transformer(trained.model_config)
   state, _ = train_lib.create_state(
-      train_lib.lm_init(model, trained.config.seq_len), train_lib.optimizer(trained.config),
+      train_lib.lm_init(model, trained.config.seq_len), optimizer_lib.optimizer(trained.config),
       *sharding.from_config(trained.config),
       jax.random.split(jax.random.PRNGKey(trained.config.seed))[0])
   emb0 = np.asarray(state.params["token_embed"]["embedding"], np.float64)

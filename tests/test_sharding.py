@@ -19,8 +19,10 @@ from jax.sharding import PartitionSpec as P
 
 from llm_math import checkpoint
 from llm_math import model as model_lib
+from llm_math import optimizer as optimizer_lib
 from llm_math import sharding
 from llm_math import train as train_lib
+from llm_math import train_config
 from llm_math.errors import UsageError
 
 from tests import helpers
@@ -113,12 +115,12 @@ def test_residual_stream_carries_the_rules_sharding(mesh):
   tokens = jax.device_put(np.zeros((8, config.seq_len), np.int32), batch_sh)
   constraints = {}
   for with_rules in (True, False):
-    mcfg = train_lib.model_config(config, 32)
+    mcfg = train_config.model_config(config, 32)
     if not with_rules:
       mcfg = dataclasses.replace(mcfg, logical_axis_rules=())
     model = model_lib.Transformer(mcfg)
     state, state_sh = train_lib.create_state(
-        train_lib.lm_init(model, config.seq_len), train_lib.optimizer(config), mesh_, rules,
+        train_lib.lm_init(model, config.seq_len), optimizer_lib.optimizer(config), mesh_, rules,
         jax.random.PRNGKey(0))
     step = jax.jit(functools.partial(train_lib.train_step, loss_fn=train_lib.lm_loss(model)),
                    in_shardings=(state_sh, batch_sh, None), out_shardings=(state_sh, None))

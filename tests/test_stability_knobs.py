@@ -20,6 +20,7 @@ from experiments.configs import perplexity
 from llm_math import evaluation
 from llm_math import model as model_lib
 from llm_math import train as train_lib
+from llm_math import train_config
 from llm_math.errors import UsageError
 
 from tests import helpers
@@ -169,7 +170,7 @@ def test_knobs_off_by_default_compute_the_model_without_them():
   default = _config()
   assert {k: getattr(default, k) for k in OFF} == OFF
   assert _config(**OFF) == default and hash(_config(**OFF)) == hash(default)
-  from_experiment = train_lib.model_config(perplexity.get_config(), V)
+  from_experiment = train_config.model_config(perplexity.get_config(), V)
   assert from_experiment == model_lib.ModelConfig(**{
       f.name: getattr(from_experiment, f.name) for f in dataclasses.fields(from_experiment)
       if f.name not in OFF})
@@ -368,12 +369,12 @@ def test_knob_fields_plumb_through_configs_and_old_runs_resume(tmp_path):
   turning one on in that workdir is refused."""
   config = perplexity.get_config()
   config.model.update(qk_norm=True, attn_logit_softcap=20.0, logit_softcap=30.0, z_loss=1e-4)
-  mcfg = train_lib.model_config(config, V)
+  mcfg = train_config.model_config(config, V)
   assert (mcfg.qk_norm, mcfg.attn_logit_softcap, mcfg.logit_softcap, mcfg.z_loss) == (
       True, 20.0, 30.0, 1e-4)
   config.model.attention_impl = "fused"
   with pytest.raises(UsageError, match="--config.model: attn_logit_softcap"):
-    train_lib.check_config(config)
+    train_config.check_config(config)
 
   config = perplexity.get_config()
   old = json.loads(config.to_json_best_effort())

@@ -10,6 +10,7 @@ import pytest
 from llm_math import checkpoint
 from llm_math import summaries
 from llm_math import train as train_lib
+from llm_math import train_config
 from llm_math.errors import UsageError
 
 from tests import helpers
@@ -148,11 +149,11 @@ def test_a_scanned_run_checkpoints_its_layout_and_reads_back_unrolled(tmp_path):
   result = train_lib.train(config, dataset, str(tmp_path), log=_quiet)
   assert "blocks" in result.state.params and "block_0" not in result.state.params
   (tmp_path / "config.json").write_text(config.to_json_best_effort())
-  trained = train_lib.load_trained(str(tmp_path))
+  trained = checkpoint.load_trained(str(tmp_path))
   assert {"block_0", "block_1"} <= set(trained.params) and "blocks" not in trained.params
   assert trained.model_config.scan_layers is False
   tokens = np.asarray(dataset.val_ids[:config.seq_len])[None]
-  scanned = model_lib.Transformer(train_lib.model_config(config, dataset.vocab_size))
+  scanned = model_lib.Transformer(train_config.model_config(config, dataset.vocab_size))
   np.testing.assert_allclose(
       trained.model.apply({"params": trained.params}, tokens),
       scanned.apply({"params": jax.device_get(result.state.params)}, tokens), rtol=1e-5, atol=1e-6)

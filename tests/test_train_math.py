@@ -15,8 +15,10 @@ import pytest
 from llm_math import data as data_lib
 from llm_math import evaluation
 from llm_math import model as model_lib
+from llm_math import optimizer as optimizer_lib
 from llm_math import sharding
 from llm_math import train as train_lib
+from llm_math import train_config
 
 from tests import helpers
 
@@ -24,11 +26,11 @@ from tests import helpers
 def _setup(config, tx=None):
   """Model, sharded state (train.create_state), mesh and rules of a tiny config."""
   dataset = helpers.tiny_dataset(config)
-  model = model_lib.Transformer(train_lib.model_config(config, dataset.vocab_size))
+  model = model_lib.Transformer(train_config.model_config(config, dataset.vocab_size))
   mesh = sharding.make_mesh(config.mesh)
   rules = tuple(tuple(r) for r in config.logical_axis_rules)
   state, _ = train_lib.create_state(train_lib.lm_init(model, config.seq_len),
-                                    tx or train_lib.optimizer(config), mesh, rules,
+                                    tx or optimizer_lib.optimizer(config), mesh, rules,
                                     jax.random.PRNGKey(config.seed))
   return dataset, model, state, mesh, rules
 

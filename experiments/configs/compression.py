@@ -32,6 +32,7 @@ import ml_collections
 from experiments.configs import perplexity
 from llm_math import model as model_lib
 from llm_math import train as train_lib
+from llm_math import train_config
 from llm_math.analysis import compression
 from llm_math.errors import UsageError
 
@@ -126,7 +127,7 @@ def check(config, vocab_size: int):
   """A one-line UsageError for any setting of the studies in `config.studies` that cannot run on
   the config's model: every mistake surfaces before any training."""
   studies = parse_studies(config.studies)
-  model = model_lib.Transformer(train_lib.model_config(config, vocab_size))
+  model = model_lib.Transformer(train_config.model_config(config, vocab_size))
   params = nn.meta.unbox(jax.eval_shape(train_lib.lm_init(model, config.seq_len),
                                         jax.random.PRNGKey(0)))
 
@@ -168,7 +169,7 @@ def check(config, vocab_size: int):
   if "distill" in studies:
     d = config.distill
     try:
-      train_lib.model_config(student_config(config), vocab_size)
+      train_config.model_config(student_config(config), vocab_size)
     except UsageError as e:
       raise UsageError(str(e).replace("--config.model", "--config.distill.student")) from None
     for field in ("num_steps", "eval_every", "learning_rate"):

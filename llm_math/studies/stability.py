@@ -19,6 +19,7 @@ from llm_math import evaluation
 from llm_math import model as model_lib
 from llm_math import studies
 from llm_math import train as train_lib
+from llm_math import train_config
 from llm_math.analysis import stability as stability_lib
 from llm_math.errors import UsageError
 
@@ -73,10 +74,10 @@ def train_point(config, dataset, windows, workdir: str, size, variant: str, lr: 
   name = f"{size[0]}x{size[1]}"
   run_dir = studies.run_dir(c, workdir, "runs", name, variant, f"lr{lr:g}_s{seed}",
                            ignored={"stability"})  # The grid may grow around a run.
-  model = model_lib.Transformer(train_lib.model_config(c, dataset.vocab_size))
+  model = model_lib.Transformer(train_config.model_config(c, dataset.vocab_size))
   evaluate = evaluation.evaluator(c, windows, model.apply)
   result = studies.completed(train_lib.fit(c, task, run_dir, evaluate=evaluate, eval_at=lambda step: False,
-                         loss_bound=train_lib.divergence_bound(c, dataset.vocab_size),
+                         loss_bound=train_config.train_config(c).loss_bound(dataset.vocab_size),
                          on_divergence="stop", log=lambda _: None))
   final = result.val_curve[-1][1] if result.val_curve and result.stopped != "diverged" else None
   final = final if final is not None and math.isfinite(final) else None
