@@ -29,6 +29,9 @@ DATA = flags.DEFINE_string(
 TOKENIZER = flags.DEFINE_enum("tokenizer", None, ["char", "byte", "sentencepiece"], "Tokenizer.")
 VOCAB_SIZE = flags.DEFINE_integer("vocab_size", None, "SentencePiece vocabulary size.")
 SEED = flags.DEFINE_integer("seed", None, "Seed of initialization, data order and synthetic data.")
+SEEDS = flags.DEFINE_list(
+    "seeds", None, "Run the study once per seed (e.g. 0,1,2), each in --workdir/seeds/seed_<s>, and "
+    "write the mean over seeds with 95% intervals (llm_math.studies.seeds).")
 TFDS_DATA_DIR = flags.DEFINE_string("tfds_data_dir", None, "A prepared tensorflow-datasets data_dir.")
 DATA_CACHE = flags.DEFINE_string(
     "data_cache", None, "Local directory where text: and tfds: sources are tokenized once "
@@ -97,6 +100,28 @@ def prepare_workdir(config, ignored=frozenset()) -> str:
   studies.save_config(config, workdir, f"--workdir={workdir} holds a run", ignored,
                       write=is_primary())
   return workdir
+
+
+def run_study(run, config, workdir: str) -> dict:
+  """`run(config, workdir, log) -> results` once, or once per --seeds seed and their aggregate;
+  then results.json, the figures and results.md are written (process 0) and the report printed."""
+  from llm_math.studies import seeds as seeds_lib  # pylint: disable=g-import-not-at-top
+  log = print if is_primary() else lambda *_: None
+  if SEEDS.value:
+    if SEED.value is not None:
+      raise UsageError("--seed and --seeds: give one (--seeds runs the study once per seed)")
+    try:
+      seeds = [int(s) for s in SEEDS.value]
+    except ValueError:
+      raise UsageError(f"--seeds={','.join(SEEDS.value)}: expected integers, e.g. 0,1,2") from None
+    if len(set(seeds)) != len(seeds):
+      raise UsageError(f"--seeds={','.join(SEEDS.value)}: expected distinct seeds")
+    results = seeds_lib.run_seeds(run, config, workdir, seeds, log)
+  else:
+    results = run(config, workdir, log)
+  report = studies.write_results(workdir, results)
+  log(report)
+  return results
 
 
 def is_primary() -> bool:

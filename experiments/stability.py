@@ -21,8 +21,7 @@ def main(argv):
   stability.sizes(config)
   workdir = common.prepare_workdir(config, ignored={"stability"})
   studies.use_compilation_cache(workdir)
-  results = stability.run(config, workdir, print if common.is_primary() else lambda *_: None)
-  print(studies.write_results(workdir, results))
+  common.run_study(stability.run, config, workdir)
 
 
 if __name__ == "__main__":

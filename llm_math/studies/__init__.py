@@ -108,7 +108,7 @@ def save_config(config, directory, what: str, ignored=frozenset(), write: bool =
   or `ignored` may differ)."""
   path = files.path(directory) / "config.json"
   current = json.loads(config.to_json_best_effort())
-  trained = [files.path(directory) / sub for sub in ("checkpoints", "models", "runs")]
+  trained = [files.path(directory) / sub for sub in ("checkpoints", "models", "runs", "seeds")]
   if path.exists() and any(d.is_dir() and any(d.iterdir()) for d in trained):
     saved = with_new_model_defaults(files.read_json(path), current)
     for key in sorted((set(saved) | set(current)) - RESUMABLE_FIELDS - set(ignored)):

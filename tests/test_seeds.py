@@ -1,0 +1,43 @@
+"""Aggregating a study over seeds: means, Student-t intervals, per-seed values, unchanged constants."""
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from llm_math.studies import seeds as seeds_lib
+
+
+def _results(seed: int, nll: float, curve: list) -> dict:
+  return {"experiment": "perplexity", "data": "synthetic",
+          "records": [{"name": "Transformer", "params": 1000, "val_nll_nats": nll,
+                       "diverged": False},
+                      {"name": "uniform", "val_nll_nats": 3.4657}],
+          "curve": curve, "config": {"seed": seed, "num_steps": 10}}
+
+
+def test_numbers_that_vary_become_means_with_intervals_and_constants_stay():
+  nlls = [1.0, 1.2, 1.1]
+  per_seed = [_results(s, nll, [[0, 3.0], [10, nll]]) for s, nll in enumerate(nlls)]
+  out = seeds_lib.aggregate(per_seed, [0, 1, 2])
+  model, uniform = out["records"]
+  half = stats.t.ppf(0.975, 2) * np.std(nlls, ddof=1) / np.sqrt(3)
+  assert model["val_nll_nats"] == pytest.approx(1.1)
+  assert model["val_nll_nats_ci95"] == pytest.approx([1.1 - half, 1.1 + half])
+  assert model["val_nll_nats_ci95"][0] <= model["val_nll_nats"] <= model["val_nll_nats_ci95"][1]
+  assert model["per_seed"] == {"val_nll_nats": nlls} and model["n_seeds"] == 3
+  assert model["params"] == 1000 and model["diverged"] is False
+  assert uniform == {"name": "uniform", "val_nll_nats": 3.4657}  # The same in every seed.
+  assert out["curve"] == [[0, 3.0], [10, pytest.approx(1.1)]]
+  assert out["seeds"] == [0, 1, 2] and out["n_seeds"] == 3 and out["config"]["seed"] is None
+  assert out["experiment"] == "perplexity"
+
+
+def test_a_seed_without_a_number_is_left_out_of_its_interval():
+  per_seed = [_results(0, 1.0, []), _results(1, None, []), _results(2, 1.2, [])]
+  model = seeds_lib.aggregate(per_seed, [0, 1, 2])["records"][0]
+  assert model["val_nll_nats"] == pytest.approx(1.1) and model["per_seed"]["val_nll_nats"][1] is None
+
+
+def test_one_seed_has_no_interval():
+  out = seeds_lib.aggregate([_results(0, 1.0, [])], [0])
+  assert out["records"][0]["val_nll_nats"] == 1.0 and "val_nll_nats_ci95" not in out["records"][0]
