@@ -20,20 +20,12 @@ corpus, use a tokenizer both corpora share (byte level), e.g.
   --data=text:../shared/data/english_pd.txt --tokenizer=byte --config.max_chars=2000000 \
   --config.lora.target_data=text:../shared/data/tinyshakespeare.txt
 
-Next to the fields: their checks (`check`, before any work) and the config of every training run
-the experiment makes (`plan_runs`), which that run's directory keeps and checks.
+The checks of these fields and the config of every training run the study makes are
+`llm_math.studies.compression` (`check`, `check_shapes`, `plan_runs`).
 """
-import re
-
-import flax.linen as nn
-import jax
 import ml_collections
 
 from experiments.configs import perplexity
-from llm_math import model as model_lib
-from llm_math import train as train_lib
-from llm_math.analysis import compression
-from llm_math.errors import UsageError
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -98,126 +90,3 @@ def get_config() -> ml_collections.ConfigDict:
   ))
   return c
 
-
-STUDIES = ("svd", "quant", "lora", "distill")
-STUDY_FIELDS = ("studies",) + STUDIES  # Blocks of this experiment, not of a training run.
-
-
-def parse_studies(spec: str) -> list[str]:
-  """'quant, svd' -> ['svd', 'quant'] (in the order the experiment runs them)."""
-  studies = [s.strip() for s in spec.split(",") if s.strip()]
-  if not studies or set(studies) - set(STUDIES):
-    raise UsageError(f"--config.studies={spec!r}: expected a comma-separated subset of "
-                     f"{','.join(STUDIES)}")
-  return [s for s in STUDIES if s in studies]
-
-
-def student_config(config) -> ml_collections.ConfigDict:
-  """The base config with the model block's fields replaced by `distill.student`."""
-  student = ml_collections.ConfigDict(config.to_dict())
-  for key, value in config.distill.student.items():
-    if key not in student.model:
-      raise UsageError(f"--config.distill.student.{key}: not a field of the model block")
-    student.model[key] = value
-  return student
-
-
-def check(config, vocab_size: int):
-  """A one-line UsageError for any setting of the studies in `config.studies` that cannot run on
-  the config's model: every mistake surfaces before any training."""
-  studies = parse_studies(config.studies)
-  model = model_lib.Transformer(train_lib.model_config(config, vocab_size))
-  params = nn.meta.unbox(jax.eval_shape(train_lib.lm_init(model, config.seq_len),
-                                        jax.random.PRNGKey(0)))
-
-  def need(ok: bool, field: str, value, expected: str):
-    if not ok:
-      raise UsageError(f"--config.{field}={value!r}: expected {expected}")
-
-  def shapes(block: str, key: str) -> dict[str, tuple[int, int]]:
-    try:
-      return compression.matrix_shapes(params, config[block][key])
-    except (re.error, ValueError) as e:
-      paths = ", ".join(list(compression.flatten_tree(params))[:3])
-      raise UsageError(f"--config.{block}.{key}={config[block][key]!r}: {e} (paths are like "
-                       f"{paths})") from None
-
-  if "svd" in studies:
-    shapes("svd", "pattern")
-    for field in ("rank_fractions", "energies"):
-      values = list(config.svd[field])
-      need(values and all(0 < f <= 1 for f in values), f"svd.{field}", values,
-           "fractions in (0, 1]")
-  if "quant" in studies:
-    need(config.quant.scale_dtype in compression.SCALE_DTYPES, "quant.scale_dtype",
-         config.quant.scale_dtype, f"one of {', '.join(compression.SCALE_DTYPES)}")
-    inputs = sorted({n_in for n_in, _ in shapes("quant", "pattern").values()})
-    for name in config.quant.schemes.split(","):
-      try:
-        group = compression.parse_scheme(name)["group_size"]
-      except ValueError as e:
-        raise UsageError(f"--config.quant.schemes: {e}") from None
-      need(not group or all(n % group == 0 for n in inputs), "quant.schemes", name,
-           f"groups that divide every matrix's input size {inputs}")
-  if "lora" in studies:
-    most = min(min(s) for s in shapes("lora", "targets").values())
-    need(all(int(r) == r and 1 <= r <= most for r in config.lora.ranks), "lora.ranks",
-         list(config.lora.ranks), f"integers in [1, {most}] (min(in, out) of the targets)")
-    for field in ("num_steps", "eval_every", "alpha", "learning_rate", "full_learning_rate"):
-      need(config.lora[field] > 0, f"lora.{field}", config.lora[field], "a positive value")
-  if "distill" in studies:
-    d = config.distill
-    try:
-      train_lib.model_config(student_config(config), vocab_size)
-    except UsageError as e:
-      raise UsageError(str(e).replace("--config.model", "--config.distill.student")) from None
-    for field in ("num_steps", "eval_every", "learning_rate"):
-      need(d[field] > 0, f"distill.{field}", d[field], "a positive value")
-    need(d.temperatures and all(t > 0 for t in d.temperatures), "distill.temperatures",
-         list(d.temperatures), "one or more positive temperatures")
-    need(d.seeds and len(set(d.seeds)) == len(d.seeds), "distill.seeds", list(d.seeds),
-         "one or more distinct seeds")
-    need(0.0 <= d.alpha <= 1.0, "distill.alpha", d.alpha, "a mixing weight in [0, 1]")
-
-
-def run_config(config, **fields) -> ml_collections.ConfigDict:
-  """A training run's own config, what its directory keeps and checks: the base config without the
-  study blocks, with `fields` set."""
-  run = ml_collections.ConfigDict({k: v for k, v in config.to_dict().items()
-                                   if k not in STUDY_FIELDS})
-  run.update(fields)
-  return run
-
-
-def _schedule(block, learning_rate: float, weight_decay: float) -> dict:
-  """`block`'s steps, warmup and evaluation; AdamW at `learning_rate`, cosine to a tenth of it."""
-  return dict(num_steps=block.num_steps, eval_every=block.eval_every, learning_rate=learning_rate,
-              min_learning_rate=learning_rate / 10, weight_decay=weight_decay,
-              warmup_steps=min(block.warmup_steps, max(block.num_steps - 1, 0)))
-
-
-def plan_runs(config, studies: list[str], base: dict) -> dict[tuple[str, ...], object]:
-  """{directory names: config} of every training run after the base model; `base` (where the base
-  model comes from) is part of the config of the runs that start from it."""
-  runs, lc, d = {}, config.lora, config.distill
-  if "lora" in studies:
-    target = {"data": lc.target_data, "synthetic": lc.target_synthetic.to_dict(),
-              "max_chars": lc.target_max_chars}
-    full = _schedule(lc, lc.full_learning_rate, config.weight_decay)
-    for rank in lc.ranks:
-      runs["lora", f"rank_{rank}"] = run_config(
-          config, **_schedule(lc, lc.learning_rate, 0.0), target=target, base=base,
-          adapter={"rank": int(rank), "alpha": float(lc.alpha), "targets": lc.targets})
-    runs["lora", "full"] = run_config(config, **full, target=target, base=base)
-    if lc.scratch:
-      runs["lora", "scratch"] = run_config(config, **full, target=target)
-  if "distill" in studies:
-    student = student_config(config)
-    for seed in d.seeds:
-      student_run = dict(_schedule(d, d.learning_rate, config.weight_decay), seed=int(seed))
-      for t in d.temperatures:
-        runs["distill", f"seed_{seed}", f"T_{t:g}"] = run_config(
-            student, **student_run, teacher=base,
-            distillation={"temperature": float(t), "alpha": float(d.alpha)})
-      runs["distill", f"seed_{seed}", "scratch"] = run_config(student, **student_run)
-  return runs
