@@ -3,8 +3,8 @@ same numbers on 1 device, on 8 devices (data x fsdp x tensor) and in 2 processes
 SIGTERM midway and a rerun.
 
 experiments.compression defines absl flags at import, as every experiment does, so it runs in
-subprocesses here (two experiment modules cannot share one process's flags); its config checks and
-run plan live in experiments.configs.compression and run here directly.
+subprocesses here (two experiment modules cannot share one process's flags); the study's config
+checks and run plan (llm_math.studies.compression) run here directly.
 """
 import math
 import os
@@ -25,6 +25,7 @@ from llm_math import train_config
 from llm_math.analysis import compression
 from llm_math.analysis import lora as lora_lib
 from llm_math.errors import UsageError
+from llm_math.studies import compression as study
 
 from tests import helpers
 
@@ -214,7 +215,7 @@ def test_report_and_figures_regenerate_without_jax(run):
   for name in ("svd.png", "quant.png", "lora.png", "distill.png", "results.md"):
     os.remove(workdir / name)
   code = ("import runpy, sys; sys.argv = ['plot', '--workdir=%s']; "
-          "runpy.run_module('experiments.plot_compression', run_name='__main__'); "
+          "runpy.run_module('experiments.redraw', run_name='__main__'); "
           "assert 'jax' not in sys.modules" % workdir)
   subprocess.run([sys.executable, "-c", code], cwd=helpers.REPO, check=True,
                  capture_output=True, timeout=120)
@@ -224,10 +225,11 @@ def test_report_and_figures_regenerate_without_jax(run):
 
 
 def test_config_mistakes_are_usage_errors():
-  assert config_lib.parse_studies("quant, svd") == ["svd", "quant"]
+  assert study.parse_studies("quant, svd") == ["svd", "quant"]
   with pytest.raises(UsageError, match="--config.studies"):
-    config_lib.parse_studies("svd,prune")
-  config_lib.check(config_lib.get_config(), 32)
+    study.parse_studies("svd,prune")
+  check = lambda config: (study.check(config), study.check_shapes(config, 32))
+  check(config_lib.get_config())
   for field, value, fragment in [
       ("quant.schemes", "int4-group48", "--config.quant.schemes='int4-group48': expected groups"),
       ("quant.schemes", "int16-per_tensor", "--config.quant.schemes: scheme: 'int16-per_tensor'"),
@@ -249,7 +251,7 @@ def test_config_mistakes_are_usage_errors():
       block = block[p]
     block[name] = value
     with pytest.raises(UsageError, match=fragment) as error:
-      config_lib.check(config, 32)
+      check(config)
     assert "\n" not in str(error.value)
 
 
@@ -258,7 +260,7 @@ def test_every_run_has_its_own_config():
   rank or a temperature leaves the existing runs' configs (and directories) valid."""
   config = config_lib.get_config()
   base = {"model": "WORKDIR/base", "step": 1500}
-  plan = config_lib.plan_runs(config, config_lib.STUDIES, base)
+  plan = study.plan_runs(config, study.STUDIES, base)
   assert list(plan) == (
       [("lora", f"rank_{r}") for r in (1, 2, 4, 8, 16)] + [("lora", "full"), ("lora", "scratch")]
       + [("distill", f"seed_{s}", n) for s in (0, 1, 2) for n in ("T_1", "T_2", "T_4", "scratch")])
@@ -273,14 +275,14 @@ def test_every_run_has_its_own_config():
   assert (t2.seed, t2.num_steps, t2.model.d_model, t2.distillation.temperature) == (1, 600, 64, 2.0)
   assert "teacher" not in plan["distill", "seed_1", "scratch"]
   for run in plan.values():
-    assert not set(config_lib.STUDY_FIELDS) & set(run)
+    assert not set(study.STUDY_FIELDS) & set(run)
   config.lora.ranks, config.distill.temperatures = (2, 32), (2.0, 8.0)
-  wider = config_lib.plan_runs(config, ["lora", "distill"], base)
+  wider = study.plan_runs(config, ["lora", "distill"], base)
   for names in (("lora", "rank_2"), ("lora", "full"), ("distill", "seed_0", "T_2")):
     assert wider[names].to_dict() == plan[names].to_dict()
   assert ("lora", "rank_32") in wider and ("distill", "seed_2", "T_8") in wider
-  assert config_lib.run_config(config).to_dict() == {
-      k: v for k, v in config.to_dict().items() if k not in config_lib.STUDY_FIELDS}
+  assert study.run_config(config).to_dict() == {
+      k: v for k, v in config.to_dict().items() if k not in study.STUDY_FIELDS}
 
 
 def test_a_changed_setting_is_a_one_line_error_naming_the_run(run, tmp_path):

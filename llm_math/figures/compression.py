@@ -1,7 +1,5 @@
-r"""Figures and report of experiments/compression.py from its results.json (matplotlib and numpy
-only, no JAX), so both can be redrawn from the file alone:
-
-  python -m experiments.plot_compression --workdir=/tmp/compression   # figures and results.md
+"""Figures of the compression study (`llm_math.studies.compression`) from its results.json, one per
+study present in the results:
 
 svd.png      perplexity vs the fraction of singular values kept and vs the factored parameter count,
              with the float model and the references; the singular value spectra.
@@ -12,9 +10,7 @@ distill.png  student validation loss over steps per temperature vs from scratch 
              over seeds), the excess over the floor, and the paired final difference vs T.
 """
 
-import argparse
 import math
-import os
 
 import matplotlib
 
@@ -23,10 +19,8 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 from matplotlib import ticker  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from experiments import common  # pylint: disable=g-import-not-at-top,wrong-import-position
-from llm_math import reports
-from llm_math import files  # pylint: disable=g-import-not-at-top,wrong-import-position
-from llm_math.figures import save_figure
+from llm_math.figures import draw_each  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llm_math.figures import save_figure  # pylint: disable=g-import-not-at-top,wrong-import-position
 from llm_math.reports import measurement_caption  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _REFERENCE_STYLES = {"floor": ("black", "-", "floor (true model)"),
@@ -310,239 +304,11 @@ def plot_distill(results: dict, path: str):
   save_figure(fig, path, dpi=120)
 
 
-# ------------------------------------------------------------------------------------------------
-# The report (results.md) and the headline numbers.
+FIGURES = {"svd.png": plot_svd, "quant.png": plot_quant, "lora.png": plot_lora,
+           "distill.png": plot_distill}
 
 
-def target_changes(config: dict) -> dict | None:
-  """{field: [base, target]} of the synthetic source fields the LoRA transfer changes (None when
-  either source is a corpus), from a config as a dict."""
-  if config["lora"]["target_data"] != "synthetic" or config["data"] != "synthetic":
-    return None
-  base, target = config["synthetic"], config["lora"]["target_synthetic"]
-  return {k: [base.get(k), v] for k, v in sorted(target.items())
-          if k not in ("train_tokens", "val_tokens") and base.get(k) != v}
-
-
-def headline(results: dict) -> dict:
-  """The numbers the README quotes, in one place: base NLL, perplexity change per quantization
-  scheme, singular values kept per energy budget, LoRA's share of full fine-tuning's gain per rank,
-  distilled minus scratch NLL per temperature (lists of records, so no key holds a dot)."""
-  out = {"base_val_nll": results["base"]["val_nll"]}
-  if "quant" in results:
-    out["quant"] = [{k: r[k] for k in ("scheme", "bits_per_param", "ppl_change_pct")}
-                    for r in results["quant"]["records"] if r["bits"] < 32]
-  if "svd" in results:
-    out["svd_energy"] = [{"energy": r["setting"], "singular_values_kept": r["singular_values_kept"],
-                          "ppl_change_pct": r["ppl_change_pct"]}
-                         for r in results["svd"]["records"] if r["method"] == "global energy"]
-  if "lora" in results:
-    out["lora"] = [{k: r[k] for k in ("name", "trainable_params", "val_nll", "share_of_full_gain")
-                    if k in r} for r in results["lora"]["runs"]]
-  if "distill" in results:
-    d = results["distill"]
-    out["distill"] = [{"name": name, **{k: m[k] for k in (
-        "temperature", "val_nll_mean", "minus_scratch_mean", "seeds_better_than_scratch")}}
-                      for name, m in d["summary"].items()]
-    out["distill_teacher_val_nll"] = d["teacher"]["val_nll"]
-  return out
-
-
-def _caption(ev: dict) -> str:
-  return (f"{ev['split']} split of {ev['data']}: {ev['tokens_scored']:,} tokens scored, windows of "
-          f"{ev['seq_len']} moved by {ev['stride']}, context {ev['context_min']}-"
-          f"{ev['context_max']} tokens (mean {ev['context_mean']:.1f})")
-
-
-def _references_line(what: str, refs: dict) -> str:
-  return f"{what}: " + ", ".join(f"{k} {v:.4f} nats (ppl {math.exp(v):.3f})"
-                                 for k, v in refs.items()) + "."
-
-
-def _pct(r: dict) -> str:
-  return reports.fmt(r["ppl_change_pct"], "+.2f") + "%"
-
-
-def _svd_section(s: dict, base: dict) -> list[str]:
-  recs = s["records"]
-  rows = [[r["method"], f"{r['setting']:g}", f"{r['singular_values_kept']:.3f}",
-           f"{r['energy_kept']:.4f}", f"{r['relative_error']:.4f}",
-           f"{r['params_factored'] / r['params_dense']:.3f}", f"{r['val_nll']:.4f}",
-           reports.fmt(r["val_ppl"], ".3f"), _pct(r)] for r in recs]
-  lines = ["", "## Perplexity vs rank (SVD truncation)", "",
-           f"Matrices `{s['pattern']}` ({len(s['spectra'])} of them) replaced by their best rank-r "
-           "approximation; 'uniform' keeps the same fraction of min(in, out) in every matrix, "
-           "'global energy' keeps the largest singular values over all matrices until that share "
-           "of sum s^2. Stored as factors they would take r (in + out) numbers.", ""]
-  lines += reports.markdown_table(
-      ["method", "setting", "singular values kept", "energy kept", "rel. Frobenius error",
-       "factored / dense params", "val NLL", "perplexity", "PPL change"], rows, "lrrrrrrrr")
-  uniform = sorted((r for r in recs if r["method"] == "uniform"), key=lambda r: r["setting"])
-  within = [r for r in recs if r["ppl_change_pct"] is not None and r["ppl_change_pct"] <= 1.0]
-  if uniform:
-    lo, hi = uniform[0], uniform[-1]
-    lines += ["", f"Perplexity falls from {reports.fmt(lo['val_ppl'], '.3f')} at rank fraction "
-              f"{lo['setting']:g} to {reports.fmt(hi['val_ppl'], '.3f')} at {hi['setting']:g} "
-              f"(float {base['val_ppl']:.3f})."]
-  if within:
-    r = min(within, key=lambda r: r["params_factored"])
-    lines.append(f"The fewest factored parameters within 1% of float: {r['method']} "
-                 f"{r['setting']:g}, {r['singular_values_kept']:.1%} of the singular values, "
-                 f"{r['params_factored']:,} vs {r['params_dense']:,} dense ({_pct(r)}).")
-  return lines
-
-
-def _quant_section(q: dict, base: dict) -> list[str]:
-  rows = [[r["scheme"], f"{r['bits_per_param']:.3f}", f"{r['bytes']:,}", f"{r['model_bytes']:,}",
-           f"{r['relative_error']:.4f}", f"{r['val_nll']:.4f}", reports.fmt(r["val_ppl"], ".3f"),
-           _pct(r)] for r in q["records"]]
-  lines = ["", "## Perplexity vs quantization scheme", "",
-           f"Symmetric absmax round-to-nearest of the {q['params_quantized']:,} parameters in "
-           f"`{q['pattern']}` (of {q['params_total']:,}; the rest stay float32), scales stored as "
-           f"{q['scale_dtype']} and counted in bits/param; dequantized on load.", ""]
-  lines += reports.markdown_table(["scheme", "bits/param", "quantized bytes", "model bytes",
-                                  "rel. weight error", "val NLL", "perplexity", "PPL change"], rows)
-  by = {r["scheme"]: r for r in q["records"]}
-  if "int8-per_channel" in by:
-    r = by["int8-per_channel"]
-    within = "within" if abs(r["ppl_change_pct"]) <= 1.0 else "NOT within"
-    lines += ["", f"int8 per-channel: perplexity {r['val_ppl']:.3f} vs float {base['val_ppl']:.3f} "
-              f"({r['ppl_change_pct']:+.3f}%), {within} 1% of float, at "
-              f"{r['bits_per_param']:.3f} bits/param ({32 / r['bits_per_param']:.1f}x smaller)."]
-  int4 = [r for r in q["records"] if r["bits"] == 4]
-  if int4:
-    lines += ["", "int4 RTN costs " + "; ".join(
-        f"{r['scheme']} {_pct(r)} perplexity ({r['val_nll'] - base['val_nll']:+.4f} nats) at "
-        f"{r['bits_per_param']:.3f} bits/param" for r in int4) + "."]
-  return lines
-
-
-def _lora_section(lo: dict, data: str) -> list[str]:
-  changes = lo.get("target_changes")
-  rows = [[r["name"], f"{r['trainable_params']:,}",
-           f"{100 * r['trainable_params'] / lo['params_total']:.2f}%",
-           (f"{r['adapted_params'] / r['trainable_params']:.0f}x ({r['adapted_matrices']} matrices)"
-            if r["kind"] == "lora" else "-"),
-           reports.fmt(r.get("share_of_full_gain"), ".0%"), f"{r['val_nll']:.4f}",
-           reports.fmt(r["val_ppl"], ".3f")] for r in lo["runs"]]
-  lines = ["", "## LoRA transfer: quality vs rank", "",
-           f"Pretrained on {data}, fine-tuned on {lo['target']}"
-           + ("; changed: " + ", ".join(f"{k} {a:g} -> {b:g}" for k, (a, b) in changes.items())
-              if changes else "")
-           + f"; {lo['num_steps']} steps, the same batches for every run. LoRA adapts "
-           f"`{lo['targets']}` with W + (alpha/r) a b, alpha = {lo['alpha']:g}; full fine-tuning "
-           f"trains all {lo['params_total']:,} parameters.",
-           f"Measured on the {_caption(lo['evaluation'])}.",
-           _references_line("Target references", lo["references"]), ""]
-  lines += reports.markdown_table(["run", "trainable params", "% of full",
-                                  "adapted matrices' params / trainable",
-                                  "share of full FT's gain", "val NLL", "perplexity"], rows)
-  runs = {r["kind"]: r for r in lo["runs"] if r["kind"] != "lora"}
-  loras = [r for r in lo["runs"] if r["kind"] == "lora"]
-  full = runs["full"]
-  if loras:
-    best = min(loras, key=lambda r: r["val_nll"])
-    lines += ["", f"The share of full fine-tuning's NLL gain is (no FT - LoRA) / (no FT - full FT), "
-              f"from {runs['none']['val_nll']:.4f} to {full['val_nll']:.4f} nats. The best LoRA "
-              f"(r={best['rank']}, {best['val_nll']:.4f} nats) trains "
-              f"{full['trainable_params'] / best['trainable_params']:.0f}x fewer parameters than "
-              f"full fine-tuning and is {best['val_nll'] - full['val_nll']:+.4f} nats from it."]
-  if "scratch" in runs:
-    sc = runs["scratch"]
-    lines += ["", f"The same architecture trained from scratch on the target for the same "
-              f"{lo['num_steps']} steps reaches {sc['val_nll']:.4f} nats vs {full['val_nll']:.4f} "
-              f"for full fine-tuning ({sc['val_nll'] - full['val_nll']:+.4f} nats; one seed each, "
-              "so a gap of a few hundredths of a nat is within what another seed can change)."]
-  return lines
-
-
-def _distill_section(d: dict) -> list[str]:
-  summary, n_seeds = d["summary"], len(d["seeds"])
-  scratch_name = next(k for k, m in summary.items() if m["alpha"] == 0)
-  m = d["student_model"]
-  rows = [[f"teacher ({d['teacher_params']:,} params)", "-", "-", f"{d['teacher']['val_nll']:.4f}",
-           f"{d['teacher']['val_ppl']:.3f}", "-", "-", "-"]]
-  for name, s in summary.items():
-    paired = name != scratch_name
-    rows.append([f"student, {name}", f"{s['alpha']:g}", f"{s['temperature']:g}" if paired else "-",
-                 f"{s['val_nll_mean']:.4f} ({s['val_nll_min']:.4f}-{s['val_nll_max']:.4f})",
-                 f"{s['val_ppl_mean']:.3f}",
-                 ", ".join(f"{x:+.4f}" for x in s["minus_scratch_per_seed"]) if paired else "-",
-                 f"{s['minus_scratch_mean']:+.4f}" if paired else "-",
-                 f"{s['seeds_better_than_scratch']}/{n_seeds}" if paired else "-"])
-  lines = ["", "## Distillation vs training from scratch", "",
-           f"Student {d['student_params']:,} parameters ({m['num_layers']} layer(s), d_model "
-           f"{m['d_model']}, {m['num_heads']} heads, d_ff {m['d_ff']}), teacher = the base model. "
-           f"For each of {n_seeds} seeds (student initialization and batch order) every student "
-           f"starts from the same initialization and sees the same {d['num_steps']} batches with "
-           f"the same optimizer; distilled students minimize alpha T^2 KL(teacher_T || student_T) "
-           f"+ (1 - alpha) CE with alpha = {d['alpha']:g}, the scratch student CE alone. "
-           "Differences are paired by seed.", ""]
-  lines += reports.markdown_table(
-      ["model", "alpha", "T", "val NLL, mean over seeds (min-max)", "perplexity at mean NLL",
-       "NLL - scratch, per seed", "mean NLL - scratch", "seeds better than scratch"], rows)
-  distilled = {k: s for k, s in summary.items() if k != scratch_name}
-  name, best = min(distilled.items(), key=lambda kv: kv[1]["val_nll_mean"])
-  better = best["seeds_better_than_scratch"]
-  verdict = "better than" if better == n_seeds else "worse than" if better == 0 else "mixed against"
-  reach = next((step for step, v in zip(best["steps"], best["curve_mean"])
-                if v <= summary[scratch_name]["val_nll_mean"]), None)
-  lines += ["", f"After {d['num_steps']} steps the best distilled student ({name}) is at "
-            f"{best['val_nll_mean']:.4f} nats (mean of {n_seeds} seeds) vs "
-            f"{summary[scratch_name]['val_nll_mean']:.4f} from scratch: "
-            f"{best['minus_scratch_mean']:+.4f} nats, {verdict} scratch ({better}/{n_seeds} seeds "
-            f"lower; teacher {d['teacher']['val_nll']:.4f})"
-            + (f"; its mean curve reached scratch's final loss by step {reach}." if reach is not None
-               else ".")]
-  return lines
-
-
-def report(results: dict) -> str:
-  """results.md: every table and the sentences the numbers support."""
-  ev, base = results["evaluation"], results["base"]
-  lines = [f"# Compression of a Transformer LM: {ev['data']}", "",
-           f"Base model: {base['params']:,} parameters, {base['origin']}, step {base['step']}; "
-           f"float32 validation NLL {base['val_nll']:.4f} nats, perplexity {base['val_ppl']:.3f}.",
-           f"Measured on the {_caption(ev)}.",
-           _references_line("References on the same tokens", results["references"])]
-  if "svd" in results:
-    lines += _svd_section(results["svd"], base)
-  if "quant" in results:
-    lines += _quant_section(results["quant"], base)
-  if "lora" in results:
-    lines += _lora_section(results["lora"], ev["data"])
-  if "distill" in results:
-    lines += _distill_section(results["distill"])
-  lines += ["", f"Wall time: {results['wall_time_s']:.0f} s (" + ", ".join(
-      f"{k} {v:.0f} s" for k, v in results["timings_s"].items()) + ")."]
-  return "\n".join(lines) + "\n"
-
-
-PLOTS = {"svd": plot_svd, "quant": plot_quant, "lora": plot_lora, "distill": plot_distill}
-
-
-def plot_all(results: dict, workdir: str) -> list[str]:
-  """Draws the figure of every study present in `results`; returns the file names."""
-  written = []
-  for study, plot in PLOTS.items():
-    if study in results:
-      plot(results, os.path.join(workdir, f"{study}.png"))
-      written.append(f"{study}.png")
-  return written
-
-
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", required=True, help="A workdir of experiments.compression.")
-  args = parser.parse_args()
-  path = files.path(args.workdir) / "results.json"
-  if not path.exists():
-    parser.exit(2, f"error: --workdir={args.workdir}: no results.json (run "
-                   "experiments.compression there first)\n")
-  results = files.read_json(path)
-  files.write_text(files.path(args.workdir) / "results.md", report(results))
-  print("wrote results.md, " + ", ".join(plot_all(results, args.workdir)))
-
-
-if __name__ == "__main__":
-  main()
+def draw(results: dict, workdir) -> list[str]:
+  """Draws the figure of every study present in `results` into `workdir`; returns their names."""
+  return draw_each({name: plot for name, plot in FIGURES.items()
+                    if name.removesuffix(".png") in results}, results, workdir)
