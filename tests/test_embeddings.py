@@ -152,6 +152,78 @@ def test_pca_matches_covariance_eigenvectors_and_sign_convention():
   np.testing.assert_allclose(coords_neg, -np.asarray(coords), rtol=1e-4, atol=1e-4)
 
 
+def test_all_nearest_neighbors_and_class_purity_on_clusters():
+  """Rows in orthogonal clusters: every row's k = size - 1 neighbours are its cluster, so each class
+  (a cluster) is pure; a class of one row has no neighbours to share and is left out."""
+  rng = np.random.default_rng(6)
+  n_clusters, size, d = 4, 5, 16
+  centers = _orthonormal(rng, d, n_clusters + 1)
+  emb = np.concatenate([np.repeat(centers[:n_clusters], size, axis=0)
+                        + 0.05 * rng.standard_normal((n_clusters * size, d)), centers[-1:]])
+  v = len(emb)
+  classes = [f"c{i // size}" for i in range(n_clusters * size)] + ["alone"]
+  idx, sims = e.all_nearest_neighbors(jnp.asarray(emb, jnp.float32), size - 1)
+  assert idx.shape == sims.shape == (v, size - 1)
+  unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+  cos = unit @ unit.T
+  np.fill_diagonal(cos, -np.inf)
+  np.testing.assert_allclose(sims, -np.sort(-cos, axis=1)[:, :size - 1], atol=1e-5)
+  np.testing.assert_allclose(np.take_along_axis(cos, idx, axis=1), sims, atol=1e-5)
+  names = ["c2", "alone", "c0", "c1", "c3", "absent"]
+  purity = e.class_purity(idx, classes, names)
+  assert list(purity) == ["c2", "c0", "c1", "c3"]  # the order of `names`, classes of >= 2 rows
+  for r in purity.values():
+    assert r == {"tokens": size, "same_class_share": 1.0, "chance": (size - 1) / (v - 1)}
+
+
+def _case_embeddings(pairs: int, noise: int = 20, d: int = 64):
+  """Lowercase rows b_i (orthonormal), uppercase rows b_i + c (one shared case direction c), and
+  random distractor rows: every case offset is parallel, so every case analogy holds."""
+  rng = np.random.default_rng(7)
+  basis = _orthonormal(rng, d, pairs + 1)
+  lower, case = basis[:pairs], basis[pairs]
+  distractors = rng.standard_normal((noise, d)) / np.sqrt(d)
+  emb = np.concatenate([lower, lower + case[None], distractors])
+  return jnp.asarray(emb, jnp.float32), [(i, pairs + i) for i in range(pairs)]
+
+
+def test_case_analysis_with_parallel_case_offsets():
+  emb, pairs = _case_embeddings(4)
+  v = emb.shape[0]
+  r = e.case_analysis(emb, pairs, k=3)
+  assert r["pairs"] == 4 and r["upper_is_nearest_to_lower"] == r["upper_in_top_k_of_lower"] == 1.0
+  assert r["chance_nearest"] == pytest.approx(1 / (v - 1))
+  for direction in ("lower_to_upper", "upper_to_lower"):
+    d = r[direction]
+    assert d["analogies"] == 4 * 3
+    assert d["top1"] == d["top_k"] == 1.0
+    assert d["only_c_baseline"] == 1.0  # c's own partner is its nearest row here
+    assert d["chance_top1"] == pytest.approx(1 / (v - 3))
+  # Offsets unit(b + c) - b = b (1/sqrt2 - 1) + c / sqrt2: pairwise cosine (1/2) / (2 - sqrt2).
+  assert r["offset_mean_cosine"] == pytest.approx(0.5 / (2 - np.sqrt(2)), rel=1e-5)
+  # With one pair there is no analogy to form.
+  one = e.case_analysis(emb, pairs[:1], k=3)
+  assert "lower_to_upper" not in one and "offset_mean_cosine" not in one and one["pairs"] == 1
+
+
+def test_spectrum_of_a_matrix_with_known_centred_singular_values():
+  rng = np.random.default_rng(8)
+  v, d, s = 30, 12, np.array([4.0, 3.0, 2.0, 2.0, 1.0, 0.5])
+  centred = rng.standard_normal((v, len(s)))
+  centred -= centred.mean(0)
+  u, _ = np.linalg.qr(centred)  # orthonormal columns, each summing to 0
+  emb = 3.0 + (u * s) @ _orthonormal(rng, d, len(s))  # a common offset the centring removes
+  spec = e.spectrum(jnp.asarray(emb, jnp.float32))
+  np.testing.assert_allclose(spec["singular_values"][:len(s)], s, rtol=1e-4)
+  np.testing.assert_allclose(spec["singular_values"][len(s):], 0, atol=1e-4)
+  share = s ** 2 / np.sum(s ** 2)
+  np.testing.assert_allclose(spec["variance_effective_rank"], np.exp(-np.sum(share * np.log(share))),
+                             rtol=1e-5)
+  np.testing.assert_allclose(spec["top2_variance_share"], share[0] + share[1], rtol=1e-5)
+  np.testing.assert_allclose(spec["pca_variance_ratio"], share[:2], rtol=1e-5)
+  assert np.shape(spec["pca_coords"]) == (v, 2)
+
+
 def test_bad_arguments():
   emb = jnp.ones((5, 3))
   with pytest.raises(ValueError, match="emb"):

@@ -17,8 +17,10 @@ from llm_math import data as data_lib
 from llm_math import generate as generate_lib
 from llm_math import model as model_lib
 from llm_math import optimizer as optimizer_lib
+from llm_math import sampling_session
 from llm_math import sharding
 from llm_math import train as train_lib
+from llm_math.errors import UsageError
 from tests import helpers
 
 _SPEAKERS = ["KING HENRY", "QUEEN MARGARET", "ROMEO", "JULIET", "FRIAR LAURENCE", "DUKE VINCENTIO",
@@ -105,19 +107,19 @@ def test_sample_prints_text_entropy_and_speed_and_matches_the_library(run_dir, t
                              rtol=1e-5)
 
 
-@pytest.mark.parametrize("args,fragment", [
-    (["--workdir=/no/such/run"], "error: --workdir=/no/such/run: no such directory"),
-    (["--prompt=caf\u00e9"],
-     "error: --prompt: character '\u00e9' is not in the tokenizer's alphabet"),
-    (["--top_p=1.5"], "error: --top_p=1.5: must lie in (0, 1]"),
-])
-def test_sample_user_mistakes_are_one_line_errors(run_dir, args, fragment):
-  if not any(a.startswith("--workdir") for a in args):
-    args = [f"--workdir={run_dir}"] + args
-  proc = _run("experiments.sample", *args)
+def test_sample_user_mistakes_are_one_line_errors(run_dir):
+  """The command ends with one line naming the flag; the library raises that line's UsageError
+  (the command line prints a UsageError as one line, exit status 2, as the first case shows)."""
+  proc = _run("experiments.sample", "--workdir=/no/such/run")
   assert proc.returncode == 2, proc.stderr
   assert "Traceback" not in proc.stderr
-  assert fragment in proc.stderr.splitlines(), proc.stderr
+  assert "error: --workdir=/no/such/run: no such directory" in proc.stderr.splitlines(), proc.stderr
+  for prompt, settings, message in [
+      ("caf\u00e9", {}, "--prompt: character '\u00e9' is not in the tokenizer's alphabet"),
+      ("\n", {"top_p": 1.5}, "--top_p=1.5: must lie in (0, 1]")]:
+    with pytest.raises(UsageError) as error:
+      sampling_session.sample(str(run_dir), prompt, num_tokens=40, **settings)
+    assert str(error.value) == message
 
 
 def test_embeddings_experiment_measures_the_checkpoint(run_dir, tmp_path):
@@ -138,7 +140,12 @@ def test_embeddings_experiment_measures_the_checkpoint(run_dir, tmp_path):
   np.testing.assert_allclose(spec["singular_values"], s, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(spec["top2_variance_share"], (s[:2] ** 2).sum() / (s ** 2).sum(),
                              rtol=1e-4)
-  assert 1 <= spec["effective_rank"] <= len(s)
+  # Its variance effective rank: exp of the entropy of the variance shares s_i^2 / sum s^2.
+  share = s ** 2 / (s ** 2).sum()
+  share = share[share > 0]
+  np.testing.assert_allclose(spec["variance_effective_rank"],
+                             np.exp(-(share * np.log(share)).sum()), rtol=1e-6)
+  assert 1 <= spec["variance_effective_rank"] <= len(s)
 
   # The initialization is the run's own step-0 embedding (same model, initializer and seed).
   model = model_lib.Transformer(trained.model_config)
@@ -173,11 +180,12 @@ def test_embeddings_experiment_measures_the_checkpoint(run_dir, tmp_path):
     assert 0 <= purity["same_class_share"] <= 1
     assert purity["chance"] == pytest.approx((purity["tokens"] - 1) / (v - 1)), name
 
-  # Figures exist and are redrawn from results.json alone by the plotting script.
+  # Figures exist and are redrawn from results.json alone by experiments.redraw.
   figures = ["embedding_spectrum.png", "embedding_pca.png", "embedding_cosine.png"]
+  assert results["figures"] == figures
   for name in figures:
     (out_dir / name).unlink()
-  proc = _run("experiments.plot_embeddings", f"--workdir={run_dir}", f"--output_dir={out_dir}")
+  proc = _run("experiments.redraw", f"--workdir={out_dir}")
   assert proc.returncode == 0, proc.stderr
   for name in figures:
     assert (out_dir / name).stat().st_size > 10_000, name

@@ -3,9 +3,18 @@
 Similarity is cosine similarity, cos(u, w) = u . w / (|u| |w|); a zero row has similarity 0 to
 everything. Indices, `k` and `exclude` are Python ints (static under jit); the arrays may be
 traced.
+
+The last section summarizes a whole matrix on the host (numpy in, JSON-able dicts out): every row's
+neighbours, how often they share a row's class, paired rows (a letter's two cases) and their
+analogies, and the spectrum.
 """
+import itertools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from llm_math.analysis import spectra
 
 _NORM_FLOOR = 1e-12
 
@@ -126,3 +135,86 @@ def pca_2d(emb_VxD: jax.Array) -> tuple[jax.Array, jax.Array]:
   variance = sing * sing
   ratio_2 = variance[:2] / jnp.maximum(jnp.sum(variance), _NORM_FLOOR)
   return centered_VxD @ axes_2xD.T, ratio_2
+
+
+# ----------------------------------------------------------------------------------------------
+# Summaries of a whole matrix (host side: numpy in, JSON-able values out).
+# ----------------------------------------------------------------------------------------------
+
+
+def all_nearest_neighbors(emb_VxD, k: int) -> tuple[np.ndarray, np.ndarray]:
+  """(indices `[V, k]`, cosines `[V, k]`) of each row's k nearest other rows, most similar first."""
+  idx, sims = zip(*(nearest_neighbors(emb_VxD, i, k) for i in range(emb_VxD.shape[0])))
+  return np.asarray(idx), np.asarray(sims)
+
+
+def class_purity(neighbor_idx_VxK: np.ndarray, classes_V: list[str], names) -> dict:
+  """How often a row's neighbours share its class, for each class of `names` (in that order) with
+  at least 2 rows: {name: {tokens: n, same_class_share: mean over the class's rows of the share of
+  their K neighbours (`neighbor_idx_VxK`, e.g. from `all_nearest_neighbors`) in the class, chance:
+  (n - 1) / (V - 1)}}."""
+  v = len(classes_V)
+  out = {}
+  for name in names:
+    members = [i for i, c in enumerate(classes_V) if c == name]
+    if len(members) < 2:
+      continue
+    same = [np.mean([classes_V[j] == name for j in neighbor_idx_VxK[i]]) for i in members]
+    out[name] = {"tokens": len(members), "same_class_share": float(np.mean(same)),
+                 "chance": (len(members) - 1) / (v - 1)}
+  return out
+
+
+def case_analysis(emb_VxD, pairs: list[tuple[int, int]], k: int) -> dict:
+  """Structure of paired rows, `pairs` = [(lower row, upper row)] (a letter's two cases, 'a' and
+  'A'): is upper the nearest row to lower (rank among all others, self excluded), and within the k
+  nearest; do the analogies upper_x - lower_x + lower_y -> upper_y (3CosAdd, `analogy`) and the
+  reverse hold over all ordered pairs x != y, top-1 and top-k, against the "only c" baseline (the
+  nearest row to lower_y alone, a, b, c excluded); and the mean pairwise cosine of the offsets
+  unit(upper) - unit(lower). The analogy entries are left out with fewer than 2 pairs."""
+  v = emb_VxD.shape[0]
+  cos_VxV = np.array(cosine_similarity_matrix(emb_VxD))
+  np.fill_diagonal(cos_VxV, -np.inf)
+  ranks = [int(np.sum(cos_VxV[lo] > cos_VxV[lo, up])) for lo, up in pairs]
+  result = {"pairs": len(pairs),
+            "upper_is_nearest_to_lower": float(np.mean([r == 0 for r in ranks])),
+            "upper_in_top_k_of_lower": float(np.mean([r < k for r in ranks])),
+            "chance_nearest": 1 / (v - 1)}
+  if len(pairs) < 2:
+    return result
+  for direction in ("lower_to_upper", "upper_to_lower"):
+    top1, topk, only_c = [], [], []
+    for (x_lo, x_up), (y_lo, y_up) in itertools.permutations(pairs, 2):
+      # "b is to a as c is to ?": a - b + c with a = X, b = x, c = y -> Y (or the reverse).
+      a, b, c, want = ((x_up, x_lo, y_lo, y_up) if direction == "lower_to_upper"
+                       else (x_lo, x_up, y_up, y_lo))
+      idx, _ = analogy(emb_VxD, a, b, c, k=k)
+      idx = np.asarray(idx)
+      top1.append(idx[0] == want)
+      topk.append(want in idx)
+      row = cos_VxV[c].copy()
+      row[[a, b, c]] = -np.inf
+      only_c.append(int(np.argmax(row)) == want)
+    result[direction] = {"analogies": len(top1), "top1": float(np.mean(top1)),
+                         "top_k": float(np.mean(topk)), "only_c_baseline": float(np.mean(only_c)),
+                         "chance_top1": 1 / (v - 3)}
+  unit_VxD = np.asarray(normalize_rows(emb_VxD))
+  offsets_PxD = np.stack([unit_VxD[up] - unit_VxD[lo] for lo, up in pairs])
+  offset_cos_PxP = np.asarray(cosine_similarity_matrix(offsets_PxD))
+  result["offset_mean_cosine"] = float(offset_cos_PxP[~np.eye(len(pairs), dtype=bool)].mean())
+  return result
+
+
+def spectrum(emb_VxD) -> dict:
+  """The spectrum of the mean-centred matrix: singular_values `[min(V, D)]` (descending),
+  variance_effective_rank exp(H(p)) with p_i = s_i^2 / sum s^2 (`spectra.variance_effective_rank`,
+  float64), and its 2-D PCA (`pca_2d`): pca_coords `[V, 2]`, pca_variance_ratio `[2]` and their
+  sum, top2_variance_share."""
+  s = np.asarray(singular_values(emb_VxD, center=True), np.float64)
+  emb64_VxD = np.asarray(emb_VxD, np.float64)
+  rank = spectra.variance_effective_rank(emb64_VxD - emb64_VxD.mean(axis=0, keepdims=True))
+  coords, ratio = pca_2d(emb_VxD)
+  return {"singular_values": s.tolist(), "variance_effective_rank": float(rank),
+          "top2_variance_share": float(np.sum(np.asarray(ratio))),
+          "pca_coords": np.asarray(coords).tolist(),
+          "pca_variance_ratio": np.asarray(ratio).tolist()}

@@ -1,15 +1,9 @@
-"""Figures of experiments/embeddings.py, redrawn from its results.json (numpy and matplotlib only).
+"""Figures of the embeddings study (`llm_math.studies.embeddings`) from its results.json.
 
-  python -m experiments.plot_embeddings --workdir=/tmp/shakespeare_cpu \
-      --output_dir=/tmp/shakespeare_emb
-
-takes the same --workdir / --output_dir as the experiment (results in --output_dir, default
-<workdir>/embeddings) and rewrites embedding_spectrum.png, embedding_pca.png, embedding_cosine.png.
+Draws embedding_spectrum.png (singular values of the centred embedding and the cumulative variance,
+trained vs initialization), embedding_pca.png (tokens on the top two principal axes, by class) and
+embedding_cosine.png (cosine similarity of the trained embeddings, tokens grouped by class).
 """
-
-import argparse
-import os
-import sys
 
 import matplotlib
 
@@ -17,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from llm_math import files  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llm_math.figures import draw_each  # pylint: disable=g-import-not-at-top,wrong-import-position
 from llm_math.figures import save_figure  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CLASS_COLORS = {
@@ -44,8 +38,9 @@ def plot_spectrum(results: dict, path: str):
     s = np.asarray(spec["singular_values"], np.float64)
     keep = s > 1e-6 * s[0]  # centring leaves one exact zero when V <= D
     i = np.arange(1, len(s) + 1)
-    rank = np.nan if spec["effective_rank"] is None else spec["effective_rank"]  # NaN: null
-    label = f"{name} (effective rank {rank:.1f})"
+    rank = spec["variance_effective_rank"]
+    rank = np.nan if rank is None else rank  # null in results.json: NaN
+    label = f"{name} (variance effective rank {rank:.1f})"
     ax_s.plot(i[keep], s[keep], style, color=color, marker="o", ms=2.5, lw=1.3, label=label)
     share = np.cumsum(s ** 2) / np.sum(s ** 2)
     ax_c.plot(i, share, style, color=color, lw=1.5, label=label)
@@ -57,7 +52,7 @@ def plot_spectrum(results: dict, path: str):
            yscale="log", title="Singular values of the centred embedding")
   ax_c.set(xlabel="number of principal axes i",
            ylabel="share of the variance sum_{j<=i} s_j^2 / sum s^2", ylim=(0, 1.02), xlim=(0, n),
-           title="Cumulative variance (dotted verticals: effective ranks)")
+           title="Cumulative variance (dotted verticals: variance effective ranks)")
   for ax in (ax_s, ax_c):
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
@@ -65,10 +60,11 @@ def plot_spectrum(results: dict, path: str):
   save_figure(fig, path)
 
 
-def _case_pairs(texts):
-  index = {t: i for i, t in enumerate(texts)}
-  return [(index[c], index[c.upper()]) for c in "abcdefghijklmnopqrstuvwxyz"
-          if c in index and c.upper() in index]
+def _case_pairs(results: dict) -> list[tuple[int, int]]:
+  """(lowercase id, uppercase id) of the letters the study found in both cases."""
+  index = {t: i for i, t in enumerate(results["texts"])}
+  case = results["trained"]["case"]
+  return [(index[c], index[c.upper()]) for c in (case["letters"] if case else "")]
 
 
 def plot_pca(results: dict, path: str):
@@ -78,7 +74,7 @@ def plot_pca(results: dict, path: str):
   for ax, name in zip(axes, ("trained", "initialization")):
     spec = results[name]["spectrum"]
     xy = np.asarray(spec["pca_coords"], np.float64)
-    for lo, up in _case_pairs(results["texts"]):
+    for lo, up in _case_pairs(results):
       ax.plot(xy[[lo, up], 0], xy[[lo, up], 1], color="0.75", lw=0.7, zorder=1)
     for cls in dict.fromkeys(classes):
       members = [i for i, c in enumerate(classes) if c == cls]
@@ -92,7 +88,7 @@ def plot_pca(results: dict, path: str):
     ax.set(xlabel=f"principal axis 1 ({100 * ratio[0]:.1f}% of the variance; embedding units)",
            ylabel=f"principal axis 2 ({100 * ratio[1]:.1f}% of the variance; embedding units)",
            title=f"{name}: 2-D PCA" + (" (grey lines join a letter's two cases)"
-                                       if _case_pairs(results["texts"]) else ""))
+                                       if _case_pairs(results) else ""))
     ax.axhline(0, color="0.85", lw=0.8, zorder=0)
     ax.axvline(0, color="0.85", lw=0.8, zorder=0)
     ax.grid(alpha=0.2)
@@ -125,33 +121,10 @@ def plot_cosine(results: dict, path: str):
   save_figure(fig, path)
 
 
-def plot_all(results: dict, out_dir: str) -> list[str]:
-  """Draws every figure into out_dir; returns their file names."""
-  figures = {"embedding_spectrum.png": plot_spectrum, "embedding_pca.png": plot_pca,
-             "embedding_cosine.png": plot_cosine}
-  for name, fn in figures.items():
-    fn(results, os.path.join(out_dir, name))
-  return list(figures)
+FIGURES = {"embedding_spectrum.png": plot_spectrum, "embedding_pca.png": plot_pca,
+           "embedding_cosine.png": plot_cosine}
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", default=None, help="The training run the experiment read.")
-  parser.add_argument("--output_dir", default=None,
-                      help="Its results (default <workdir>/embeddings).")
-  args, unknown = parser.parse_known_args(argv)
-  if unknown:
-    sys.exit(f"error: unexpected arguments: {' '.join(unknown)}")
-  if not args.output_dir and not args.workdir:
-    sys.exit("error: give --workdir (and --output_dir if the experiment wrote elsewhere)")
-  out_dir = args.output_dir or os.path.join(args.workdir, "embeddings")
-  path = os.path.join(out_dir, "results.json")
-  try:
-    results = files.read_json(path)
-  except (OSError, ValueError) as e:
-    sys.exit(f"error: {path}: cannot read the experiment's results ({e})")
-  print("wrote " + ", ".join(os.path.join(out_dir, n) for n in plot_all(results, out_dir)))
-
-
-if __name__ == "__main__":
-  main()
+def draw(results: dict, workdir) -> list[str]:
+  """Draws every figure into `workdir`; returns their file names."""
+  return draw_each(FIGURES, results, workdir)
