@@ -59,7 +59,7 @@ def define_flags():
   flags.DEFINE_integer("seed", 0, "Seed of the parameters and of the random token batch.")
   flags.DEFINE_integer("threads", 0, "torch.set_num_threads (0 = os.cpu_count()).")
 
-# The JAX benchmark's optimizer settings (experiments/configs/perplexity.py, which imports JAX).
+# The JAX benchmark's optimizer settings (the values of experiments/configs/perplexity.py).
 LEARNING_RATE = 3e-3
 MIN_LEARNING_RATE = 3e-4
 WARMUP_STEPS = 100

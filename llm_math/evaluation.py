@@ -4,9 +4,10 @@
 
 The evaluator reads its windows batch by batch (this process's rows only), lays each batch out over
 the mesh like a training batch, and sums (weighted NLL, weight) over batches, so the mean is exact
-whatever the batch size, device count or process count. `reference_nlls` scores the uniform model,
-the add-one unigram and, on the synthetic source, the true model on exactly the tokens the windows
-score, with the context each of them had.
+whatever the batch size, device count or process count. `validation_windows` is the one rule for the
+windows a config's runs are scored on. `reference_nlls` scores the uniform model, the add-one unigram
+and, on the synthetic source, the true model on exactly the tokens the windows score, with the
+context each of them had: the reference numbers every study quotes come from it.
 """
 
 import dataclasses
@@ -103,6 +104,7 @@ def reference_nlls(dataset: data_lib.Dataset, windows: data_lib.EvalWindows) -> 
   counts, else counted a chunk at a time: memory does not grow with the split). On a synthetic source,
   also floor: the true model with the context each scored token had in its window, and
   entropy_rate: the true model with unlimited context (the limit of the floor as T grows).
+  Returns {uniform, unigram[, floor, entropy_rate]}, in that order.
   """
   positions, contexts = windows.scored()
   counts = dataset.train_unigram_counts() + 1.0

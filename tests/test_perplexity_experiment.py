@@ -1,4 +1,5 @@
-"""The perplexity experiment: baselines on equal terms, sweeps, the power-law fit, figures."""
+"""The perplexity study: baselines on equal terms, sweeps, the power-law fit, figures."""
+import ast
 import os
 import subprocess
 import sys
@@ -6,12 +7,12 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import perplexity
 from llm_math import data as data_lib
+from llm_math import evaluation as evaluation_lib
 from llm_math.analysis import ngram
-from llm_math import evaluation
-from llm_math import train as train_lib
 from llm_math.errors import UsageError
+from llm_math.reports import perplexity as report_lib
+from llm_math.studies import perplexity
 
 from tests import helpers
 
@@ -24,15 +25,59 @@ def test_parse_sweep_flags():
   assert perplexity.parse_tokenizers("char,sentencepiece:1000", "byte", 0) == [
       ("char", 0), ("sentencepiece", 1000)]
   assert perplexity.parse_tokenizers("", "byte", 0) == [("byte", 0)]
+  config = helpers.tiny_config()
+  config.ngram.orders = "1,x"
   with pytest.raises(UsageError, match="ngram_orders"):
-    perplexity._int_list("1,x", "ngram_orders")  # pylint: disable=protected-access
+    perplexity.ngram_orders(config.ngram)
+
+
+@pytest.mark.parametrize("field, value, flag", [
+    ("model_sizes", "64-2", "--config.model_sizes='64-2' (--model_sizes)"),
+    ("tokenizers", "sentencepiece:many", "--config.tokenizers="),
+    ("ngram.orders", "1,0", "--config.ngram.orders='1,0' (--ngram_orders)"),
+    ("ngram.methods", "kneser_ney,witten_bell", "--config.ngram.methods: 'witten_bell'"),
+    ("ngram.max_train_tokens", -1, "--config.ngram.max_train_tokens=-1")])
+def test_check_names_the_field_in_one_line(field, value, flag):
+  config = helpers.tiny_config()
+  perplexity.check(config)
+  parent, _, name = field.rpartition(".")
+  (config[parent] if parent else config)[name] = value
+  with pytest.raises(UsageError) as error:
+    perplexity.check(config)
+  assert str(error.value).startswith(flag) and "\n" not in str(error.value)
+
+
+def test_size_config_divides_d_model_among_the_heads():
+  config = helpers.tiny_config()
+  config.model.num_heads = 4
+  assert perplexity.size_config(config, None) is config
+  for size, heads in (((64, 3), 4), ((30, 1), 3)):
+    c = perplexity.size_config(config, size)
+    assert (c.model.d_model, c.model.num_layers, c.model.num_heads, c.model.d_ff) == (
+        size[0], size[1], heads, 4 * size[0])
+  assert config.model.d_model == 32  # The config itself is left as it was.
+
+
+def test_configs_are_data_only():
+  """The study's config files import ml_collections and other config files, nothing else (no JAX);
+  the default's logical axis rules are the library's."""
+  from llm_math import sharding  # pylint: disable=g-import-not-at-top
+  from experiments.configs import perplexity as config_file  # pylint: disable=g-import-not-at-top
+  for name in ("perplexity", "size_sweep", "tinyshakespeare_cpu", "tinyshakespeare_gpu",
+               "english_pd"):
+    tree = ast.parse(open(os.path.join(helpers.REPO, "experiments", "configs", f"{name}.py")).read())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names} | {
+        n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert imported <= {"ml_collections", "experiments.configs"}, (name, imported)
+  rules = config_file.get_config().logical_axis_rules
+  assert [tuple(r) for r in rules] == list(sharding.DEFAULT_RULES)
 
 
 def test_baselines_are_scored_on_the_models_tokens():
   config = helpers.tiny_config()
   config.ngram.orders = "1,3"
   dataset = helpers.tiny_dataset(config)
-  windows = evaluation.validation_windows(config, dataset.val_ids)
+  windows = evaluation_lib.validation_windows(config, dataset.val_ids)
   records = {r["name"]: r for r in perplexity.baseline_records(dataset, windows, "synthetic",
                                                                config.ngram)}
   scored = windows.weights_NxT > 0
@@ -45,6 +90,11 @@ def test_baselines_are_scored_on_the_models_tokens():
   targets = windows.targets_NxT[scored]
   assert records["unigram (add-one)"]["val_nll_nats"] == pytest.approx(
       -np.log(unigram[targets] / unigram.sum()).mean())
+  # The reference rows are `evaluation.reference_nlls`, the numbers every study quotes.
+  references = evaluation_lib.reference_nlls(dataset, windows)
+  assert list(references) == ["uniform", "unigram", "floor", "entropy_rate"]
+  for key, nll in references.items():
+    assert records[perplexity.REFERENCE_ROWS[key][0]]["val_nll_nats"] == nll
   # The synthetic floor is below every baseline; synthetic symbols are one character each.
   floor = records["floor (true model, same context)"]
   assert all(r["val_nll_nats"] > floor["val_nll_nats"] for r in records.values()
@@ -61,15 +111,15 @@ def _reset_contexts(positions, stream_len: int, window: int) -> np.ndarray:
   return np.where(regular, (positions - 1) % window + 1, positions - (n_targets - window))
 
 
-@pytest.mark.parametrize("eval_fields", [{"eval_max_tokens": 1000}, {"eval_sample_every": 3}],
+@pytest.mark.parametrize("evaluation", [{"eval_max_tokens": 1000}, {"eval_sample_every": 3}],
                          ids=["eval_max_tokens", "eval_sample_every"])
-def test_ngram_window_rows_score_the_transformers_tokens(tmp_path, eval_fields):
+def test_ngram_window_rows_score_the_transformers_tokens(tmp_path, evaluation):
   """With ngram.window = W and a capped or sampled evaluation, every n-gram row scores exactly the
   tokens the Transformer's windows score (its record's count), with the context its name says."""
-  config = helpers.tiny_config(num_steps=2, eval_every=2, checkpoint_every=2, **eval_fields)
+  config = helpers.tiny_config(num_steps=2, eval_every=2, checkpoint_every=2, **evaluation)
   config.ngram.update(orders="1,3", window=20)
   dataset = helpers.tiny_dataset(config)  # 2,000 validation tokens
-  windows = evaluation.validation_windows(config, dataset.val_ids)
+  windows = evaluation_lib.validation_windows(config, dataset.val_ids)
   (transformer,), _ = perplexity.train_models(config, dataset, windows, "synthetic", str(tmp_path),
                                                False)
   # The Transformer's scored targets, read from its evaluation batches (not from windows.scored()).
@@ -199,9 +249,11 @@ def test_size_sweep_fits_a_power_law_and_draws_figures(sweep):
   for curve in results["curves"].values():  # The time axis of loss_vs_time.png: measured, increasing.
     assert len(curve["elapsed_s"]) == len(curve["step"]) and curve["elapsed_s"][0] >= 0
     assert all(b > a for a, b in zip(curve["elapsed_s"], curve["elapsed_s"][1:]))
+  assert results["figures"] == ["perplexity.png", "loss_vs_time.png", "ngram_orders.png",
+                                "scaling.png"]
   # Figures regenerate from results.json alone.
   os.remove(tmp_path / "scaling.png")
-  subprocess.run([sys.executable, "-m", "experiments.plot_perplexity", f"--workdir={tmp_path}"],
+  subprocess.run([sys.executable, "-m", "experiments.redraw", f"--workdir={tmp_path}"],
                  cwd=helpers.REPO, check=True, capture_output=True, timeout=120)
   assert (tmp_path / "scaling.png").exists()
 
@@ -214,7 +266,7 @@ def test_char_and_sentencepiece_baselines_compare_in_bits_per_char(tmp_path):
   for kind, vocab in (("char", None), ("sentencepiece", 1000)):
     ds = data_lib.load(f"text:{helpers.TINY_SHAKESPEARE}", tokenizer=kind, vocab_size=vocab,
                        max_chars=200_000, workdir=str(tmp_path))
-    windows = evaluation.validation_windows(config, ds.val_ids)
+    windows = evaluation_lib.validation_windows(config, ds.val_ids)
     by_tokenizer[kind] = {r["name"]: r for r in perplexity.baseline_records(ds, windows, kind,
                                                                            config.ngram)}
   # Per token the subword unigram is worse (bigger vocabulary) ...
@@ -228,7 +280,7 @@ def test_ngram_max_train_tokens_caps_the_counts_and_is_reported():
   config = helpers.tiny_config()
   config.ngram.update(orders="1,3", methods="kneser_ney", max_train_tokens=5000)
   dataset = helpers.tiny_dataset(config)  # 20,000 training tokens
-  windows = evaluation.validation_windows(config, dataset.val_ids)
+  windows = evaluation_lib.validation_windows(config, dataset.val_ids)
   records = {r["name"]: r for r in perplexity.baseline_records(dataset, windows, "synthetic",
                                                                config.ngram)}
   positions, contexts = windows.scored()
@@ -240,16 +292,16 @@ def test_ngram_max_train_tokens_caps_the_counts_and_is_reported():
   unigram = np.bincount(dataset.train_ids, minlength=32) + 1.0
   assert records["unigram (add-one)"]["val_nll_nats"] == pytest.approx(
       -np.log(unigram[dataset.val_ids[positions]] / unigram.sum()).mean())
-  measured = {"split": "validation", **windows.describe(), "vocab_size": 32, "chars_scored": 1,
+  evaluation = {"split": "validation", **windows.describe(), "vocab_size": 32, "chars_scored": 1,
                 "train_tokens": 20000,
                 "ngram_train_tokens": perplexity.ngram_train_tokens(20000, config.ngram)}
-  report = perplexity.markdown_report({"data": "tiny", "evaluations": {"synthetic": measured},
-                                       "records": list(records.values())})
+  report = report_lib.report({"data": "tiny", "evaluations": {"synthetic": evaluation},
+                              "records": list(records.values())})
   assert "n-grams counted on the first 5,000 of 20,000 training tokens" in report
   for cap, used in ((0, 20000), (20000, 20000), (10**9, 20000), (1, 1)):
     config.ngram.max_train_tokens = cap
     assert perplexity.ngram_train_tokens(20000, config.ngram) == used
-  assert "counted on all 20,000" in perplexity.ngram_caption(
+  assert "counted on all 20,000" in report_lib.ngram_caption(
       {"train_tokens": 20000, "ngram_train_tokens": 20000})
   config.ngram.max_train_tokens = -1
   with pytest.raises(UsageError, match="--config.ngram.max_train_tokens=-1"):

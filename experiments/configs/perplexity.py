@@ -11,8 +11,6 @@ against +0.002 to +0.003 with rotary (seeds 0-2).
 """
 import ml_collections
 
-from llm_math import sharding
-
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -107,7 +105,9 @@ def get_config() -> ml_collections.ConfigDict:
   # of them stop after the same step and save it (one small collective each time).
   c.stop_check_every = 10
 
-  # Devices: mesh axes (data, fsdp, tensor), -1 = the rest; logical axis -> mesh axis rules.
+  # Devices: mesh axes (data, fsdp, tensor), -1 = the rest; logical axis -> mesh axis rules (those
+  # of llm_math.sharding.DEFAULT_RULES).
   c.mesh = "data:-1"
-  c.logical_axis_rules = [list(r) for r in sharding.DEFAULT_RULES]
+  c.logical_axis_rules = [["batch", ("data", "fsdp")], ["embed", "fsdp"], ["heads", "tensor"],
+                          ["mlp", "tensor"], ["vocab", "tensor"], ["kv", None], ["length", None]]
   return c

@@ -1,6 +1,4 @@
-r"""Figures of the perplexity experiment, drawn from results.json (no JAX).
-
-  python -m experiments.plot_perplexity --workdir=DIR
+"""Figures of the perplexity study (`llm_math.studies.perplexity`) from its results.json.
 
 perplexity.png   validation loss / perplexity over training against uniform, unigram, the best n-gram
                  and (synthetic data) the floor, plus the excess over the floor on a log scale
@@ -8,19 +6,22 @@ loss_vs_time.png validation bits/char (and nats/token) against training wall tim
                  and the best n-gram (equal and full context) as lines
 ngram_orders.png loss vs n-gram order (add-k and Kneser-Ney, equal and full context), Transformers as lines
 scaling.png      validation loss vs parameters and vs training compute, log axes, fitted power laws
+
+Each is drawn when the results hold what it shows (`drawable`).
 """
 
 import math
-import os
 
-from absl import app
-from absl import flags
-import matplotlib.pyplot as plt
-import numpy as np
+import matplotlib
 
-from llm_math import files
-from llm_math.figures import plain_log_ticks, save_figure
-from llm_math.reports import measurement_caption
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from llm_math.figures import draw_each  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llm_math.figures import plain_log_ticks  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llm_math.figures import save_figure  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llm_math.reports import measurement_caption  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 LN2 = math.log(2.0)
 _STYLES = {"uniform": ("tab:gray", ":"), "unigram": ("tab:orange", "--"),
@@ -191,30 +192,20 @@ def plot_scaling(results: dict, path: str):
   save_figure(fig, path)
 
 
-def plot_all(results: dict, workdir: str) -> list[str]:
-  """Draws every figure the results support; returns their file names."""
-  drawn = []
-  if results["curves"]:
-    plot_curves(results, os.path.join(workdir, "perplexity.png"))
-    drawn.append("perplexity.png")
-    if any(c.get("elapsed_s") for c in results["curves"].values()):
-      plot_loss_vs_time(results, os.path.join(workdir, "loss_vs_time.png"))
-      drawn.append("loss_vs_time.png")
-  if any(r["kind"] == "ngram" for r in results["records"]):
-    plot_ngram_orders(results, os.path.join(workdir, "ngram_orders.png"))
-    drawn.append("ngram_orders.png")
-  if sum(r["kind"] == "model" for r in results["records"]) >= 2:
-    plot_scaling(results, os.path.join(workdir, "scaling.png"))
-    drawn.append("scaling.png")
-  return drawn
+FIGURES = {"perplexity.png": plot_curves, "loss_vs_time.png": plot_loss_vs_time,
+           "ngram_orders.png": plot_ngram_orders, "scaling.png": plot_scaling}
 
 
-def main(argv):
-  del argv
-  workdir = flags.FLAGS.workdir
-  print("wrote", ", ".join(plot_all(files.read_json(os.path.join(workdir, "results.json")), workdir)))
+def drawable(results: dict) -> list[str]:
+  """The FIGURES the results support: training curves (perplexity.png; loss_vs_time.png when they
+  carry elapsed times), n-gram records (ngram_orders.png), two or more models (scaling.png)."""
+  supported = {"perplexity.png": bool(results["curves"]),
+               "loss_vs_time.png": any(c.get("elapsed_s") for c in results["curves"].values()),
+               "ngram_orders.png": any(r["kind"] == "ngram" for r in results["records"]),
+               "scaling.png": sum(r["kind"] == "model" for r in results["records"]) >= 2}
+  return [name for name in FIGURES if supported[name]]
 
 
-if __name__ == "__main__":
-  flags.DEFINE_string("workdir", None, "A perplexity experiment's workdir.", required=True)
-  app.run(main)
+def draw(results: dict, workdir) -> list[str]:
+  """Draws every figure the results support into `workdir`; returns their file names."""
+  return draw_each({name: FIGURES[name] for name in drawable(results)}, results, workdir)
