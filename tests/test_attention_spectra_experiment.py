@@ -1,4 +1,5 @@
-"""experiments/attention_spectra.py end to end on a tiny config: spectra, bounds, rank collapse, and
+"""The attention-spectra study (llm_math.studies.attention_spectra, run by
+experiments/attention_spectra.py) end to end on a tiny config: spectra, bounds, rank collapse, and
 the same numbers on 1 device, 8 devices and 2 processes, and after a preemption."""
 import json
 import os
@@ -6,16 +7,18 @@ import signal
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import attention_spectra as exp
-from llm_math import studies
-from experiments import plot_attention_spectra
 from experiments.configs import attention_spectra as default_config
 from llm_math import checkpoint
+from llm_math import studies
 from llm_math.analysis import spectra
 from llm_math.errors import UsageError
+from llm_math.figures import attention_spectra as figures
+from llm_math.reports import attention_spectra as report
+from llm_math.studies import attention_spectra as study
 from tests import helpers
 
 FIGURES = ("eigenvalues.png", "singular_values.png", "stationary.png", "entropy_gap.png",
@@ -37,10 +40,10 @@ def _flag(key, value) -> str:
 ARGS = [_flag(k, v) for k, v in TINY.items()]
 # Headline numbers: each run's final val NLL, first-layer entropy (per head) and query-key norms,
 # and each architecture's relative residual at the last layer (with and without the causal mask).
-HEADLINE = ([f"runs.{run}.snapshots.-1.{key}" for run in exp.RUNS
+HEADLINE = ([f"runs.{run}.snapshots.-1.{key}" for run in study.RUNS
              for key in ("val_nll", "mean_row_entropy.0", "qk_norm")]
-            + [f"rank_collapse.architectures.{arch}.{profile}.fro.-1" for arch in exp.ARCHITECTURES
-               for profile in ("init", "init_bidirectional")]
+            + [f"rank_collapse.architectures.{arch}.{profile}.fro.-1"
+               for arch in study.ARCHITECTURES for profile in ("init", "init_bidirectional")]
             + ["rank_collapse.uniform_causal_reference"])
 
 
@@ -83,7 +86,7 @@ def one_device(tmp_path_factory, cli_env):
 
 def test_writes_results_figures_and_a_directory_per_run(one_device):
   workdir, results, _ = one_device
-  assert results["runs"].keys() == set(exp.RUNS)
+  assert results["runs"].keys() == set(study.RUNS)
   assert sorted(results["figures"]) == sorted(FIGURES)
   for name in FIGURES:
     with open(os.path.join(workdir, name), "rb") as f:
@@ -125,7 +128,7 @@ def test_dynamics_are_measured_on_every_log_spaced_checkpoint(one_device):
                                   directories=(checkpoint.SNAPSHOTS,))
     assert dyn["steps"] == kept == [0, 1, 2, 4, 6], name
     hooked = {s["step"]: s for s in run["snapshots"]}
-    for key in exp.DYNAMICS:
+    for key in study.DYNAMICS:
       assert np.shape(dyn[key]) == (5, 2), (name, key)  # [steps, layers]
       for i, step in ((0, 0), (-1, 6)):
         np.testing.assert_allclose(dyn[key][i], np.mean(hooked[step][key], axis=1), rtol=0,
@@ -143,20 +146,20 @@ def test_dynamics_are_measured_on_every_log_spaced_checkpoint(one_device):
   assert "models/<name>/snapshots" in results["protocol"]["dynamics"]
 
 
-def test_a_run_without_log_spaced_checkpoints_has_no_dynamics(one_device, tmp_path):
+def test_a_run_without_log_spaced_checkpoints_has_no_dynamics(one_device):
   """A rank-collapse model keeps rolling checkpoints only: no dynamics, one line, and the report
   and figures go without them."""
   workdir, results, _ = one_device
   deep = results["rank_collapse"]["architectures"]["full block"]
   run_dir = os.path.join(workdir, deep["run_dir"])
   lines = []
-  assert exp.dynamics(run_dir, None, None, lines.append) is None
+  assert study.dynamics(run_dir, None, None, lines.append) is None
   assert lines == [f"no log-spaced checkpoints in {run_dir}/snapshots: no dynamics"]
   without = json.loads(json.dumps(results))
   for run in without["runs"].values():
     run["dynamics"] = None
-  assert plot_attention_spectra.plot_dynamics(without, str(tmp_path)) is None
-  assert "The causal run kept no log-spaced checkpoints" in plot_attention_spectra.report(without)
+  assert list(figures.figures_of(without)) == [n for n in FIGURES if n != "dynamics.png"]
+  assert "The causal run kept no log-spaced checkpoints" in report.report(without)
 
 
 def test_hook_arrays_of_an_older_run_are_read_where_it_wrote_them(tmp_path):
@@ -164,8 +167,8 @@ def test_hook_arrays_of_an_older_run_are_read_where_it_wrote_them(tmp_path):
   there; a reused run is read from there, new arrays go to spectra/."""
   (tmp_path / "snapshots").mkdir()
   (tmp_path / "snapshots" / "step_000000.npz").write_bytes(b"")
-  assert exp.snapshot_path(str(tmp_path), 0) == tmp_path / "snapshots" / "step_000000.npz"
-  assert exp.snapshot_path(str(tmp_path), 3) == tmp_path / "spectra" / "step_000003.npz"
+  assert study.snapshot_path(str(tmp_path), 0) == tmp_path / "snapshots" / "step_000000.npz"
+  assert study.snapshot_path(str(tmp_path), 3) == tmp_path / "spectra" / "step_000003.npz"
 
 
 def test_causal_eigenvalues_are_the_exact_diagonal(one_device):
@@ -202,7 +205,7 @@ def test_bidirectional_spectra_are_those_of_a_stochastic_matrix(one_device):
 
 def test_zhai_bound_holds_on_every_row_and_sigma_matches_the_weights(one_device):
   _, results, _ = one_device
-  for name in exp.RUNS:
+  for name in study.RUNS:
     for snap in results["runs"][name]["snapshots"]:
       assert snap["zhai_slack_min"] >= -1e-4, (name, snap["step"])
       entropy, bound = np.asarray(snap["mean_row_entropy"]), np.asarray(snap["zhai_bound"])
@@ -248,9 +251,9 @@ def test_pure_attention_collapses_with_depth_and_skip_connections_prevent_it(one
 def test_a_short_deep_run_is_profiled_after_training(tmp_path):
   c = tiny_config(**{"deep.num_steps": 2, "deep.num_layers": 3})
   dataset = studies.load_dataset(c)
-  windows = exp.validation_windows(c, dataset)
+  windows = study.first_independent_windows(c, dataset.val_ids)
   tokens_BxT = np.random.default_rng(0).integers(0, dataset.vocab_size, size=(4, c.seq_len))
-  record = exp.rank_collapse_run(c, dataset, "attention + skip", windows, tokens_BxT,
+  record = study.rank_collapse_run(c, dataset, "attention + skip", windows, tokens_BxT,
                                  str(tmp_path), log=lambda *_: None)
   trained = record["trained"]
   assert trained["step"] == 2 and len(trained["fro"]) == 4
@@ -262,8 +265,8 @@ def test_a_diverging_run_stops_and_keeps_earlier_snapshots(tmp_path):
   c = tiny_config(**{"model.num_layers": 1})
   c.learning_rate = c.min_learning_rate = float("inf")
   dataset = studies.load_dataset(c)
-  run = exp.tracked_run(c, dataset, "causal", exp.validation_windows(c, dataset), str(tmp_path),
-                        log=lambda *_: None)
+  run = study.tracked_run(c, dataset, "causal", study.first_independent_windows(c, dataset.val_ids),
+                          str(tmp_path), log=lambda *_: None)
   assert run["diverged_at"] == 3
   assert [s["step"] for s in run["snapshots"]] == [0]
   assert os.listdir(tmp_path / "models" / "causal" / "spectra") == ["step_000000.npz"]
@@ -275,16 +278,15 @@ def test_a_run_preempted_midway_resumes_without_recomputing_its_snapshots(one_de
   the command line did (there compiled without backend optimizations: rounding may differ)."""
   c = tiny_config()
   dataset = studies.load_dataset(c)
-  windows = exp.validation_windows(c, dataset)
-  run = lambda workdir, log: exp.tracked_run(c, dataset, "causal", windows, str(workdir), log)
+  windows = study.first_independent_windows(c, dataset.val_ids)
+  run = lambda workdir, log: study.tracked_run(c, dataset, "causal", windows, str(workdir), log)
 
   def preempt_at_step_3(line):
     if line.startswith("causal: snapshot at step 3 |"):
       os.kill(os.getpid(), signal.SIGTERM)
 
-  with pytest.raises(SystemExit) as exit_:
-    run(tmp_path / "preempted", preempt_at_step_3)
-  assert exit_.value.code == 130
+  with pytest.raises(studies.Interrupted, match="interrupted at step 3; its state is saved"):
+    run(tmp_path / "preempted", preempt_at_step_3)  # The runner exits 130 on it.
   snapshots = tmp_path / "preempted" / "models" / "causal" / "spectra"
   written = {p.name: p.stat().st_mtime_ns for p in snapshots.iterdir()}
   assert sorted(written) == ["step_000000.npz", "step_000003.npz"]
@@ -298,6 +300,12 @@ def test_a_run_preempted_midway_resumes_without_recomputing_its_snapshots(one_de
                               list(_number_paths(resumed, "causal")), rtol=1e-5)
 
 
+def test_all_finite():
+  assert study.all_finite({"a": np.ones(2), "b": [jnp.zeros(3)]})
+  assert not study.all_finite({"a": np.ones(2), "b": [np.array([1.0, np.nan])]})
+  assert not study.all_finite([np.array([np.inf])])
+
+
 @pytest.mark.parametrize("field,value,fragment", [
     ("spectra.track_steps", (0, 5), "track_steps"),
     ("spectra.track_steps", (3, 6), "track_steps"),
@@ -307,26 +315,28 @@ def test_a_run_preempted_midway_resumes_without_recomputing_its_snapshots(one_de
 ])
 def test_bad_settings_are_usage_errors(field, value, fragment):
   with pytest.raises(UsageError, match=fragment):
-    exp.check_config(tiny_config(**{field: value}))
+    study.check(tiny_config(**{field: value}))
 
 
-def test_plot_script_redraws_from_files_without_jax(one_device, tmp_path):
+def test_redraw_from_files_without_jax(one_device, tmp_path):
   workdir = tmp_path / "copy"
   os.makedirs(workdir)
   for name in ("results.json", "spectra.npz"):
     with open(os.path.join(one_device[0], name), "rb") as src:
       (workdir / name).write_bytes(src.read())
-  code = ("import sys; from experiments import plot_attention_spectra as p; "
-          f"p.main(['--workdir', {str(workdir)!r}]); assert 'jax' not in sys.modules")
+  code = ("import sys; from experiments import redraw; "
+          f"redraw.main(['--workdir', {str(workdir)!r}]); assert 'jax' not in sys.modules")
   proc = subprocess.run([sys.executable, "-c", code], cwd=helpers.REPO, capture_output=True,
                         text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr
   assert all((workdir / name).exists() for name in FIGURES)
-  missing = subprocess.run([sys.executable, "-m", "experiments.plot_attention_spectra",
+  with open(os.path.join(one_device[0], "results.md"), encoding="utf-8") as f:
+    assert (workdir / "results.md").read_text(encoding="utf-8") == f.read()
+  missing = subprocess.run([sys.executable, "-m", "experiments.redraw",
                             "--workdir", str(workdir / "nothing")], cwd=helpers.REPO,
                            capture_output=True, text=True, timeout=120)
   assert missing.returncode == 2 and missing.stderr.startswith("error: ")
-  assert plot_attention_spectra.FLOAT32_UNIT_ROUNDOFF == 2.0 ** -24
+  assert figures.FLOAT32_UNIT_ROUNDOFF == 2.0 ** -24
 
 
 @pytest.mark.parametrize("args,error", [

@@ -1,16 +1,10 @@
 """Tests for llm_math.analysis.spectra: closed forms against numpy, brute force and optimisation."""
-import dataclasses
 import itertools
 import json
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_math import data as data_lib
-from llm_math import model as model_lib
 from llm_math.analysis import spectra
 
 
@@ -457,101 +451,8 @@ def test_attention_summary_is_json_ready_and_consistent():
 
 
 # ----------------------------------------------------------------------------------------------
-# A Transformer's attention, residual streams and query-key weights.
+# Rank collapse, layer by layer.
 # ----------------------------------------------------------------------------------------------
-
-
-def _model(**overrides):
-  """(ModelConfig, unboxed params) of a small Transformer with sharp attention (init_std 0.5)."""
-  fields = dict(vocab_size=11, max_len=8, num_layers=2, num_heads=2, d_model=16, d_ff=32,
-                init_std=0.5, pos_encoding="learned")
-  mcfg = model_lib.ModelConfig(**{**fields, **overrides})
-  boxed = model_lib.Transformer(mcfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
-  return mcfg, jax.device_get(nn.meta.unbox(boxed["params"]))
-
-
-def _layer_norm(x, norm):
-  x = np.asarray(x, np.float64)
-  centred = x - x.mean(-1, keepdims=True)
-  return centred / np.sqrt(centred.var(-1, keepdims=True) + 1e-5) * norm["scale"] + norm["bias"]
-
-
-_TOKENS = np.random.default_rng(0).integers(0, 11, size=(3, 8)).astype(np.int32)
-
-
-@pytest.mark.parametrize("causal", [True, False])
-def test_model_internals_match_the_model_computed_by_hand(causal):
-  """Layer 0's attention from LN(embeddings) through W_Q, W_K (`attention_probs`), and the logits
-  from the last residual stream, against the model's own forward pass."""
-  mcfg, params = _model(causal=causal)
-  a, x, ln = jax.device_get(spectra.model_internals(mcfg)(params, _TOKENS))
-  assert a.shape == (2, 3, 2, 8, 8) and x.shape == ln.shape == (2, 3, 8, 16)
-  block = params["block_0"]
-  ln0 = _layer_norm(spectra.embedding_output(params, mcfg, _TOKENS), block["ln_attn"]["norm"])
-  np.testing.assert_allclose(ln[0], ln0, atol=1e-4)
-  attn = block["attn"]
-  qk = lambda w: np.einsum("btd,dhk->bhtk", ln0, attn[w]["kernel"]) + attn[w]["bias"][:, None]
-  np.testing.assert_allclose(a[0], spectra.attention_probs(qk("query"), qk("key"), causal=causal),
-                             atol=1e-5)
-  assert np.all(spectra.is_lower_triangular(a) == causal)
-  logits = _layer_norm(x[-1], params["ln_final"]["norm"]) @ params["lm_head"]["kernel"]
-  np.testing.assert_allclose(model_lib.Transformer(mcfg).apply({"params": params}, _TOKENS), logits,
-                             atol=1e-3)
-
-
-def test_snapshot_analysis_of_a_model_and_its_entropy_bound():
-  mcfg, params = _model()
-  scalars, arrays = spectra.analyse_snapshot(params, mcfg, _TOKENS)
-  assert set(scalars) == set(spectra.HEAD_STATISTICS) | {"qk_norm", "zhai_bound", "zhai_slack_min"}
-  json.dumps(scalars, allow_nan=False)
-  a, _, _ = jax.device_get(spectra.model_internals(mcfg)(params, _TOKENS))
-  np.testing.assert_array_equal(arrays["attention"], a[:, 0])  # window 0, [L, H, T, T]
-  np.testing.assert_allclose(arrays["eigenvalues"].real,  # causal: the sorted diagonal
-                             -np.sort(-np.diagonal(a[:, 0], axis1=-2, axis2=-1), axis=-1))
-  entropy_LxH = spectra.row_entropy(a).mean(axis=(1, 3))
-  np.testing.assert_allclose(scalars["mean_row_entropy"], entropy_LxH, rtol=1e-12)
-  # sigma against the explicit D x D product; the bound below the entropy on every row.
-  for l in range(2):
-    attn = params[f"block_{l}"]["attn"]
-    for h in range(2):
-      product = attn["query"]["kernel"][:, h] @ attn["key"]["kernel"][:, h].T
-      assert scalars["qk_norm"][l][h] == pytest.approx(np.linalg.norm(product, 2) / np.sqrt(8),
-                                                       rel=1e-5)
-  assert scalars["zhai_slack_min"] >= -1e-5
-  assert np.all(np.asarray(scalars["zhai_bound"]) <= entropy_LxH + 1e-5)
-  rotary, params = _model(pos_encoding="rotary")
-  scalars, _ = spectra.analyse_snapshot(params, rotary, _TOKENS)
-  assert scalars["zhai_bound"] is None and scalars["zhai_slack_min"] is None
-  assert len(scalars["qk_norm"]) == 2
-
-
-def test_a_scanned_models_snapshot_and_profile_are_its_unrolled_twins():
-  """A run trained with scan_layers (params['blocks'], stacked) is analysed layer by layer: the
-  same statistics as the same weights unrolled."""
-  mcfg, params = _model()
-  scanned = dataclasses.replace(mcfg, scan_layers=True)
-  stacked = model_lib.stacked(params)
-  for (a, arrays_a), (b, arrays_b) in [(spectra.analyse_snapshot(stacked, scanned, _TOKENS),
-                                        spectra.analyse_snapshot(params, mcfg, _TOKENS))]:
-    np.testing.assert_allclose(a["mean_row_entropy"], b["mean_row_entropy"], rtol=1e-5)
-    np.testing.assert_allclose(a["qk_norm"], b["qk_norm"], rtol=1e-6)
-    np.testing.assert_allclose(arrays_a["attention"], arrays_b["attention"], atol=1e-6)
-  np.testing.assert_allclose(spectra.residual_profile(stacked, scanned, _TOKENS)["fro"],
-                             spectra.residual_profile(params, mcfg, _TOKENS)["fro"], rtol=1e-5)
-
-
-def test_residual_profile_of_identity_blocks_stays_at_the_embeddings():
-  """With the attention output zeroed, x + Attn(x) = x: every layer has the embeddings' residual."""
-  mcfg, params = _model(mlp=False, layernorm=False)
-  for l in range(2):
-    out = params[f"block_{l}"]["attn"]["out"]
-    out["kernel"], out["bias"] = np.zeros_like(out["kernel"]), np.zeros_like(out["bias"])
-  profile = spectra.residual_profile(params, mcfg, _TOKENS)
-  x0 = spectra.embedding_output(params, mcfg, _TOKENS)
-  np.testing.assert_allclose(profile["fro"], np.mean(spectra.relative_residual(x0)), rtol=1e-6)
-  np.testing.assert_allclose(profile["rms"], np.sqrt(np.mean(x0 ** 2)), rtol=1e-6)
-  assert len(profile["normalized_entropy"]) == 2 and len(profile["composite"]) == 3
-  assert profile["fro_min"][0] <= profile["fro"][0] <= profile["fro_max"][0]
 
 
 def test_relative_residuals_by_layer_reports_an_underflowed_stream_as_none():
@@ -570,76 +471,9 @@ def test_uniform_causal_reference_decays_at_rate_one_half():
   np.testing.assert_allclose(ref[31:] / ref[30:-1], 0.5, rtol=1e-3)
   # Brute force: explicit powers of U.
   u = np.tril(np.ones((10, 10))) / np.arange(1, 11)[:, None]
+  np.testing.assert_array_equal(spectra.uniform_causal_attention(10), u)
   x5 = np.einsum("ts,bsd->btd", np.linalg.matrix_power(u, 5), x_BxTxD)
   assert ref[5] == pytest.approx(np.mean(spectra.relative_residual(x5)), rel=1e-9)
-
-
-def test_restrict_params_cuts_an_ablated_model_from_the_full_draw():
-  mcfg, _ = _model()
-  full = model_lib.Transformer(mcfg).init(jax.random.PRNGKey(3), _TOKENS)["params"]
-  pure = dataclasses.replace(mcfg, residual=False, mlp=False, layernorm=False)
-  like = jax.eval_shape(model_lib.Transformer(pure).init, jax.random.PRNGKey(0), _TOKENS)["params"]
-  cut = spectra.restrict_params(full, like)
-  assert set(cut["block_0"]) == {"attn"} and "ln_final" not in cut
-  assert cut["block_1"]["attn"]["query"]["kernel"] is full["block_1"]["attn"]["query"]["kernel"]
-  logits = model_lib.Transformer(pure).apply({"params": nn.meta.unbox(cut)}, _TOKENS)
-  assert logits.shape == (3, 8, 11)
-  wider, _ = _model(d_model=8)
-  wide_like = jax.eval_shape(model_lib.Transformer(wider).init, jax.random.PRNGKey(0), _TOKENS)
-  with pytest.raises(ValueError, match=r"params/block_0/\S+: shape \(\d+, 8\), the model expects"):
-    spectra.restrict_params(full, wide_like["params"])
-  with pytest.raises(ValueError, match="lacks"):
-    spectra.restrict_params(cut, like | {"extra": {}})
-
-
-def test_all_finite():
-  assert spectra.all_finite({"a": np.ones(2), "b": [jnp.zeros(3)]})
-  assert not spectra.all_finite({"a": np.ones(2), "b": [np.array([1.0, np.nan])]})
-  assert not spectra.all_finite([np.array([np.inf])])
-
-
-# ----------------------------------------------------------------------------------------------
-# Masked-LM data.
-# ----------------------------------------------------------------------------------------------
-
-
-def test_mask_tokens_masks_and_scores_only_masked_positions():
-  tokens = np.random.default_rng(1).integers(0, 7, size=(4, 9)).astype(np.int32)
-  masked = np.random.default_rng(2).random(tokens.shape) < 0.3
-  inputs, targets, weights = spectra.mask_tokens(tokens, masked, 7)
-  assert inputs.dtype == np.int32 and weights.dtype == np.float32
-  assert np.all(inputs[masked] == 7) and np.all(inputs[~masked] == tokens[~masked])
-  np.testing.assert_array_equal(targets, tokens)
-  np.testing.assert_array_equal(weights, masked)
-
-
-def test_masked_lm_batch_is_the_same_global_batch_in_any_rows():
-  ids = np.random.default_rng(3).integers(0, 7, size=5000).astype(np.int32)
-  batch = lambda rows=slice(None): spectra.masked_lm_batch(ids, 10, 256, 5, 17, 7, 0.2, rows)
-  inputs, targets, weights = batch()
-  for whole, *halves in zip(batch(), batch(slice(0, 128)), batch(slice(128, 256))):
-    np.testing.assert_array_equal(whole, np.concatenate(halves))
-  assert abs(weights.mean() - 0.2) < 0.01
-  np.testing.assert_array_equal(targets, data_lib.train_batch(ids, 10, 256, 5, 17)[0])
-  assert np.all(inputs[weights > 0] == 7)
-  assert not np.array_equal(weights, spectra.masked_lm_batch(ids, 10, 256, 5, 18, 7, 0.2)[2])
-
-
-def test_masked_windows_do_not_depend_on_the_batching():
-  ids = np.random.default_rng(4).integers(0, 7, size=200).astype(np.int32)
-  windows = spectra.masked_windows(data_lib.eval_windows(ids, 10), 7, 0.3, seed=0)
-  n = len(windows)
-  whole = windows.batch(0, n)
-  pieces = [windows.batch(lo, lo + 3) for lo in range(0, n, 3)]
-  for i, array in enumerate(whole):
-    np.testing.assert_array_equal(array, np.concatenate([p[i] for p in pieces])[:n])
-  padded = windows.batch(n - 1, n + 2)
-  assert np.all(padded[2][1:] == 0)  # rows past the last window score nothing
-  inputs, targets, weights = whole
-  tokens = data_lib.eval_windows(ids, 10).inputs_NxT  # A masked LM predicts the masked tokens.
-  np.testing.assert_array_equal(targets, tokens)
-  np.testing.assert_array_equal(inputs, np.where(weights > 0, 7, tokens))
-  assert abs(weights.mean() - 0.3) < 0.1
 
 
 def test_the_two_effective_ranks_are_named_apart():

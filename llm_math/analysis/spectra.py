@@ -27,24 +27,20 @@ Arrays `a_...xTxT` may carry any leading batch axes (`[layers, heads, T, T]`,
 zero (what a -inf mask produces); True asserts that (ValueError otherwise); False treats every
 matrix as a general one. Entropies are in nats.
 
-The last sections apply all of this to a Transformer of `llm_math.model`: its attention, residual
-streams and query-key weights on given tokens (`analyse_snapshot`, `residual_profile`, with the
-Zhai et al. bound on the exact logits), the parameters of an ablated architecture cut from one
-shared draw (`restrict_params`), and the masked-LM data a bidirectional model is trained and scored
-on (`masked_lm_batch`, `MaskedWindows`).
+Everything here is a function of arrays; `llm_math.probes` applies it to a Transformer of
+`llm_math.model` (its attention, residual streams and query-key weights on given tokens). Only
+`attention_probs` needs JAX, and imports it when called: the rest is numpy, for code that must not
+load JAX (the figures).
 """
-import dataclasses
-import functools
-import math
-from collections.abc import Mapping
-from typing import Any
+from __future__ import annotations  # jax.Array below names a type of a module loaded on demand.
 
-import jax
-import jax.numpy as jnp
+import math
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 
-from llm_math import data as data_lib
-from llm_math import model as model_lib
+if TYPE_CHECKING:
+  import jax
 
 STOCHASTIC_ATOL = 1e-4
 _NORMS = ("fro", "composite")
@@ -73,6 +69,8 @@ def attention_probs(q_BxTxK: jax.Array, k_BxSxK: jax.Array, causal: bool = False
   Returns:
     `[..., T, S]`, each row a probability vector. A row with no allowed key is 0/0 = NaN.
   """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   q_BxTxK = jnp.asarray(q_BxTxK)
   k_BxSxK = jnp.asarray(k_BxSxK)
   if q_BxTxK.ndim < 2 or k_BxSxK.ndim != q_BxTxK.ndim:
@@ -569,142 +567,8 @@ def attention_summary(a_BxTxT: Any, causal: bool | None = None) -> dict[str, Any
 
 
 # ----------------------------------------------------------------------------------------------
-# A Transformer's attention, residual streams and query-key weights (llm_math.model layout).
+# Rank collapse with depth (Dong et al. 2021): residual streams layer by layer.
 # ----------------------------------------------------------------------------------------------
-
-# Per-head statistics of `attention_summary` that `analyse_snapshot` keeps, as window means.
-HEAD_STATISTICS = ("mean_row_entropy", "mean_normalized_row_entropy", "spectral_gap",
-                   "second_eigenvalue_modulus", "effective_rank", "sink_mass",
-                   "stationary_sink_mass")
-# What the statistics of `analyse_snapshot` and `residual_profile` are, in words (for reports).
-DEFINITIONS = {
-    "entropy": "row entropy in nats; normalized = H_t / log(positions row t may attend to)",
-    "causal_eigenvalues": ("causal A is lower-triangular: its eigenvalues are exactly the diagonal "
-                           "A_tt (A_00 = 1), read off, not computed by an eigensolver; its "
-                           "stationary distribution is e_0"),
-    "qk_norm": "sigma = ||W_Q W_K^T||_2 / sqrt(d_k) per head (kernels, biases excluded)",
-    "zhai_bound": ("Zhai et al. (2023) Thm 3.1 per row with s = sigma' ||X'||_2^2, X' = [LN(x), 1] "
-                   "(the attention input with a ones column) and sigma' from [W; b]: the exact "
-                   "logits; mean over rows and windows"),
-    "sink_mass": "mean attention on position 0 over rows (causal: rows 1..T-1)",
-    "relative_residual": ("||X - 1 x^T|| / ||X|| of the residual stream after each block (layer 0 "
-                          "= embeddings), float64 from float32 activations"),
-}
-
-
-@functools.lru_cache(maxsize=None)
-def model_internals(mcfg: model_lib.ModelConfig):
-  """jit(params, tokens_BxT) -> (a_LxBxHxTxT, x_LxBxTxD, ln_LxBxTxD) of the Transformer `mcfg`.
-
-  a: every layer's attention probabilities; x: the residual stream after every block; ln: every
-  attention's input, the output of the block's `ln_attn` (x itself without LayerNorm), captured
-  with flax's `capture_intermediates`. Params are whole (host) arrays, so the model's logical
-  sharding constraints are dropped; scanned blocks (`scan_layers`) are read layer by layer
-  (`model.unrolled`). Compiled once per model config.
-  """
-  model = model_lib.Transformer(dataclasses.replace(mcfg, logical_axis_rules=(), scan_layers=False))
-  capture = lambda mdl, _: isinstance(mdl, model_lib.LayerNorm) and mdl.name == "ln_attn"
-
-  @jax.jit
-  def forward(params, tokens_BxT):
-    _, state = model.apply({"params": model_lib.unrolled(params)}, tokens_BxT,
-                           mutable=["intermediates"],
-                           capture_intermediates=capture)
-    inter = state["intermediates"]
-    ln_LxBxTxD = jnp.stack([inter[f"block_{l}"]["ln_attn"]["__call__"][0]
-                            for l in range(mcfg.num_layers)])
-    return model_lib.attention_probs(inter), model_lib.residual_streams(inter), ln_LxBxTxD
-
-  return forward
-
-
-def _augmented_qk(attn_params, which: str) -> np.ndarray:
-  """W_{which} as `[H, D(+1), K]`; with a bias b the row b is appended, so [x, 1] W' = x W + b."""
-  kernel_HxDxK = np.transpose(np.asarray(attn_params[which]["kernel"], np.float64), (1, 0, 2))
-  if "bias" not in attn_params[which]:
-    return kernel_HxDxK
-  bias_Hx1xK = np.asarray(attn_params[which]["bias"], np.float64)[:, None, :]
-  return np.concatenate([kernel_HxDxK, bias_Hx1xK], axis=1)
-
-
-def qk_norms_and_entropy_bound(params, mcfg: model_lib.ModelConfig, ln_LxBxTxD: Any,
-                               row_entropy_LxBxHxT: Any):
-  """sigma per head, and the Zhai et al. bound per head next to the entropy it bounds.
-
-  Returns (sigma_LxH, bound_LxH, slack_min) as lists and a float. sigma = ||W_Q W_K^T||_2 /
-  sqrt(d_k) (kernels only). The bound (`attention_entropy_lower_bound`, per row, mean over rows
-  and windows) uses the exact logits [x, 1] W_Q' W_K'^T [x, 1]^T / sqrt(d_k), biases appended as a
-  row and inputs as [LN(x), 1], so it must hold row by row: slack_min = min over rows (causal: rows
-  1..T-1, row 0 attends to one position) of measured entropy - bound, >= 0 up to float32
-  rounding. Rotary positions rotate q and k per position and the bound does not apply: bound_LxH
-  and slack_min are then None.
-  """
-  sigma_LxH, bound_LxH, slack_min = [], [], math.inf
-  params = model_lib.unrolled(params)
-  for l in range(mcfg.num_layers):
-    attn = params[f"block_{l}"]["attn"]
-    kernel = lambda w: np.transpose(np.asarray(attn[w]["kernel"], np.float64), (1, 0, 2))
-    sigma_LxH.append(qk_spectral_norm(kernel("query"), kernel("key")).tolist())
-    if mcfg.pos_encoding == "rotary":
-      continue
-    x_BxTxD = np.asarray(ln_LxBxTxD[l], np.float64)
-    if "bias" in attn["query"]:
-      x_BxTxD = np.concatenate([x_BxTxD, np.ones(x_BxTxD.shape[:-1] + (1,))], axis=-1)
-    bound_BxHxT = attention_entropy_lower_bound(
-        _augmented_qk(attn, "query"), _augmented_qk(attn, "key"), x_BxTxD[:, None],
-        causal=mcfg.causal)
-    bound_LxH.append(bound_BxHxT.mean(axis=(0, 2)).tolist())
-    first = 1 if mcfg.causal else 0
-    slack_min = min(slack_min, float(np.min(np.asarray(row_entropy_LxBxHxT[l])[..., first:]
-                                            - bound_BxHxT[..., first:])))
-  if mcfg.pos_encoding == "rotary":
-    return sigma_LxH, None, None
-  return sigma_LxH, bound_LxH, slack_min
-
-
-def analyse_snapshot(params, mcfg: model_lib.ModelConfig, tokens_BxT: np.ndarray):
-  """Every layer and head of the Transformer `mcfg` with (host) `params` on `tokens_BxT`.
-
-  Returns (scalars, arrays). scalars (JSON): per statistic of HEAD_STATISTICS an `[L][H]` list of
-  means over the B windows; qk_norm and zhai_bound `[L][H]` and zhai_slack_min
-  (`qk_norms_and_entropy_bound`). arrays, of window 0: eigenvalues `[L, H, T]` complex,
-  singular_values and stationary_distribution `[L, H, T]`, attention `[L, H, T, T]` float32.
-  """
-  probs, _, ln_inputs = jax.device_get(model_internals(mcfg)(params, tokens_BxT))
-  a_LxBxHxTxT = np.asarray(probs, np.float64)
-  summary = {k: np.asarray(v) for k, v in attention_summary(a_LxBxHxTxT, mcfg.causal).items()}
-  scalars = {key: summary[key].mean(axis=1).tolist() for key in HEAD_STATISTICS}
-  sigma, bound, slack = qk_norms_and_entropy_bound(params, mcfg, ln_inputs, summary["row_entropy"])
-  scalars.update(qk_norm=sigma, zhai_bound=bound, zhai_slack_min=slack)
-  arrays = {
-      "eigenvalues": summary["eigenvalues_real"][:, 0] + 1j * summary["eigenvalues_imag"][:, 0],
-      "singular_values": summary["singular_values"][:, 0],
-      "stationary_distribution": summary["stationary_distribution"][:, 0],
-      "attention": a_LxBxHxTxT[:, 0].astype(np.float32),
-  }
-  return scalars, arrays
-
-
-def all_finite(tree) -> bool:
-  """Whether every entry of every array in `tree` is finite (a diverged run's are not)."""
-  return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree_util.tree_leaves(tree))
-
-
-# ----------------------------------------------------------------------------------------------
-# Rank collapse in a Transformer (Dong et al. 2021): the residual stream layer by layer.
-# ----------------------------------------------------------------------------------------------
-
-
-def embedding_output(params, mcfg: model_lib.ModelConfig, tokens_BxT: np.ndarray) -> np.ndarray:
-  """The residual stream entering block 0: token embeddings (+ learned or sinusoidal positions)."""
-  t = tokens_BxT.shape[1]
-  x_BxTxD = np.asarray(params["token_embed"]["embedding"])[tokens_BxT]
-  if mcfg.pos_encoding == "learned":
-    x_BxTxD = x_BxTxD + np.asarray(params["pos_embed"]["embedding"])[:t][None]
-  elif mcfg.pos_encoding == "sinusoidal":
-    positions_TxD = np.asarray(model_lib.sinusoidal_positions(mcfg.max_len, mcfg.d_model))[:t]
-    x_BxTxD = x_BxTxD + positions_TxD[None]
-  return x_BxTxD
 
 
 def relative_residuals_by_layer(x_LxBxTxD: Any) -> dict:
@@ -721,101 +585,19 @@ def relative_residuals_by_layer(x_LxBxTxD: Any) -> dict:
           "fro_max": as_list(fro_LxB.max(axis=1)), "composite": as_list(composite_LxB.mean(axis=1))}
 
 
-def residual_profile(params, mcfg: model_lib.ModelConfig, tokens_BxT: np.ndarray) -> dict:
-  """Relative residual ||X - 1 x^T|| / ||X|| of the residual stream after each layer (0 = input).
-
-  Keys (`[L + 1]` lists, means over the input sequences unless named): fro, fro_min, fro_max,
-  composite (`relative_residuals_by_layer`), rms (root mean square entry of X: without skip
-  connections or LayerNorm each layer rescales it); normalized_entropy `[L]` (mean normalized row
-  entropy of each layer's attention).
-  """
-  probs, streams, _ = jax.device_get(model_internals(mcfg)(params, tokens_BxT))
-  x_LxBxTxD = np.concatenate([embedding_output(params, mcfg, tokens_BxT)[None],
-                              np.asarray(streams)], axis=0).astype(np.float64)
-  h_LxBxHxT = normalized_row_entropy(np.asarray(probs, np.float64), causal=mcfg.causal)
-  return {**relative_residuals_by_layer(x_LxBxTxD),
-          "rms": np.sqrt(np.mean(x_LxBxTxD ** 2, axis=(1, 2, 3))).tolist(),
-          "normalized_entropy": np.nanmean(h_LxBxHxT, axis=(1, 2, 3)).tolist()}
+def uniform_causal_attention(t: int) -> np.ndarray:
+  """U `[T, T]`: causal attention that has learned nothing, row t uniform over positions 0..t
+  (U_ts = 1 / (t + 1) for s <= t, else 0). Its eigenvalues are its diagonal 1, 1/2, 1/3, ..."""
+  return np.tril(np.ones((t, t))) / np.arange(1, t + 1)[:, None]
 
 
 def uniform_causal_reference(x_BxTxD: Any, num_layers: int) -> list:
-  """Mean Frobenius relative residual of U^l X, l = 0..num_layers, with U_ts = 1 / (t + 1) for
-  s <= t: causal attention that has learned nothing (uniform over the prefix). U's eigenvalues
-  are 1, 1/2, 1/3, ..., so U^l X converges to 1 x_0^T like 2^-l; uniform bidirectional attention
-  (1 1^T / T) would make X rank one in a single layer."""
-  t = np.shape(x_BxTxD)[1]
-  u_TxT = np.tril(np.ones((t, t))) / np.arange(1, t + 1)[:, None]
+  """Mean Frobenius relative residual of U^l X, l = 0..num_layers, with U the uniform causal
+  attention (`uniform_causal_attention`). U's eigenvalues are 1, 1/2, 1/3, ..., so U^l X converges
+  to 1 x_0^T like 2^-l; uniform bidirectional attention (1 1^T / T) would make X rank one in a
+  single layer."""
+  u_TxT = uniform_causal_attention(np.shape(x_BxTxD)[1])
   xs = [np.asarray(x_BxTxD, np.float64)]
   for _ in range(num_layers):
     xs.append(np.einsum("ts,bsd->btd", u_TxT, xs[-1]))
   return relative_residuals_by_layer(np.stack(xs))["fro"]
-
-
-def restrict_params(params, like):
-  """The subtree of `params` with the keys of `like`: e.g. the full block's parameters cut to a
-  model without MLP or LayerNorm (`like` its params or `jax.eval_shape` of its init), so ablated
-  architectures share one draw. Leaves may be boxed (`nn.Partitioned`); their shapes must agree.
-  """
-  def restrict(tree, shape_tree, path):
-    if isinstance(shape_tree, Mapping):
-      if not isinstance(tree, Mapping) or set(shape_tree) - set(tree):
-        raise ValueError(f"params{path}: lacks {sorted(set(shape_tree) - set(tree or {}))}")
-      return {k: restrict(tree[k], v, f"{path}/{k}") for k, v in shape_tree.items()}
-    shape = lambda x: tuple(getattr(x, "value", x).shape)
-    if shape(tree) != shape(shape_tree):
-      raise ValueError(f"params{path}: shape {shape(tree)}, the model expects {shape(shape_tree)}")
-    return tree
-
-  return restrict(params, like, "")
-
-
-# ----------------------------------------------------------------------------------------------
-# Masked-LM data: a bidirectional model trained on next-token prediction would attend to its own
-# target (position t + 1), so it is trained and scored on masked tokens instead.
-# ----------------------------------------------------------------------------------------------
-
-
-def mask_tokens(tokens_BxT: np.ndarray, masked_BxT: np.ndarray, mask_id: int):
-  """Masked-LM corruption: (inputs_BxT = mask_id where masked, else the token; targets_BxT =
-  tokens_BxT; weights_BxT = 1 at masked positions, else 0)."""
-  inputs_BxT = np.where(masked_BxT, mask_id, tokens_BxT).astype(tokens_BxT.dtype)
-  return inputs_BxT, tokens_BxT, np.asarray(masked_BxT, np.float32)
-
-
-def masked_lm_batch(ids: np.ndarray, seq_len: int, batch_size: int, seed: int, step: int,
-                    mask_id: int, rate: float, rows: slice = slice(None)):
-  """Rows `rows` of the masked-LM batch of `step`: the training windows of `data.train_batch`,
-  each position replaced by `mask_id` with probability `rate`. The mask is drawn over the global
-  batch from (seed, step), so every process and device count sees the same batch."""
-  tokens_BxT, _ = data_lib.train_batch(ids, seq_len, batch_size, seed, step, rows)
-  masked_BxT = np.random.default_rng([seed, step, 1]).random((batch_size, seq_len))[rows] < rate
-  return mask_tokens(tokens_BxT, masked_BxT, mask_id)
-
-
-@dataclasses.dataclass(frozen=True)
-class MaskedWindows:
-  """Evaluation windows (`data.EvalWindows`) scored as a masked LM: window n's tokens are masked
-  by row n of `masked_NxT`, and the targets are the original tokens at the masked positions (use
-  independent windows, stride seq_len, to score each token at most once). Duck-types EvalWindows
-  for `evaluation.Evaluator`: the masks do not depend on the batch size or the process count."""
-  windows: data_lib.EvalWindows
-  masked_NxT: np.ndarray
-  mask_id: int
-
-  def __len__(self) -> int:
-    return len(self.windows)
-
-  def batch(self, lo: int, hi: int):
-    """(inputs_BxT, targets_BxT, weights_BxT) of windows lo..hi-1; rows past the last window are
-    padding with weight 0."""
-    tokens_BxT = self.windows.batch(lo, hi)[0]
-    masked_BxT = np.zeros(tokens_BxT.shape, bool)
-    masked_BxT[: max(min(hi, len(self)) - lo, 0)] = self.masked_NxT[lo:hi]
-    return mask_tokens(tokens_BxT, masked_BxT, self.mask_id)
-
-
-def masked_windows(windows: data_lib.EvalWindows, mask_id: int, rate: float,
-                   seed: int) -> MaskedWindows:
-  """`windows` with one fixed draw of masks (rate `rate`, from `seed`)."""
-  masked_NxT = np.random.default_rng([seed, 2**31 - 1]).random((len(windows), windows.seq_len))
-  return MaskedWindows(windows, masked_NxT < rate, mask_id)

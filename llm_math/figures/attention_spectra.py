@@ -1,8 +1,6 @@
-"""Figures of experiments/attention_spectra.py, drawn from the files it wrote (no JAX).
+"""Figures of the attention-spectra study (`llm_math.studies.attention_spectra`), from its
+results.json and the spectra.npz it writes next to it (numpy and matplotlib, no JAX):
 
-  python -m experiments.plot_attention_spectra --workdir=DIR
-
-reads DIR/results.json and DIR/spectra.npz and (re)writes:
   eigenvalues.png      eigenvalues in the complex plane per layer (bidirectional) with the unit
                        circle; causal eigenvalues = the diagonal A_tt against position t
   singular_values.png  singular value decay per layer, initialization and end of training
@@ -16,13 +14,9 @@ reads DIR/results.json and DIR/spectra.npz and (re)writes:
   dynamics.png         normalized entropy, effective rank, spectral gap and sink mass per layer
                        against the step, from the log-spaced checkpoints of the causal runs
                        (normal and high learning rate); not drawn for runs without them
-
-`report(results)` is results.md: the key numbers in words, then tables.
 """
 
-import argparse
 import os
-import sys
 
 import matplotlib
 
@@ -33,10 +27,11 @@ from matplotlib import colors  # pylint: disable=g-import-not-at-top,wrong-impor
 from matplotlib import ticker  # pylint: disable=g-import-not-at-top,wrong-import-position
 from matplotlib.lines import Line2D  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from experiments import common  # pylint: disable=g-import-not-at-top,wrong-import-position
-from llm_math import reports
 from llm_math import files  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llm_math.analysis import spectra  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llm_math.figures import draw_each  # pylint: disable=g-import-not-at-top,wrong-import-position
 from llm_math.figures import save_figure  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llm_math.reports.attention_spectra import uniform_causal_entropy  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 RUN_LABELS = {"causal": "causal", "causal_high_lr": "causal, high lr",
               "bidirectional": "bidirectional (masked LM)"}
@@ -65,14 +60,18 @@ def _style_legend(ax, num_layers: int, styles: dict, extra=(), **kwargs):
   ax.legend(handles=handles, fontsize=7, **kwargs)
 
 
-def _save(fig, workdir: str, name: str) -> str:
-  save_figure(fig, os.path.join(workdir, name), dpi=120, tight=False)
-  return name
+def _save(fig, path: str):
+  save_figure(fig, path, dpi=120, tight=False)
 
 
-def _uniform_causal_entropy(t: int) -> float:
-  """Mean row entropy (nats) of uniform causal attention: mean_t log(t + 1)."""
-  return float(np.mean(np.log(np.arange(1, t + 1))))
+def _spectra_arrays(path: str) -> dict:
+  """spectra.npz of the study, next to the figure `path`: the window-0 arrays of every run."""
+  return files.read_npz(files.path(os.path.dirname(path)) / "spectra.npz")
+
+
+def _uniform_causal_sink_mass(t: int) -> float:
+  """Mean attention on position 0 over rows 1..T-1 of uniform causal attention: mean 1 / (t + 1)."""
+  return float(np.mean(1.0 / np.arange(2, t + 1)))
 
 
 def _suptitle(fig, results: dict, text: str):
@@ -83,8 +82,9 @@ def _suptitle(fig, results: dict, text: str):
 # ----------------------------------------------------------------------------------------------
 
 
-def plot_eigenvalues(results: dict, arrays, workdir: str) -> str:
+def plot_eigenvalues(results: dict, path: str):
   """Row 1: bidirectional eigenvalues in the complex plane; row 2: causal diagonal A_tt vs t."""
+  arrays = _spectra_arrays(path)
   lam_bidi = arrays["bidirectional.eigenvalues"][-1]  # [L, H, T]
   lam_causal = arrays["causal.eigenvalues"][-1].real
   num_layers, num_heads, t = lam_bidi.shape
@@ -126,10 +126,11 @@ def plot_eigenvalues(results: dict, arrays, workdir: str) -> str:
             f"radius.\nBottom: causal at step {step_c}: lower-triangular, so the eigenvalues are "
             "exactly the diagonal A_tt (real, in [0, 1], A_00 = 1)")
   fig.tight_layout()
-  return _save(fig, workdir, "eigenvalues.png")
+  _save(fig, path)
 
 
-def plot_singular_values(results: dict, arrays, workdir: str) -> str:
+def plot_singular_values(results: dict, path: str):
+  arrays = _spectra_arrays(path)
   runs = [r for r in ("causal", "bidirectional", "causal_high_lr") if f"{r}.singular_values" in arrays]
   fig, axes = plt.subplots(1, len(runs), figsize=(5.2 * len(runs), 4.4), squeeze=False)
   for ax, run in zip(axes[0], runs):
@@ -154,10 +155,11 @@ def plot_singular_values(results: dict, arrays, workdir: str) -> str:
             "clipped at 1e-12): sigma_1 >= 1 for a stochastic matrix; uniform attention is "
             "close to rank one")
   fig.tight_layout()
-  return _save(fig, workdir, "singular_values.png")
+  _save(fig, path)
 
 
-def plot_stationary(results: dict, arrays, workdir: str) -> str:
+def plot_stationary(results: dict, path: str):
+  arrays = _spectra_arrays(path)
   pi = arrays["bidirectional.stationary_distribution"][-1]  # [L, H, T]
   num_layers, num_heads, t = pi.shape
   fig, axes = plt.subplots(1, num_layers, figsize=(3.4 * num_layers, 3.6), squeeze=False,
@@ -174,10 +176,10 @@ def plot_stationary(results: dict, arrays, workdir: str) -> str:
   _suptitle(fig, results, f"Stationary distributions pi A = pi of bidirectional attention, step "
             f"{int(arrays['bidirectional.steps'][-1])} (causal attention: pi = e_0 exactly)")
   fig.tight_layout()
-  return _save(fig, workdir, "stationary.png")
+  _save(fig, path)
 
 
-def plot_entropy_gap(results: dict, workdir: str) -> str:
+def plot_entropy_gap(results: dict, path: str):
   runs = results["runs"]
   t = results["config"]["seq_len"]
   fig, axes = plt.subplots(2, 2, figsize=(13, 9))
@@ -224,10 +226,10 @@ def plot_entropy_gap(results: dict, workdir: str) -> str:
   _suptitle(fig, results, f"Attention entropy (n_t = positions row t may attend to: t + 1 "
             f"causal, {t} bidirectional) and spectral gap")
   fig.tight_layout()
-  return _save(fig, workdir, "entropy_gap.png")
+  _save(fig, path)
 
 
-def plot_rank_collapse(results: dict, workdir: str) -> str:
+def plot_rank_collapse(results: dict, path: str):
   rc = results["rank_collapse"]
   arch = rc["architectures"]
   depth = rc["num_layers"]
@@ -281,17 +283,17 @@ def plot_rank_collapse(results: dict, workdir: str) -> str:
   fig.suptitle(f"Rank collapse with depth: {depth}-layer models, {rc['inputs']}; mean over "
                f"sequences, band: min-max{note}\n{results['data']}", fontsize=10)
   fig.tight_layout()
-  return _save(fig, workdir, "rank_collapse.png")
+  _save(fig, path)
 
 
-def plot_sink_mass(results: dict, workdir: str) -> str:
+def plot_sink_mass(results: dict, path: str):
   runs = results["runs"]
   t = results["config"]["seq_len"]
   fig, axes = plt.subplots(1, len(runs), figsize=(4.4 * len(runs), 3.9), squeeze=False)
   for ax, (name, run) in zip(axes[0], runs.items()):
     snap = run["snapshots"][-1]
     mass = np.asarray(snap["sink_mass"])  # [L, H]
-    uniform = (float(np.mean(1.0 / np.arange(2, t + 1))) if run["causal"] else 1.0 / t)
+    uniform = _uniform_causal_sink_mass(t) if run["causal"] else 1.0 / t
     im = ax.imshow(mass, cmap="magma", vmin=0, vmax=1, aspect="auto")
     for (l, h), v in np.ndenumerate(mass):
       ax.text(h, l, f"{v:.2f}", ha="center", va="center", fontsize=8,
@@ -304,10 +306,11 @@ def plot_sink_mass(results: dict, workdir: str) -> str:
   _suptitle(fig, results, "Attention sink: mean weight on position 0 per head (causal: rows "
             "1..T-1)")
   fig.tight_layout()
-  return _save(fig, workdir, "sink_mass.png")
+  _save(fig, path)
 
 
-def plot_attention_maps(results: dict, arrays, workdir: str) -> str:
+def plot_attention_maps(results: dict, path: str):
+  arrays = _spectra_arrays(path)
   runs = [r for r in ("causal", "causal_high_lr", "bidirectional")
           if f"{r}.attention_final" in arrays]
   num_layers = arrays[f"{runs[0]}.attention_final"].shape[0]
@@ -330,10 +333,10 @@ def plot_attention_maps(results: dict, arrays, workdir: str) -> str:
                label="attention weight A_ts (color ~ A_ts^0.4)")
   fig.suptitle("Lowest-entropy head of every layer, end of training, validation window 0\n"
                + results["data"], fontsize=10)
-  return _save(fig, workdir, "attention_maps.png")
+  _save(fig, path)
 
 
-def plot_entropy_lr(results: dict, workdir: str) -> str:
+def plot_entropy_lr(results: dict, path: str):
   """Normal against high learning rate over training: entropy (with the Zhai et al. bound),
   sigma = ||W_Q W_K^T||_2 / sqrt(d_k), and the loss; colors = layers, solid / dashed = runs."""
   runs = results["runs"]
@@ -363,7 +366,7 @@ def plot_entropy_lr(results: dict, workdir: str) -> str:
                  label=f"train loss (mean since the last log), {labels[key]}")
     axes[2].plot(steps, np.asarray([s["val_nll"] for s in run["snapshots"]], float), ls=ls,
                  marker="o", ms=3, color=color, label=f"validation NLL, {labels[key]}")
-  uniform = _uniform_causal_entropy(t)
+  uniform = uniform_causal_entropy(t)
   extra.append(axes[0].axhline(uniform, color="gray", ls=":", lw=1,
                                label=f"uniform causal attention: mean_t log(t+1) = "
                                f"{uniform:.2f} nats"))
@@ -387,19 +390,7 @@ def plot_entropy_lr(results: dict, workdir: str) -> str:
   _suptitle(fig, results, f"Entropy collapse at a high learning rate (Zhai et al. 2023), causal "
             f"model: {labels['high']} (dashed) against {labels['normal']} (solid)")
   fig.tight_layout(rect=(0, 0.13, 1, 1))
-  return _save(fig, workdir, "entropy_lr.png")
-
-
-def _uniform_causal_attention(t: int) -> np.ndarray:
-  """U [T, T]: row t uniform over positions 0..t, U_ts = 1 / (t + 1)."""
-  return np.tril(np.ones((t, t))) / np.arange(1, t + 1)[:, None]
-
-
-def _effective_rank(m: np.ndarray) -> float:
-  """exp(entropy of the normalized singular values) (Roy & Vetterli 2007), as in the study."""
-  p = np.linalg.svd(m, compute_uv=False)
-  p = p[p > 0] / p.sum()
-  return float(np.exp(-np.sum(p * np.log(p))))
+  _save(fig, path)
 
 
 # dynamics.png: (statistic of runs.<run>.dynamics, y label, panel title, value of uniform causal
@@ -409,21 +400,19 @@ _DYNAMICS_PANELS = (
      "Normalized row entropy (1 = uniform, 0 = one-hot)", lambda t: 1.0),
     ("effective_rank", "effective rank  (positions, 1 .. T)",
      "Effective rank exp(H(sigma_i / sum_j sigma_j)) of A",
-     lambda t: _effective_rank(_uniform_causal_attention(t))),
+     lambda t: float(spectra.effective_rank(spectra.uniform_causal_attention(t)))),
     ("spectral_gap", "1 - |lambda_2|  (dimensionless)",
      "Spectral gap (causal: 1 - max_{t>=1} A_tt)", lambda t: 0.5),
     ("sink_mass", "mean A_t0, rows t = 1..T-1  (probability)",
-     "Sink mass: attention on position 0", lambda t: float(np.mean(1.0 / np.arange(2, t + 1)))),
+     "Sink mass: attention on position 0", _uniform_causal_sink_mass),
 )
 
 
-def plot_dynamics(results: dict, workdir: str) -> str | None:
+def plot_dynamics(results: dict, path: str):
   """Per layer (mean over heads) the statistics of _DYNAMICS_PANELS at every log-spaced checkpoint
-  of the causal run (solid) and the high learning-rate run (dashed); None when the causal run has
-  no dynamics (trained without log-spaced checkpoints)."""
+  of the causal run (solid) and the high learning-rate run (dashed) (drawn when the causal run has
+  dynamics: see `figures_of`)."""
   runs = results["runs"]
-  if not runs["causal"].get("dynamics"):
-    return None
   styles = {name: ls for name, ls in (("causal", "-"), ("causal_high_lr", "--"))
             if runs[name].get("dynamics")}
   t = results["config"]["seq_len"]
@@ -465,216 +454,24 @@ def plot_dynamics(results: dict, workdir: str) -> str | None:
   _suptitle(fig, results, f"Attention over training per layer (mean over heads), {runs_text} "
             f"runs, from log-spaced checkpoints (steps 0, 1, 2, 4, ...)")
   fig.tight_layout(rect=(0, 0.07, 1, 1))
-  return _save(fig, workdir, "dynamics.png")
+  _save(fig, path)
 
 
-def plot_all(workdir: str, results: dict | None = None, arrays: dict | None = None) -> list[str]:
-  """Draws every figure from `results` and `arrays` (default: workdir/results.json and spectra.npz,
-  where non-finite values are None) into `workdir`; returns the file names."""
-  if results is None:
-    results = files.read_json(files.path(workdir) / "results.json")
-  if arrays is None:
-    arrays = files.read_npz(files.path(workdir) / "spectra.npz")
-  names = [plot_eigenvalues(results, arrays, workdir),
-           plot_singular_values(results, arrays, workdir),
-           plot_stationary(results, arrays, workdir),
-           plot_entropy_gap(results, workdir),
-           plot_rank_collapse(results, workdir),
-           plot_sink_mass(results, workdir),
-           plot_attention_maps(results, arrays, workdir),
-           plot_entropy_lr(results, workdir)]
-  dynamics = plot_dynamics(results, workdir)  # None for runs without log-spaced checkpoints.
-  return names + ([dynamics] if dynamics else [])
+FIGURES = {"eigenvalues.png": plot_eigenvalues, "singular_values.png": plot_singular_values,
+           "stationary.png": plot_stationary, "entropy_gap.png": plot_entropy_gap,
+           "rank_collapse.png": plot_rank_collapse, "sink_mass.png": plot_sink_mass,
+           "attention_maps.png": plot_attention_maps, "entropy_lr.png": plot_entropy_lr,
+           "dynamics.png": plot_dynamics}
 
 
-# ----------------------------------------------------------------------------------------------
-# results.md
-# ----------------------------------------------------------------------------------------------
+def figures_of(results: dict) -> dict:
+  """The FIGURES these results draw: all of them, but dynamics.png only when the causal run has
+  dynamics (it was trained with log-spaced checkpoints)."""
+  has_dynamics = bool(results["runs"]["causal"].get("dynamics"))
+  return {name: plot for name, plot in FIGURES.items() if name != "dynamics.png" or has_dynamics}
 
 
-def _g(value) -> str:
-  return reports.fmt(value, ".3g", "n/a")
-
-
-def _layer_means(snapshot: dict, key: str) -> list[float]:
-  """Per layer, the mean over heads of an `[L][H]` statistic."""
-  return [float(np.mean(row)) for row in snapshot[key]]
-
-
-def _per_layer_factor(profile: dict) -> str:
-  """Geometric-mean factor by which the relative residual shrinks per layer, as 'x0.52'."""
-  first, last = profile["fro"][0], profile["fro"][-1]
-  return f"x{(last / first) ** (1.0 / (len(profile['fro']) - 1)):.3g}" if first and last else "n/a"
-
-
-def _rank_collapse_report(rc: dict) -> list[str]:
-  arch, depth = rc["architectures"], rc["num_layers"]
-  pure, skip = arch["pure attention"], arch["attention + skip"]
-  last = lambda profile: _g(profile["fro"][-1]) if profile else "n/a"
-  text = (f"Relative residual ||X - 1 x^T||_F / ||X||_F of the residual stream of {depth}-layer "
-          f"causal models fed {rc['inputs']} (mean over sequences; layer 0 = embeddings; weights "
-          f"N(0, {rc['init_std']:g}^2), one draw for all four). At initialization pure attention "
-          f"falls from {_g(pure['init']['fro'][0])} (embeddings) to {last(pure['init'])} at layer "
-          f"{depth} ({_per_layer_factor(pure['init'])} per layer: collapse towards rank one), "
-          f"while attention + skip keeps {last(skip['init'])} "
-          f"({_per_layer_factor(skip['init'])} per layer)")
-  if pure["trained"] and skip["trained"]:
-    text += (f"; after {rc['num_steps']} training steps pure attention is at "
-             f"{last(pure['trained'])}, attention + skip at {last(skip['trained'])}")
-  text += (f". Uniform causal attention U (U_ts = 1/(t+1), eigenvalues 1, 1/2, 1/3, ...) applied "
-           f"{depth} times to the same embeddings leaves {_g(rc['uniform_causal_reference'][-1])}. "
-           f"Without the causal mask the same weights give pure attention "
-           f"{last(pure['init_bidirectional'])} and attention + skip "
-           f"{last(skip['init_bidirectional'])} at layer {depth}.")
-  yes = lambda b: "yes" if b else "no"
-  rows = [[name, yes(r["switches"]["residual"]), yes(r["switches"]["mlp"]),
-           yes(r["switches"]["layernorm"]), f"{r['params']:,}", _g(r["init"]["fro"][1]),
-           _g(r["init"]["fro"][depth // 2]), last(r["init"]), _g(r["init"]["composite"][-1]),
-           last(r["init_bidirectional"]), last(r["trained"]),
-           reports.fmt(r["init"]["val_nll"], ".3f"),
-           reports.fmt(r["trained"] and r["trained"]["val_nll"], ".3f")] for name, r in arch.items()]
-  table = reports.markdown_table(
-      ["architecture", "residual", "MLP", "LayerNorm", "params", "layer 1", f"layer {depth // 2}",
-       f"layer {depth}", f"layer {depth} composite", f"layer {depth} no mask",
-       f"layer {depth} trained", "val NLL init", "val NLL trained"], rows, "lccc" + "r" * 9)
-  notes = (f"Columns without 'trained' are at initialization. Trained: causal next-token "
-           f"prediction, {rc['num_steps']} steps of batch {rc['batch_size']}, lr "
-           f"{rc['learning_rate']:g}. RMS entry of the stream at layer {depth} at init: "
-           + ", ".join(f"{n} {r['init']['rms'][-1]:.2g}" for n, r in arch.items())
-           + " (without skip connections or LayerNorm every layer rescales the stream, so "
-           "scale-free relative residuals are reported).")
-  return ["## Rank collapse with depth (Dong et al. 2021)", "", text, "", *table, "", notes]
-
-
-def _learning_rate_report(results: dict) -> list[str]:
-  runs = results["runs"]
-  normal, high = runs["causal"], runs["causal_high_lr"]
-  rows = []
-  for name, run in (("normal", normal), ("high", high)):
-    s0, s1 = run["snapshots"][0], run["snapshots"][-1]
-    rows.append([name, f"{run['learning_rate']:g}", run["warmup_steps"],
-                 reports.fmt(run["diverged_at"], "d"), s1["step"],
-                 f"{_layer_means(s0, 'mean_row_entropy')[0]:.3f} -> "
-                 f"{_layer_means(s1, 'mean_row_entropy')[0]:.3f}",
-                 f"{np.mean(s1['mean_row_entropy']):.3f}",
-                 f"{np.max(s0['qk_norm']):.3g} -> {np.max(s1['qk_norm']):.3g}",
-                 _g(s1["zhai_bound"] and float(np.mean(s1["zhai_bound"]))),
-                 reports.fmt(s1["val_nll"], ".4f")])
-  h_normal, h_high = (_layer_means(r["snapshots"][-1], "mean_row_entropy")[0]
-                      for r in (normal, high))
-  t = results["config"]["seq_len"]
-  lines = ["## Learning rate and attention entropy (Zhai et al. 2023)", "",
-           f"At step {high['snapshots'][-1]['step']} the high learning rate has brought the first "
-           f"layer's attention entropy (mean over heads) to {h_high:.3f} nats against "
-           f"{h_normal:.3f} at the normal rate (uniform causal attention: "
-           f"{float(np.mean(np.log(np.arange(1, t + 1)))):.3f}); its largest sigma is "
-           f"{np.max(high['snapshots'][-1]['qk_norm']):.3g} against "
-           f"{np.max(normal['snapshots'][-1]['qk_norm']):.3g}, and its val NLL "
-           f"{reports.fmt(high['snapshots'][-1]['val_nll'], '.4f')} against "
-           f"{reports.fmt(normal['snapshots'][-1]['val_nll'], '.4f')} nats (entropy_lr.png).", "",
-           *reports.markdown_table(["lr", "peak", "warmup", "diverged at", "step",
-                                   "entropy layer 1 (init -> end)", "entropy, all layers (end)",
-                                   "largest sigma (init -> end)", "Zhai bound (end)", "val NLL"],
-                                  rows)]
-  slacks = [s["zhai_slack_min"] for r in runs.values() for s in r["snapshots"]
-            if s["zhai_slack_min"] is not None]
-  if slacks:
-    first = normal["snapshots"][0]
-    lines += ["", f"The Zhai et al. bound is evaluated on the exact logits and holds on every row "
-              f"(smallest measured entropy - bound over all runs, snapshots and rows, causal row 0 "
-              f"excluded: {min(slacks) + 0.0:.3g} nats"
-              + ("; 0 on rows collapsed onto one position, where entropy and bound are both 0"
-                 if min(slacks) < 1e-6 else "")
-              + f"). It is loose: at initialization (causal) it is "
-              f"{np.mean(first['zhai_bound']):.3f} nats against a measured "
-              f"{np.mean(first['mean_row_entropy']):.3f}, and once sigma ||X||_2^2 grows "
-              "(||X||_2^2 of LayerNorm-ed inputs is of order T d) it falls to ~0 and no longer "
-              "constrains the entropy: the collapse it warns of is seen in sigma, not in the "
-              "bound."]
-  return lines
-
-
-def _dynamics_report(results: dict) -> list[str]:
-  """The causal run's dynamics per layer at its first and last log-spaced checkpoint, in words."""
-  dyn = results["runs"]["causal"].get("dynamics")
-  lines = ["## Over training, from the log-spaced checkpoints", ""]
-  if not dyn:
-    return lines + ["The causal run kept no log-spaced checkpoints (checkpoint_schedule='rolling' "
-                    "when it was trained): no dynamics."]
-  steps = dyn["steps"]
-  pair = lambda key, l, spec: f"{dyn[key][0][l]:{spec}} -> {dyn[key][-1][l]:{spec}}"
-  layers = [f"layer {l + 1}: normalized entropy {pair('mean_normalized_row_entropy', l, '.3f')}, "
-            f"effective rank {pair('effective_rank', l, '.2f')}, spectral gap "
-            f"{pair('spectral_gap', l, '.3f')}, sink mass {pair('sink_mass', l, '.3f')}"
-            for l in range(len(dyn["effective_rank"][0]))]
-  return lines + [
-      f"Causal run, analysed after training at each of its {len(steps)} log-spaced checkpoints "
-      f"(steps {', '.join(map(str, steps))}; dynamics.png), means over heads, step {steps[0]} -> "
-      f"step {steps[-1]}: " + "; ".join(layers) + "."]
-
-
-_PER_LAYER = (("entropy (nats)", "mean_row_entropy", ".3f"),
-              ("normalized entropy", "mean_normalized_row_entropy", ".3f"),
-              ("spectral gap", "spectral_gap", ".3f"),
-              ("abs lambda_2", "second_eigenvalue_modulus", ".3f"),
-              ("effective rank", "effective_rank", ".1f"), ("sink mass", "sink_mass", ".3f"),
-              ("stationary pi_0", "stationary_sink_mass", ".3f"))
-
-
-def _spectra_report(results: dict) -> list[str]:
-  runs = results["runs"]
-  lines = ["## Spectra of the trained models", "",
-           "Causal attention is lower-triangular, so its eigenvalues are exactly its diagonal A_tt "
-           "(real, in [0, 1], A_00 = 1) and its stationary distribution is e_0: the chain drains "
-           "into position 0. Its spectral gap is 1 - max_{t>=1} A_tt. Bidirectional (masked-LM) "
-           "attention is a general stochastic matrix with complex eigenvalues.", ""]
-  if results.get("entropy_rate_nats") is not None:
-    lines += [f"The source's entropy rate is {results['entropy_rate_nats']:.4f} nats/token "
-              "(next-token val NLL scores contexts 1..T, so it stays above it).", ""]
-  lines += ["Per layer (means over heads and analysed windows), initialization -> end:", ""]
-  rows = []
-  for name, run in runs.items():
-    s0, s1 = run["snapshots"][0], run["snapshots"][-1]
-    pair = lambda key, spec, l: f"{np.mean(s0[key][l]):{spec}} -> {np.mean(s1[key][l]):{spec}}"
-    for l in range(len(s1["mean_row_entropy"])):
-      rows.append([name, l + 1, *(pair(key, spec, l) for _, key, spec in _PER_LAYER),
-                   f"{np.max(s0['qk_norm'][l]):.3g} -> {np.max(s1['qk_norm'][l]):.3g}",
-                   pair("zhai_bound", ".3f", l) if s1["zhai_bound"] is not None else "n/a"])
-  lines += reports.markdown_table(["run", "layer", *(h for h, _, _ in _PER_LAYER),
-                                  "sigma (max head)", "Zhai bound"], rows)
-  return lines
-
-
-def report(results: dict) -> str:
-  """results.md: the key numbers in words, then tables (from results.json alone)."""
-  runs = results["runs"]
-  lines = [f"# Attention spectra: {results['data']}", "",
-           *_rank_collapse_report(results["rank_collapse"]), "", *_learning_rate_report(results),
-           "", *_dynamics_report(results), "", *_spectra_report(results), "",
-           "Protocol: " + "; ".join(f"{k}: {v}" for k, v in results["protocol"].items()
-                                    if isinstance(v, str)) + ".", "",
-           "Runs: " + "; ".join(
-               f"{n}: {r['num_steps']} steps, batch {r['batch_size']}, lr "
-               f"{r['learning_rate']:g} -> {r['min_learning_rate']:g}, warmup {r['warmup_steps']}, "
-               f"{r['params']:,} params, {reports.fmt(r['wall_time_s'], '.0f')} s"
-               for n, r in runs.items())
-           + f". This command: {results['wall_time_s']:.0f} s."]
-  return "\n".join(lines) + "\n"
-
-
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", required=True, help="a workdir of experiments.attention_spectra")
-  args = parser.parse_args(argv)
-  missing = [n for n in ("results.json", "spectra.npz")
-             if not (files.path(args.workdir) / n).exists()]
-  if missing:
-    print(f"error: --workdir={args.workdir}: no {' or '.join(missing)} (run "
-          "python -m experiments.attention_spectra there first)", file=sys.stderr)
-    sys.exit(2)
-  for name in plot_all(args.workdir):
-    print(os.path.join(args.workdir, name))
-
-
-if __name__ == "__main__":
-  main()
+def draw(results: dict, workdir) -> list[str]:
+  """Draws the figures of `figures_of(results)` into `workdir` (which holds spectra.npz); returns
+  their file names."""
+  return draw_each(figures_of(results), results, workdir)
