@@ -65,8 +65,14 @@ def _save(fig, path: str):
 
 
 def _spectra_arrays(path: str) -> dict:
-  """spectra.npz of the study, next to the figure `path`: the window-0 arrays of every run."""
-  return files.read_npz(files.path(os.path.dirname(path)) / "spectra.npz")
+  """spectra.npz of the study, next to the figure `path`: the window-0 arrays of every run. A study
+  over several seeds (--seeds) keeps one per seed: the arrays drawn are the first seed's."""
+  here = files.path(os.path.dirname(path))
+  if not (here / "spectra.npz").exists() and (here / "seeds").is_dir():
+    first = min((p for p in (here / "seeds").iterdir() if (p / "spectra.npz").exists()),
+                key=lambda p: int(p.name.rsplit("_", 1)[-1]))
+    return files.read_npz(first / "spectra.npz")
+  return files.read_npz(here / "spectra.npz")
 
 
 def _uniform_causal_sink_mass(t: int) -> float:
