@@ -531,6 +531,7 @@ def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
     compiled_step = _compile_ahead(mesh, step_fn, (abstract, batch, step_rng),
                                    lambda: checkpoint.compile_fingerprint(abstract))
   all_finite = jax.jit(_all_finite, in_shardings=(state_sharding,))
+  params_finite = jax.jit(_all_finite, in_shardings=(state_sharding.params,))
   reset_sums = jax.jit(lambda s: s.replace(sums=_zero_sums()), in_shardings=(state_sharding,),
                        out_shardings=state_sharding, donate_argnums=0)
   if restored is not None:
@@ -554,9 +555,13 @@ def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
       nll = evaluate(state.params)
       record.update(val_nll=nll, val_ppl=information.perplexity(nll))
       log(f"step {step:6d} | val nll {nll:.4f} nats | val ppl {information.perplexity(nll):.3f}")
-    for hook in hooks:
-      if step == 0 or hook.when(step):
-        record.update(hook.fn(step, state.params, record) or {})
+    due = [hook for hook in hooks if step == 0 or hook.when(step)]
+    if due and not bool(params_finite(state.params)):  # Hooks analyse params: none that diverged.
+      if on_divergence == "raise":
+        raise _divergence("parameters are not finite", step, last_saved)
+      record["stop"], due = "diverged", []
+    for hook in due:
+      record.update(hook.fn(step, state.params, record) or {})
     reason = record.get("stop")
     for key, what in (("loss", "training"), ("val_nll", "validation")):
       if key in record and not (math.isfinite(record[key]) and record[key] <= loss_bound):

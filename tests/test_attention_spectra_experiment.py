@@ -300,12 +300,6 @@ def test_a_run_preempted_midway_resumes_without_recomputing_its_snapshots(one_de
                               list(_number_paths(resumed, "causal")), rtol=1e-5)
 
 
-def test_all_finite():
-  assert study.all_finite({"a": np.ones(2), "b": [jnp.zeros(3)]})
-  assert not study.all_finite({"a": np.ones(2), "b": [np.array([1.0, np.nan])]})
-  assert not study.all_finite([np.array([np.inf])])
-
-
 @pytest.mark.parametrize("field,value,fragment", [
     ("spectra.track_steps", (0, 5), "track_steps"),
     ("spectra.track_steps", (3, 6), "track_steps"),

@@ -124,23 +124,10 @@ def run_config(config, name: str):
   return c
 
 
-def all_finite(tree) -> bool:
-  """Whether every entry of every array in `tree` is finite (a diverged run's are not)."""
-  return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree_util.tree_leaves(tree))
-
-
-def analysed_while_finite(analyse):
-  """The study's divergence rule, as a hook function `fn(step, params, record)` of `train.Hook`:
-  `analyse(step, host_params) -> record` on finite parameters; parameters with a non-finite entry
-  are not analysed (the analysis needs stochastic attention) but end the run with stop "diverged",
-  an outcome of a high learning rate, not an error. (`fit(..., on_divergence="stop")` also stops on
-  a non-finite loss or validation NLL, but checks them only after the step's hooks have run.)"""
-  def hook_fn(step, params, record):
-    del record
-    params = train.to_host(params)
-    return analyse(step, params) if all_finite(params) else {"stop": "diverged"}
-
-  return hook_fn
+def _analysis_hook(analyse):
+  """`analyse(step, host_params) -> record` as the function of a `train.Hook` (fit calls hooks only
+  on finite parameters: one with a non-finite entry ends the run as "diverged" first)."""
+  return lambda step, params, record: analyse(step, train.to_host(params))
 
 
 def _fit(c, task: train.Task, model, windows, run_dir: str, eval_at, analyse_at, analyse, log):
@@ -148,14 +135,14 @@ def _fit(c, task: train.Task, model, windows, run_dir: str, eval_at, analyse_at,
   `analyse(step, params) -> record` on whole host parameters, on every process, at analyse_at.
 
   Returns (TrainResult, its metrics.jsonl records (the last of each step), diverged_at). Only a
-  non-finite loss, validation NLL (fit's loss_bound, infinite here) or parameter
-  (`analysed_while_finite`) stops a run, as "diverged": a high learning rate's outcome, not an
+  non-finite loss, validation NLL (fit's loss_bound, infinite here) or parameter (fit checks
+  them before its hooks) stops a run, as "diverged": a high learning rate's outcome, not an
   error. An interrupted run raises studies.Interrupted; its state is saved and the same command
   resumes it.
   """
   result = studies.completed(train.fit(
       c, task, run_dir, evaluate=evaluation.evaluator(c, windows, model.apply), eval_at=eval_at,
-      hooks=[train.Hook(analyse_at, analysed_while_finite(analyse))], loss_bound=math.inf,
+      hooks=[train.Hook(analyse_at, _analysis_hook(analyse))], loss_bound=math.inf,
       on_divergence="stop", log=log))
   records = sorted({r["step"]: r for r in result.records}.values(), key=lambda r: r["step"])
   return result, records, next((r["step"] for r in records if r.get("stop") == "diverged"), None)
