@@ -381,13 +381,6 @@ def _divergence(problem: str, step: int, last_saved: int | None) -> DivergenceEr
       "Lower --config.learning_rate, raise --config.warmup_steps or check the data.")
 
 
-def _check_loss(loss: float, step: int, bound: float, last_saved: int | None, what: str = "training"):
-  """Raises DivergenceError when `loss` is NaN, infinite or above `bound`."""
-  problem = _loss_problem(loss, bound, what)
-  if problem:
-    raise _divergence(problem, step, last_saved)
-
-
 def _all_finite(tree) -> jax.Array:
   """Whether every floating-point entry of `tree` is finite (a scalar bool)."""
   leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
@@ -550,27 +543,33 @@ def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
   elapsed = lambda: elapsed_before + time.perf_counter() - session_start
 
   def finish_step(step: int, record: dict) -> str | None:
-    """Evaluation and hooks after `step`; writes the record; returns a reason to stop, or None."""
-    if evaluate is not None and (step == 0 or eval_at(step) or step == num_steps):
+    """Evaluation and hooks after `step`; writes the record; returns a reason to stop, or None.
+
+    The one divergence policy: a training or validation loss that is NaN, infinite or above
+    `loss_bound`, or non-finite parameters where hooks would read them, raise DivergenceError
+    (on_divergence="raise") or end the run with stop "diverged"; the step's remaining evaluation
+    and hooks are then skipped (they would analyse a diverged model)."""
+    def diverged(problem: str | None) -> bool:
+      if problem is not None:
+        if on_divergence == "raise":
+          raise _divergence(problem, step, last_saved)
+        record["stop"] = "diverged"
+      return problem is not None
+
+    stop = "loss" in record and diverged(_loss_problem(record["loss"], loss_bound))
+    if not stop and evaluate is not None and (step == 0 or eval_at(step) or step == num_steps):
       nll = evaluate(state.params)
       record.update(val_nll=nll, val_ppl=information.perplexity(nll))
       log(f"step {step:6d} | val nll {nll:.4f} nats | val ppl {information.perplexity(nll):.3f}")
-    due = [hook for hook in hooks if step == 0 or hook.when(step)]
-    if due and not bool(params_finite(state.params)):  # Hooks analyse params: none that diverged.
-      if on_divergence == "raise":
-        raise _divergence("parameters are not finite", step, last_saved)
-      record["stop"], due = "diverged", []
+      stop = diverged(_loss_problem(nll, loss_bound, "validation"))
+    due = [] if stop else [hook for hook in hooks if step == 0 or hook.when(step)]
+    if due and diverged(None if bool(params_finite(state.params)) else "parameters are not finite"):
+      due = []
     for hook in due:
       record.update(hook.fn(step, state.params, record) or {})
-    reason = record.get("stop")
-    for key, what in (("loss", "training"), ("val_nll", "validation")):
-      if key in record and not (math.isfinite(record[key]) and record[key] <= loss_bound):
-        if on_divergence == "raise":
-          _check_loss(record[key], step, loss_bound, last_saved, what)
-        reason = record["stop"] = "diverged"
     if record:
       writer.write({"step": step, **record, "elapsed_s": elapsed()})
-    return reason
+    return record.get("stop")
 
   def save_if_finite(step: int) -> str | None:
     """Saves the state as `step` unless it must not be (`_unsavable`): returns why not, after

@@ -65,7 +65,7 @@ class TrainConfig:
   @property
   def save_every(self) -> int:
     """Steps between checkpoints."""
-    return self.checkpoint_every or self.num_steps
+    return self.checkpoint_every or max(self.num_steps, 1)
 
   def loss_bound(self, vocab_size: int) -> float:
     """The loss above which a run counts as diverged: max_loss_factor x ln|V| (inf when the factor
@@ -100,7 +100,9 @@ def _check(tc: TrainConfig, given: set):
 
   is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
   is_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-  for field in ("seq_len", "batch_size", "num_steps", "grad_accum_steps", "eval_every", "log_every",
+  need(is_int(tc.num_steps) and tc.num_steps >= 0, "num_steps",
+       "a non-negative integer (0: the initialization only)")
+  for field in ("seq_len", "batch_size", "grad_accum_steps", "eval_every", "log_every",
                 "keep_checkpoints", "eval_batch_size", "stop_check_every"):
     need(is_int(getattr(tc, field)) and getattr(tc, field) > 0, field, "a positive integer")
   need(is_int(tc.seed), "seed", "an integer")
