@@ -106,7 +106,7 @@ def run_study(run, config, workdir: str) -> dict:
   """`run(config, workdir, log) -> results` once, or once per --seeds seed and their aggregate;
   then results.json, the figures and results.md are written (process 0) and the report printed."""
   from llm_math.studies import seeds as seeds_lib  # pylint: disable=g-import-not-at-top
-  log = print if is_primary() else lambda *_: None
+  log = (lambda *a: print(*a, flush=True)) if is_primary() else lambda *_: None
   if SEEDS.value:
     if SEED.value is not None:
       raise UsageError("--seed and --seeds: give one (--seeds runs the study once per seed)")

@@ -61,9 +61,9 @@ def vocabulary(config, flag_value: int | None) -> int:
 
 def run_config(config):
   """The config of the run to compile: the config itself, or for a sweep study whose runs each get
-  their own training fields (experiments.batch_size), the run with the largest batch."""
+  their own training fields (llm_math.studies.batch_size), the run with the largest batch."""
   if "batch_sizes" in config and "batch_size" not in config:
-    from experiments import batch_size  # pylint: disable=g-import-not-at-top
+    from llm_math.studies import batch_size  # pylint: disable=g-import-not-at-top
     return batch_size.run_config(config, max(config.batch_sizes), config.learning_rate,
                                  num_steps=max(config.get("warmup_steps", 0), 1), target=0.0)
   return config

@@ -454,8 +454,8 @@ def _read_sums(state) -> dict:
 
 def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
         eval_at: Callable[[int], bool] | None = None, log_at: Callable[[int], bool] | None = None,
-        hooks=(), loss_bound: float = math.inf, on_divergence: str = "raise",
-        log=print) -> TrainResult:
+        hooks=(), loss_bound: float = math.inf, max_val_rise: float = math.inf,
+        on_divergence: str = "raise", log=print) -> TrainResult:
   """Trains `task` for config.num_steps steps (or until a hook stops it), resuming from `workdir`.
 
   `config` (an experiment config or its `train_config.TrainConfig`) supplies the loop's fields:
@@ -465,8 +465,9 @@ def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
   NLL runs at step 0, at `eval_at` steps (default every eval_every) and at the end; log records (the
   window means of the loss and of the gradient-noise terms, see `train_step`) are written at
   `log_at` steps (default every log_every) and at the end. A loss that is NaN, infinite or above
-  `loss_bound` raises DivergenceError without saving (on_divergence="raise"), or ends the run with
-  stop "diverged" (on_divergence="stop", for sweeps where divergence is an outcome).
+  `loss_bound`, or a validation NLL more than `max_val_rise` above the run's own step-0 validation
+  NLL, raises DivergenceError without saving (on_divergence="raise"), or ends the run with stop
+  "diverged" (on_divergence="stop", for sweeps where divergence is an outcome).
 
   State is created sharded in place, batches are this process's rows of each global batch (made
   ahead on a thread), checkpoints are orbax's (atomic; see `llm_math.checkpoint`), and the first
@@ -561,7 +562,8 @@ def fit(config, task: Task, workdir, *, evaluate: Callable | None = None,
       nll = evaluate(state.params)
       record.update(val_nll=nll, val_ppl=information.perplexity(nll))
       log(f"step {step:6d} | val nll {nll:.4f} nats | val ppl {information.perplexity(nll):.3f}")
-      stop = diverged(_loss_problem(nll, loss_bound, "validation"))
+      first = next((r["val_nll"] for r in writer.records if r["step"] == 0 and "val_nll" in r), nll)
+      stop = diverged(_loss_problem(nll, min(loss_bound, first + max_val_rise), "validation"))
     due = [] if stop else [hook for hook in hooks if step == 0 or hook.when(step)]
     if due and diverged(None if bool(params_finite(state.params)) else "parameters are not finite"):
       due = []

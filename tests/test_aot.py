@@ -208,7 +208,8 @@ def test_loop_costs_are_the_whole_steps():
 
 
 def test_a_sweep_studys_config_compiles_its_largest_run(tmp_path):
-  """experiments.batch_size has no single batch_size: its largest run is compiled."""
+  """The batch-size study (llm_math.studies.batch_size) has no single batch_size: its largest run is
+  compiled."""
   proc = _compile_cli(tmp_path, "--config=experiments/configs/batch_size.py", "--topology=v5e:2x2")
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads((tmp_path / "compile_report.json").read_text())

@@ -1,5 +1,7 @@
-"""experiments/batch_size.py end to end: the sweep on one device, on 8 devices, as 2 processes and
-preempted by SIGTERM; the learning-rate search, the run configs, the report, the CLI."""
+"""The batch-size study (`llm_math.studies.batch_size`, run by experiments/batch_size.py) end to end:
+the sweep on one device, on 8 devices, as 2 processes and preempted by SIGTERM; the learning-rate
+search, the run configs, the fit's notes, the report and figures, the CLI."""
+import copy
 import json
 import math
 import os
@@ -10,10 +12,12 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import batch_size as exp
-from experiments import plot_batch_size
 from experiments.configs import batch_size as default_config
+from llm_math import reports
+from llm_math.analysis import gradient_noise as gn
 from llm_math.errors import UsageError
+from llm_math.figures import batch_size as figures_lib
+from llm_math.studies import batch_size as study_lib
 from tests import helpers
 
 # A sweep of two batch sizes in a few dozen steps each: the pilot at B=8, one run per B (sqrt rule).
@@ -69,8 +73,8 @@ def test_sweep_agrees_across_devices_processes_and_preemption(one_device, tmp_pa
 
 def test_writes_results_report_figures_and_one_workdir_per_run(one_device):
   workdir, results, _ = one_device
-  assert sorted(results["figures"]) == sorted(plot_batch_size.FIGURES)
-  for name in plot_batch_size.FIGURES:
+  assert sorted(results["figures"]) == sorted(figures_lib.FIGURES)
+  for name in figures_lib.FIGURES:
     assert (workdir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
   assert [r["batch_size"] for r in results["sweep"]] == [8, 16]
   md = (workdir / "results.md").read_text()
@@ -84,7 +88,7 @@ def test_writes_results_report_figures_and_one_workdir_per_run(one_device):
     # A run's config: the study's training fields with its B, learning rate and micro-batches.
     assert (config["batch_size"], config["learning_rate"]) == (run["batch_size"], run["learning_rate"])
     assert config["grad_accum_steps"] == 2 and config["target_loss"] == results["target"]["loss"]
-    assert not set(exp._SWEEP_FIELDS) & set(config)  # pylint: disable=protected-access
+    assert not set(study_lib.SWEEP_FIELDS) & set(config)
 
 
 def _lowest_running_mean(values, window=3):
@@ -173,7 +177,7 @@ def test_learning_rate_search_widens_at_the_edge_and_caps_slower_runs(monkeypatc
 
   def fake_run(study, batch_size, lr, num_steps, target):
     del study
-    k = round(math.log2(lr / exp.rule_learning_rate(config, batch_size)))
+    k = round(math.log2(lr / study_lib.rule_learning_rate(config, batch_size)))
     steps = 100.0 + 10.0 * (k - 2) ** 2
     calls.append((k, num_steps))
     reached = steps <= num_steps
@@ -182,9 +186,9 @@ def test_learning_rate_search_widens_at_the_edge_and_caps_slower_runs(monkeypatc
             "final_val_nll": target if reached else target + 0.1,
             "status": "reached" if reached else "step cap", "wall_time_s": 0.0}, f"result {k}"
 
-  monkeypatch.setattr(exp, "train_run", fake_run)
-  study = exp.Study(config, *[None] * 8, log=lambda *_: None)
-  records, best = exp.tune_learning_rate(study, 16, target=2.0)
+  monkeypatch.setattr(study_lib, "train_run", fake_run)
+  study = study_lib.Study(config, *[None] * 8, log=lambda *_: None)
+  records, best = study_lib.tune_learning_rate(study, 16, target=2.0)
   assert [k for k, _ in calls] == [0, 1, -1, 2, 3]
   assert [cap for _, cap in calls] == [6000, 140, 110, 110, 100]
   assert best == "result 2"
@@ -192,19 +196,19 @@ def test_learning_rate_search_widens_at_the_edge_and_caps_slower_runs(monkeypatc
   assert [r["best_at_batch_size"] for r in records] == [False, False, False, True, False]
   assert [r["reached"] for r in records] == [False, True, True, True, False]
   config.lr_rule, calls[:] = "sqrt", []
-  records, _ = exp.tune_learning_rate(study, 16, target=2.0)
+  records, _ = study_lib.tune_learning_rate(study, 16, target=2.0)
   assert calls == [(0, 6000)] and records[0]["best_at_batch_size"]
 
 
 def test_eval_steps_and_learning_rate_rules():
-  assert exp.eval_steps(1.5, 15) == [1, 2, 3, 5, 8, 12, 15]
-  assert exp.eval_steps(1.05, 3) == [1, 2, 3]
+  assert study_lib.eval_steps(1.5, 15) == [1, 2, 3, 5, 8, 12, 15]
+  assert study_lib.eval_steps(1.05, 3) == [1, 2, 3]
   config = default_config.get_config()
   config.lr_rule, config.learning_rate, config.lr_reference_batch = "sqrt", 1e-3, 4
-  assert exp.rule_learning_rate(config, 16) == pytest.approx(2e-3)
+  assert study_lib.rule_learning_rate(config, 16) == pytest.approx(2e-3)
   config.lr_rule = "linear"
-  assert exp.rule_learning_rate(config, 16) == pytest.approx(4e-3)
-  run = exp.run_config(default_config.get_config(), 4, 3e-3, 500, 2.5)
+  assert study_lib.rule_learning_rate(config, 16) == pytest.approx(4e-3)
+  run = study_lib.run_config(default_config.get_config(), 4, 3e-3, 500, 2.5)
   assert (run.batch_size, run.grad_accum_steps, run.num_steps) == (4, 4, 500)  # min(M, B) = B
   assert run.learning_rate == run.min_learning_rate == 3e-3 and run.target_loss == 2.5
 
@@ -226,16 +230,16 @@ def test_bad_config_raises_usage_error(field, value, match):
     target = target[name]
   target[last] = value
   with pytest.raises(UsageError, match=match):
-    exp.check_config(config)
+    study_lib.check(config)
 
 
 def test_batch_sizes_must_divide_over_the_data_parallel_devices(monkeypatch):
-  monkeypatch.setattr(exp.sharding, "data_parallel_size", lambda mesh, rules: 4)
+  monkeypatch.setattr(study_lib.sharding, "data_parallel_size", lambda mesh, rules: 4)
   config = default_config.get_config()  # B = 2 in 2 micro-batches of 1 row: not over 4 devices.
   with pytest.raises(UsageError, match=r"batch_sizes=.*4 data-parallel devices.*B=2"):
-    exp.check_config(config)
+    study_lib.check(config)
   config.batch_sizes, config.noise_microbatches = (8, 16, 32), 2
-  exp.check_config(config)
+  study_lib.check(config)
 
 
 def test_cli_errors_are_one_line_and_plots_regenerate_without_jax(one_device, tmp_path):
@@ -255,9 +259,67 @@ def test_cli_errors_are_one_line_and_plots_regenerate_without_jax(one_device, tm
       f"error: --workdir={workdir} holds a run with a different config (b2: 0.99 there, 0.95 now); "
       "use a new --workdir to start another run")
   os.remove(workdir / "tradeoff.png")
-  code = ("import sys; from experiments import plot_batch_size as p; "
-          f"p.main(['--workdir={workdir}']); assert 'jax' not in sys.modules")
+  code = ("import sys; from experiments import redraw; "
+          f"redraw.main(['--workdir={workdir}']); assert 'jax' not in sys.modules")
   proc = subprocess.run([sys.executable, "-c", code], cwd=helpers.REPO, capture_output=True,
                         text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr
   assert (workdir / "tradeoff.png").exists()
+
+
+def _rows(steps: dict) -> list[dict]:
+  """Sweep rows that reached the target in `steps` {B: S}."""
+  return [{"batch_size": b, "reached": True, "steps_to_target": s} for b, s in steps.items()]
+
+
+def test_fit_notes_name_too_few_points_bounds_and_degenerate_fits():
+  """The notes of gradient_noise.tradeoff_record's own fits: steps that rise with B put E_min at
+  0 (B_crit = 0), a speed-up above 2x puts S_min at its bound, one point gives no fit."""
+  rising = _rows({16: 10.0, 32: 10.5})
+  notes = study_lib.fit_notes(rising, gn.tradeoff_record([16, 32], [10.0, 10.5]))
+  assert notes[0] == ("the trade-off fit has only 2 points (B = 16, 32) for its 2 parameters: "
+                      "nothing tests the law")
+  assert notes[1] == ("steps to target do not fall from B = 16 to 32: S = S_min + E_min / B "
+                      "cannot follow them")
+  assert notes[2].startswith("the fit's E_min = 0 is at its bound 0 (B_crit = 0)")
+  faster = _rows({2: 20.0, 4: 8.0, 8: 3.0})
+  (note,) = study_lib.fit_notes(faster, gn.tradeoff_record([2, 4, 8], [20.0, 8.0, 3.0]))
+  assert note.startswith("the fit's S_min = ") and "at its bound 0" in note
+  one = _rows({2: 20.0}) + [{"batch_size": 4, "reached": False, "steps_to_target": None}]
+  assert study_lib.fit_notes(one, None) == [
+      "no trade-off fit: 1 batch size(s) reached the target after training (2 needed)"]
+  inside = _rows({2: 30.0, 4: 20.0, 8: 15.0})  # S = 10 + 40 / B: B_crit = 4, no note.
+  assert study_lib.fit_notes(inside, gn.tradeoff_record([2, 4, 8], [30.0, 20.0, 15.0])) == []
+
+
+def test_degenerate_fits_are_notes_and_every_figure_draws(one_device, tmp_path):
+  """The tiny sweep's notes are those of its fit (only 2 points), in results.md. Its results with the
+  fits that broke the figures (E_min = 0 from steps that rise with B; S_min at 0 with B_crit
+  infinite, which results.json holds as null; no fit at all) still draw (every figure for the
+  first, those that draw the fit for the others) and report, each with its notes."""
+  workdir, results, _ = one_device
+  assert results["notes"] == study_lib.fit_notes(results["sweep"], results["fit"]) != []
+  results = copy.deepcopy(results)  # The module's other tests read the fixture's.
+  assert all(f"- {note}" in (workdir / "results.md").read_text() for note in results["notes"])
+  for steps, fit in (({8: 10.0, 16: 10.5}, gn.tradeoff_record([8, 16], [10.0, 10.5])),
+                     ({8: 20.0, 16: 8.0}, {"s_min": 0.0, "e_min": 160.0, "b_crit": None,
+                                           "rms_log_residual": 0.1}),
+                     ({8: 0.0, 16: None}, None)):
+    assert fit is None or fit["e_min"] == 0.0 or fit["b_crit"] is None
+    for row in results["sweep"]:
+      s = steps[row["batch_size"]]
+      row.update(reached=s is not None, steps_to_target=s,
+                 examples_to_target=None if s is None else s * row["batch_size"])
+    b, s = study_lib.fit_points(results["sweep"])
+    results.update(fit=fit, notes=study_lib.fit_notes(results["sweep"], fit),
+                   regimes=gn.doubling_speedups(b, s, fit and fit["b_crit"]))
+    assert results["notes"]
+    if fit and fit["e_min"] == 0.0:  # The fit a sweep at B = 16, 32 of a few steps gave.
+      assert figures_lib.draw(results, tmp_path) == list(figures_lib.FIGURES)
+    else:  # The figures that draw the fit.
+      figures_lib.plot_tradeoff(results, tmp_path / "tradeoff.png")
+      figures_lib.plot_noise_scale(results, tmp_path / "noise_scale.png")
+    md = reports.report(results)
+    assert all(f"- {note}" in md for note in results["notes"])
+    if fit:
+      assert f"**B_crit = {'-' if fit['b_crit'] is None else '0.0'}**" in md

@@ -1,15 +1,13 @@
-"""Figures and report of experiments/batch_size.py from its results.json (json, numpy and matplotlib
-only, no JAX).
+"""Figures of the batch-size study (`llm_math.studies.batch_size`) from its results.json.
 
-  python -m experiments.plot_batch_size --workdir=DIR
-
-Writes to DIR: tradeoff.png (steps and examples to target vs B, the S-E frontier), gradient_variance.png,
-noise_scale.png (B_simple over training), sharpness.png (sharpness and generalization gap vs B),
-learning_rate.png (best learning rate vs B) and loss_curves.png (validation loss of each B's best run).
-`report` renders results.md (the study writes it with results.json).
+Draws tradeoff.png (steps and examples to target vs B, the S-E frontier, the study's notes on the
+fit), gradient_variance.png, noise_scale.png (B_simple over training), sharpness.png (sharpness and
+generalization gap vs B), learning_rate.png (best learning rate vs B) and loss_curves.png (validation
+loss of each B's best run). Each draws whatever the results hold: a missing, degenerate or
+unbounded fit leaves its curves out, not the figure.
 """
 
-import os
+import math
 import textwrap
 
 import matplotlib
@@ -19,10 +17,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from experiments.common import fmt  # pylint: disable=g-import-not-at-top,wrong-import-position
-from experiments.common import markdown_table  # pylint: disable=g-import-not-at-top,wrong-import-position
-from llm_math.figures import redraw_main  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llm_math.figures import draw_each  # pylint: disable=g-import-not-at-top,wrong-import-position
 from llm_math.figures import save_figure  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llm_math.reports.batch_size import checkpoint_caption  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _floats(values) -> np.ndarray:
@@ -46,6 +43,23 @@ def _suptitle(fig, results, extra="", width=200):
   fig.suptitle(textwrap.fill(head, width) + extra, fontsize=9)
 
 
+def _positive(value) -> float | None:
+  """`value` when it is a finite number > 0 (what a log axis can show), else None."""
+  return value if isinstance(value, (int, float)) and math.isfinite(value) and value > 0 else None
+
+
+def _on_plot(value: float, measured: np.ndarray) -> bool:
+  """Whether a fitted S_min or E_min gets its reference line on a log axis of the `measured` values:
+  > 0 and at least 1% of the smallest (a fit at its bound 0 would stretch the axis by decades)."""
+  return value > 0 and (not len(measured) or value >= 0.01 * measured.min())
+
+
+def _notes(results, width=200) -> str:
+  """The study's notes on its fits (results["notes"]) as lines under a title, or ''."""
+  notes = results.get("notes") or []
+  return "".join("\n" + textwrap.fill(f"note: {n}", width) for n in notes)
+
+
 def _batch_ticks(ax, batch_sizes):
   """Ticks at the batch sizes themselves (powers of two), labelled as plain integers."""
   ax.set_xticks([float(b) for b in batch_sizes])
@@ -53,21 +67,31 @@ def _batch_ticks(ax, batch_sizes):
   ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
 
 
+def _b_crit(results) -> float | None:
+  """The fit's B_crit where its reference line goes: within B/2 .. 2B of the measured batch sizes
+  (where the fit's curves are drawn), else None (a fit at a bound puts it decades away)."""
+  b_crit = _positive((results["fit"] or {}).get("b_crit"))
+  sizes = [r["batch_size"] for r in results["sweep"]]
+  return b_crit if b_crit and min(sizes) / 2 <= b_crit <= 2 * max(sizes) else None
+
+
 def _b_lines(ax, results, label=True):
-  """Vertical reference lines at the fitted B_crit and the measured B_simple."""
-  fit, b_simple = results["fit"], results["noise_scale"]["b_simple"]
-  if fit:
-    ax.axvline(fit["b_crit"], color="tab:red", ls="--", lw=1.2,
-               label=f"B_crit (fit) = {fit['b_crit']:.1f}" if label else None)
+  """Vertical reference lines at the fitted B_crit (`_b_crit`) and the measured B_simple."""
+  b_crit, b_simple = _b_crit(results), results["noise_scale"]["b_simple"]
+  if b_crit:
+    ax.axvline(b_crit, color="tab:red", ls="--", lw=1.2,
+               label=f"B_crit (fit) = {b_crit:.1f}" if label else None)
   if b_simple:
     ax.axvline(b_simple, color="tab:purple", ls=":", lw=1.5,
                label=f"B_simple (measured in training) = {b_simple:.1f}" if label else None)
 
 
 def plot_tradeoff(results, path):
-  """Steps vs B (perfect scaling line, fit), examples vs B, and the steps-examples frontier."""
-  sweep, fit = results["sweep"], results["fit"]
-  reached = [r for r in sweep if r["reached"]]
+  """Steps vs B (perfect scaling line, fit), examples vs B, and the steps-examples frontier; the
+  fit's curves only where its S_min and E_min are finite and >= 0, the frontier and the S_min and
+  E_min lines only where they fall on the plot (`_on_plot`)."""
+  sweep, fit = results["sweep"], results["fit"] or {}
+  reached = [r for r in sweep if r["reached"] and _positive(r["steps_to_target"])]
   b = np.array([r["batch_size"] for r in reached], np.float64)
   s = np.array([r["steps_to_target"] for r in reached])
   e = b * s
@@ -85,19 +109,27 @@ def plot_tradeoff(results, path):
       for ax, y in ((ax_s, r["stopped_at_step"]), (ax_e, r["stopped_at_step"] * r["batch_size"])):
         ax.plot([r["batch_size"]], [y], marker="^", color="tab:red", ls="none", ms=8,
                 label="not reached (run stopped here)")
-  if fit:
-    s_fit = fit["s_min"] + fit["e_min"] / dense
-    ax_s.loglog(dense, s_fit, color="tab:red", lw=1.5,
-                label=f"fit S_min (1 + B_crit/B): S_min={fit['s_min']:.0f}")
-    ax_s.axhline(fit["s_min"], color="tab:red", ls="-.", lw=0.8, alpha=0.6, label="S_min")
-    ax_e.loglog(dense, fit["e_min"] + fit["s_min"] * dense, color="tab:red", lw=1.5,
-                label=f"fit E_min (1 + B/B_crit): E_min={fit['e_min']:,.0f}")
-    ax_e.axhline(fit["e_min"], color="tab:red", ls="-.", lw=0.8, alpha=0.6, label="E_min")
-    e_dense = np.geomspace(fit["e_min"] * 1.01, max(e.max(), fit["e_min"]) * 3, 300)
-    ax_f.loglog(e_dense, fit["s_min"] / (1 - fit["e_min"] / e_dense), color="tab:red", lw=1.5,
-                label="fit (S/S_min - 1)(E/E_min - 1) = 1")
-    ax_f.axhline(fit["s_min"], color="tab:red", ls="-.", lw=0.8, alpha=0.6, label="S_min")
-    ax_f.axvline(fit["e_min"], color="tab:red", ls="--", lw=0.8, alpha=0.6, label="E_min")
+  s_min, e_min = fit.get("s_min"), fit.get("e_min")
+  if all(isinstance(x, (int, float)) and math.isfinite(x) and x >= 0 for x in (s_min, e_min)):
+    ax_s.loglog(dense, s_min + e_min / dense, color="tab:red", lw=1.5,
+                label=f"fit S_min (1 + B_crit/B): S_min={s_min:.0f}")
+    ax_e.loglog(dense, e_min + s_min * dense, color="tab:red", lw=1.5,
+                label=f"fit E_min (1 + B/B_crit): E_min={e_min:,.0f}")
+    # The frontier S = S_min / (1 - E_min / E) from just above E_min (from below the measured E
+    # when E_min is off the plot) to past the largest measured E.
+    low = e_min * 1.01 if _on_plot(e_min, e) else (e.min() if len(e) else 1.0) / 3
+    e_dense = np.geomspace(low, max(e.max() if len(e) else low, e_min) * 3, 300)
+    if _on_plot(s_min, s):
+      ax_f.loglog(e_dense, s_min / (1 - e_min / e_dense), color="tab:red", lw=1.5,
+                  label="fit (S/S_min - 1)(E/E_min - 1) = 1")
+    if _on_plot(s_min, s):
+      ax_s.axhline(s_min, color="tab:red", ls="-.", lw=0.8, alpha=0.6, label="S_min")
+    if _on_plot(e_min, e):
+      ax_e.axhline(e_min, color="tab:red", ls="-.", lw=0.8, alpha=0.6, label="E_min")
+    if _on_plot(s_min, s):
+      ax_f.axhline(s_min, color="tab:red", ls="-.", lw=0.8, alpha=0.6, label="S_min")
+    if _on_plot(e_min, e):
+      ax_f.axvline(e_min, color="tab:red", ls="--", lw=0.8, alpha=0.6, label="E_min")
   for ax in (ax_s, ax_e):
     _b_lines(ax, results)
     _batch_ticks(ax, [r["batch_size"] for r in sweep])
@@ -115,8 +147,9 @@ def plot_tradeoff(results, path):
     ax.grid(alpha=0.3, which="both")
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles))
-    ax.legend(unique.values(), unique.keys(), fontsize=7.5)
-  _suptitle(fig, results)
+    if unique:
+      ax.legend(unique.values(), unique.keys(), fontsize=7.5)
+  _suptitle(fig, results, _notes(results))
   save_figure(fig, path)
 
 
@@ -154,7 +187,7 @@ def plot_gradient_variance(results, path):
     _batch_ticks(a, sorted(set(b.tolist()) | set(b_rs.tolist())))
     a.grid(alpha=0.3, which="both")
     a.legend(fontsize=7.5)
-  _suptitle(fig, results, f"\n{gv['num_params']:,} parameters, at the checkpoint: {_checkpoint(gv)}")
+  _suptitle(fig, results, f"\n{gv['num_params']:,} parameters, at the checkpoint: {checkpoint_caption(gv)}")
   save_figure(fig, path)
 
 
@@ -193,11 +226,11 @@ def plot_noise_scale(results, path):
     ax_t.loglog(steps, b_step, "o-", color=colors[b], ms=4, lw=1.2, label=f"B={b}")
     loss, b_loss = _binned_noise(best[b]["noise"], "val_nll", num_bins=15)
     ax_l.semilogy(loss, b_loss, "o-", color=colors[b], ms=4, lw=1.2, label=f"B={b}")
-  fit, gv, ns = results["fit"], results["gradient_variance"], results["noise_scale"]
+  gv, ns = results["gradient_variance"], results["noise_scale"]
+  b_crit = _b_crit(results)
   for ax in (ax_t, ax_l):
-    if fit:
-      ax.axhline(fit["b_crit"], color="tab:red", ls="--", lw=1.2,
-                 label=f"B_crit (fit) = {fit['b_crit']:.1f}")
+    if b_crit:
+      ax.axhline(b_crit, color="tab:red", ls="--", lw=1.2, label=f"B_crit (fit) = {b_crit:.1f}")
     if ns["b_simple"]:
       ax.axhline(ns["b_simple"], color="tab:purple", ls=":", lw=1.8,
                  label=f"B_simple, all steps (median over B) = {ns['b_simple']:.1f}")
@@ -315,147 +348,14 @@ def plot_loss_curves(results, path):
   save_figure(fig, path)
 
 
-def _checkpoint(gv) -> str:
-  c = gv["checkpoint"]
-  return (f"best run at B={c['batch_size']}, lr {c['best_learning_rate']:.2e}, step "
-          f"{c['stopped_at_step']}, validation loss {c['final_val_nll']:.4f}")
-
-
-def _protocol(results) -> list[str]:
-  """How the runs were made and measured, from the config in results.json."""
-  c, t, ev, floors = results["config"], results["target"], results["evaluation"], results["floor"]
-  rule = (f"powers of {c['lr_tune_factor']:g} around the sqrt rule {c['learning_rate']:g} "
-          f"(B/{c['lr_reference_batch']})^0.5, best = fewest steps to target"
-          if c["lr_rule"] == "tune" else
-          f"the {c['lr_rule']} rule from {c['learning_rate']:g} at B = {c['lr_reference_batch']}")
-  pilot = t["pilot"]
-  how = (f"Pilot run at the smallest batch B={pilot['batch_size']} with its rule learning rate "
-         f"{pilot['learning_rate']:.3g} for {c['pilot_steps']} steps; target = its lowest "
-         f"3-evaluation running mean of the validation loss + {c['target_margin']} nats."
-         if pilot else "Set by --config.target_loss.")
-  floor = (f" True-model floor on those tokens: validation {floors['val']:.4f}, training "
-           f"{floors['train']:.4f}." if floors else "")
-  return [f"# Batch size: {results['data']}", "",
-          f"Model: {results['model']['description']}, {results['model']['params']:,} parameters. "
-          f"Optimizer: Adam, constant learning rate after {c['warmup_steps']} warmup steps; "
-          f"learning rate per B: {rule}. Every run stops at the target, at divergence or at "
-          f"{c['num_steps']} steps; evaluations at steps 1, 2, ... then x{c['eval_growth']} apart.",
-          "", f"Target validation loss: **{t['loss']:.4f} nats/token**. {how} Losses are measured on "
-          f"{ev['tokens_scored']:,} tokens of each split in independent windows (context "
-          f"{ev['context_min']}-{ev['context_max']}).{floor}", ""]
-
-
-def _sweep_table(results) -> list[str]:
-  """One row per B: its best run, the generalization gap, sharpness and B_simple."""
-  sweep, floors = results["sweep"], results["floor"]
-  header = ["B", "best lr", "lrs tried", "steps to target", "examples to target",
-            "speed-up vs B/2", "final train NLL", "final val NLL", "gap (val - train)",
-            "top Hessian eig", "eps-sharpness", "B_simple (all steps)", "B_simple (2nd half)"]
-  rows = []
-  for prev, r in zip([None] + sweep[:-1], sweep):
-    gap = r["generalization_gap"]  # None in a results.json where it was NaN (a diverged run)
-    rows.append([r["batch_size"], f"{r['best_learning_rate']:.2e}", len(r["learning_rates_tried"]),
-                 f"{r['steps_to_target']:.1f}" if r["reached"] else f"> {r['stopped_at_step']}",
-                 fmt(r["examples_to_target"], ",.0f"),
-                 f"{prev['steps_to_target'] / r['steps_to_target']:.2f}x"
-                 if prev and prev["reached"] and r["reached"] else "-",
-                 fmt(r["final_train_nll"], ".4f"), fmt(r["final_val_nll"], ".4f"), fmt(gap, "+.4f"),
-                 fmt(r["hessian_top_eigenvalue"], ".3g"), fmt(r["epsilon_sharpness"], ".3g"),
-                 fmt(r["b_simple"], ".1f"), fmt(r["b_simple_late"], ".1f")])
-    if floors:  # The gap the true model has on the same tokens, taken off.
-      rows[-1].insert(9, fmt(None if gap is None else gap - (floors["val"] - floors["train"]), "+.4f"))
-  if floors:
-    header.insert(9, "gap net of floors")
-  lines = markdown_table(header, rows, "r" * len(header)) + [""]
-  unreached = [r["batch_size"] for r in sweep if not r["reached"]]
-  if unreached:
-    lines += [f"Not reached within the step cap: B = {unreached} (left out of the fit).", ""]
-  return lines
-
-
-def _fit_and_regimes(results) -> list[str]:
-  fit, ns, reg = results["fit"], results["noise_scale"], results["regimes"]
-  lines = []
-  if fit:
-    lines += [
-        f"**Fit** (McCandlish et al. 2018, S = S_min (1 + B_crit/B), E = E_min (1 + B/B_crit), "
-        "least squares on log S): "
-        f"S_min = {fit['s_min']:.1f} steps, E_min = {fit['e_min']:,.0f} sequences, "
-        f"**B_crit = {fit['b_crit']:.1f}** sequences (rms log residual {fit['rms_log_residual']:.3f}).",
-        "", f"**B_simple** measured during training (two-batch estimator every step, B_small = B / "
-        f"{results['config']['noise_microbatches']} micro-batches, B_big = B; |G|^2 and tr(Sigma) "
-        f"averaged over the steps of each B's best run, ratio last; median over B): "
-        f"**{fmt(ns['b_simple'], '.1f')}**; B_crit / B_simple = "
-        f"{fmt(ns['b_simple'] and fit['b_crit'] / ns['b_simple'], '.2f')}. Over the second half of "
-        f"the steps only (near the target): {fmt(ns['b_simple_late'], '.1f')}.", ""]
-  if reg:
-    sm, lg = reg["small"], reg["large"]
-    words = (f"**Regimes.** Small B: doubling B from {sm['from']} to {sm['to']} cuts the steps to "
-             f"target {sm['speedup']:.2f}x (perfect scaling: 2x) while the examples to target change "
-             f"{sm['examples_ratio']:.2f}x (perfect scaling: 1x). Large B: doubling from {lg['from']} "
-             f"to {lg['to']} cuts the steps {lg['speedup']:.2f}x and multiplies the examples "
-             f"{lg['examples_ratio']:.2f}x (diminishing returns: 1x and 2x).")
-    if fit:
-      words += (f" By the fit, B = {sm['from']} needs {100 * reg['excess_examples_small']:.0f}% more "
-                f"examples than E_min and B = {lg['to']} needs {100 * reg['excess_examples_large']:.0f}% "
-                f"more (E / E_min - 1 = B / B_crit); steps approach S_min = {fit['s_min']:.0f}.")
-    lines += [words, ""]
-  return lines
-
-
-def _variance(results) -> list[str]:
-  gv = results["gradient_variance"]
-  if not gv:
-    return []
-  fresh, rs = gv["fresh"], gv["resampled"]
-  rows = [[b, f"{var:.4g} +- {se:.2g}", f"{pred:.4g}", f"{var / pred:.3f}"] for b, var, se, pred
-          in zip(fresh["batch_sizes"], fresh["variance"], fresh["stderr"], fresh["predicted"])]
-  return [
-      f"**Gradient variance vs B** at a fixed checkpoint ({_checkpoint(gv)}): fitted log-log slope "
-      f"**{gv['slope']:.3f}** (theory -1, |slope + 1| = {abs(gv['slope'] + 1):.3f}). For each B, "
-      f"{fresh['num_batches']} independent mini-batches of fresh training windows; E|g_B - G|^2 is "
-      "the unbiased sample variance of their gradients (no reference G needed). Prediction "
-      f"tr(Sigma)/B from {gv['num_examples']} separate per-example gradients (one window each): "
-      f"tr(Sigma) = {gv['trace_sigma_unbiased']:.4g}, |G|^2 = {gv['g_sq_unbiased']:.4g}, "
-      f"per-example B_simple = {fmt(gv['b_simple'], '.1f')}.", "",
-      *markdown_table(["B", "E\\|g_B - G\\|^2, fresh batches (+- s.e.)",
-                       "tr(Sigma) / B (per-example)", "measured / predicted"], rows, "rrrr"),
-      "", f"Re-drawing mini-batches from the {gv['num_examples']} per-example gradients "
-      f"({rs['num_batches']} per B) follows tr(Sigma_pop)/B by construction with replacement "
-      f"(slope {rs['slope_with_replacement']:.3f}); without replacement it follows the "
-      "finite-population law tr(Sigma_pop)/B (N - B)/(N - 1), e.g. at B = "
-      f"{rs['batch_sizes'][-1]}: {rs['variance_without_replacement'][-1]:.4g} measured, "
-      f"{rs['expected_without_replacement'][-1]:.4g} predicted, "
-      f"{rs['expected_with_replacement'][-1]:.4g} without the correction.", ""]
-
-
-def report(results: dict) -> str:
-  """results.md: the protocol, the sweep table, the fit and regimes, the gradient variance law."""
-  lines = (_protocol(results) + _sweep_table(results) + _fit_and_regimes(results) + _variance(results)
-           + [f"{results['runs_total']} training runs, {results['examples_total']:,} training "
-              f"sequences in all; {results['wall_time_s']:.0f} s wall."])
-  return "\n".join(lines) + "\n"
-
-
 FIGURES = {"tradeoff.png": plot_tradeoff, "gradient_variance.png": plot_gradient_variance,
            "noise_scale.png": plot_noise_scale, "sharpness.png": plot_sharpness,
            "learning_rate.png": plot_learning_rate, "loss_curves.png": plot_loss_curves}
 
 
-def plot_all(results: dict, workdir: str) -> list[str]:
-  """Draws every figure into `workdir`; returns their file names."""
-  written = []
-  for name, plot in FIGURES.items():
-    if name == "gradient_variance.png" and not results.get("gradient_variance"):
-      continue
-    plot(results, os.path.join(workdir, name))
-    written.append(name)
-  return written
-
-
-def main(argv=None):
-  redraw_main(__doc__, "batch_size", plot_all, argv)
-
-
-if __name__ == "__main__":
-  main()
+def draw(results: dict, workdir) -> list[str]:
+  """Draws every figure into `workdir` (gradient_variance.png only when the results hold the
+  measurement); returns their file names."""
+  figures = {name: plot for name, plot in FIGURES.items()
+             if name != "gradient_variance.png" or results.get("gradient_variance")}
+  return draw_each(figures, results, workdir)
