@@ -16,7 +16,6 @@ sharpness.png, learning_rate.png and loss_curves.png (`llm_math.figures.batch_si
 redraws the figures and results.md from results.json alone.
 """
 
-
 from experiments import common
 from llm_math import studies
 from llm_math.studies import batch_size
