@@ -2,7 +2,6 @@
 JAX): one module per study, `draw(results, workdir) -> [file names]`, and the pieces they share.
 `draw` here picks the study's module from results["experiment"]."""
 
-import importlib
 import os
 
 import matplotlib
@@ -12,11 +11,12 @@ from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top,wron
 from matplotlib import ticker  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from llm_math import files  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llm_math import reports  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def draw(results: dict, workdir) -> list[str]:
   """Draws every figure of the study that wrote `results` into `workdir`; their file names."""
-  return importlib.import_module(f"{__name__}.{results['experiment']}").draw(results, workdir)
+  return reports.study_module(__name__, results["experiment"]).draw(results, workdir)
 
 
 def draw_each(figures: dict, results: dict, workdir) -> list[str]:

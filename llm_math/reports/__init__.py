@@ -1,6 +1,8 @@
 """results.md of every study, built from its saved results.json alone (no JAX, no plotting): one
 module per study, `report(results) -> str`, and the table helpers they share."""
 
+import importlib
+
 
 def markdown_table(header: list[str], rows: list[list], align: str | None = None) -> list[str]:
   """The lines of a markdown table; `align` has one character per column, 'l' or 'r' (default:
@@ -35,6 +37,17 @@ def interval(stat: dict, spec: str = ".3f") -> str:
 
 
 def report(results: dict) -> str:
-  """results.md of the study that wrote `results` (its module is picked by results["experiment"])."""
-  import importlib  # pylint: disable=g-import-not-at-top
-  return importlib.import_module(f"{__name__}.{results['experiment']}").report(results)
+  """results.md of the study that wrote `results` (its module is picked by results["experiment"],
+  see `study_module`)."""
+  return study_module(__name__, results["experiment"]).report(results)
+
+
+def study_module(package: str, experiment: str):
+  """`package`.<experiment> (a study of this repo), else the module named `experiment` (a study
+  kept in one file of its own, which defines `report` and `draw` itself)."""
+  try:
+    return importlib.import_module(f"{package}.{experiment}")
+  except ModuleNotFoundError as e:
+    if e.name != f"{package}.{experiment}":
+      raise
+    return importlib.import_module(experiment)
