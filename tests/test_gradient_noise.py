@@ -325,13 +325,18 @@ def test_variance_law_record_on_a_known_one_over_b_law():
   sizes = [1, 2, 4, 8, 16, 32]
   fresh = [_windows(rng, 1000, b) for b in sizes]
   gv = gn.variance_law_record(_first_token_loss, {"w": jnp.zeros(_P.size)}, _windows(rng, 256),
-                              fresh, 200, jax.random.PRNGKey(0))
+                              fresh, 200, jax.random.PRNGKey(0), bootstrap=200, seed=0)
   assert gv["fresh"]["batch_sizes"] == sizes and gv["fresh"]["num_batches"] == 1000
   assert (gv["num_examples"], gv["num_params"]) == (256, _P.size)
   for b, var, se in zip(sizes, gv["fresh"]["variance"], gv["fresh"]["stderr"]):
     assert abs(var - c / b) <= 4 * se, b
   assert abs(gv["slope"] + 1.0) < 0.04
   assert gv["intercept"] == pytest.approx(np.log(c), abs=0.06)
+  # The bootstrap over the 6 (B, variance) points: intervals around the estimates, holding -1.
+  assert gv["ci95"]["slope"][0] < -1.0 < gv["ci95"]["slope"][1]
+  assert gv["ci95"]["slope"][1] - gv["ci95"]["slope"][0] < 0.1
+  assert gv["ci95"]["intercept"][0] < gv["intercept"] < gv["ci95"]["intercept"][1]
+  assert gv["bootstrap_failures"] == 0 and gv["note"] is None  # 6 distinct B: >= 2 in every draw
   # 256 windows give tr(Sigma) and |G|^2 to about 5% (1 s.e.; bands ~4 s.e.).
   assert gv["trace_sigma_unbiased"] == pytest.approx(c, rel=0.15)
   assert gv["trace_sigma_population"] == pytest.approx(gv["trace_sigma_unbiased"] * 255 / 256)
@@ -415,3 +420,50 @@ def test_tradeoff_record_recovers_a_known_hyperbola(noise):
   assert gn.tradeoff_record([4, 4], [30.0, 31.0]) is None  # One batch size: no fit.
   assert gn.doubling_speedups([2, 8], [30.0, 10.0]) is None  # No doubling.
   assert "excess_examples_small" not in gn.doubling_speedups([2, 4], [30.0, 16.0])
+
+
+def test_tradeoff_bootstrap_intervals_and_notes():
+  """5% noise on 9 batch sizes around B_crit = 16: the bootstrap intervals hold the estimates and
+  the truth; degenerate batch sizes and an extrapolated B_crit give notes."""
+  b = 2.0 ** np.arange(1, 10)
+  noise = np.exp(0.05 * np.random.default_rng(5).standard_normal(9))
+  steps = gn.tradeoff_steps(b, 40.0, 640.0) * noise
+  fit = gn.fit_steps_examples_tradeoff(b, steps, bootstrap=200, seed=0)
+  assert fit[:3] == gn.fit_steps_examples_tradeoff(b, steps)[:3]
+  assert fit.bootstrap_failures == 0 and fit.note is None
+  for name, truth in (("s_min", 40.0), ("e_min", 640.0), ("b_crit", 16.0)):
+    lo, hi = fit.ci95[name]
+    assert lo < getattr(fit, name) < hi and lo < truth < hi, name
+  rec = gn.tradeoff_record(list(b), list(steps), bootstrap=200, seed=0)
+  assert rec["ci95"] == fit.ci95 and rec["note"] is None and rec["bootstrap_failures"] == 0
+  assert gn.tradeoff_record(list(b), list(steps))["ci95"] is None
+  # Two batch sizes, and resamples holding one of them only (probability 2 / 2^4 = 1/8).
+  two = gn.fit_steps_examples_tradeoff([8, 8, 64, 64], [120.0, 125.0, 50.0, 52.0], bootstrap=80)
+  assert two.note.startswith("2 distinct batch sizes for 2 parameters")
+  assert 80 / 8 * 0.3 < two.bootstrap_failures < 80 / 8 * 2.5
+  assert f"{two.bootstrap_failures} of 80 bootstrap refits failed" in two.note
+  # All batch sizes far above B_crit: S ~ S_min everywhere, B_crit is extrapolated and undetermined.
+  big = 2.0 ** np.arange(10, 15)
+  noise = np.exp(0.05 * np.random.default_rng(6).standard_normal(5))
+  steps = gn.tradeoff_steps(big, 40.0, 640.0) * noise
+  fit = gn.fit_steps_examples_tradeoff(big, steps, bootstrap=100)
+  assert "lies outside the measured batch sizes" in fit.note
+  assert "B_crit undetermined" in fit.note
+
+
+def test_loglog_fit_intervals_and_notes():
+  """y = 3 / x with 5% noise: the slope's interval holds -1; no line through one x, or through a
+  value <= 0, is a note, not an exception."""
+  x = 2.0 ** np.arange(8)
+  y = 3.0 / x * np.exp(0.05 * np.random.default_rng(0).standard_normal(8))
+  line = gn.loglog_fit(x, y, bootstrap=300, seed=1)
+  assert (line["slope"], line["intercept"]) == gn.loglog_slope(x, y)
+  assert line["ci95"]["slope"][0] < -1.0 < line["ci95"]["slope"][1]
+  assert line["ci95"]["intercept"][0] < np.log(3.0) < line["ci95"]["intercept"][1]
+  assert line["bootstrap_failures"] == 0 and line["note"] is None
+  assert gn.loglog_fit(x, y)["ci95"] is None
+  two = gn.loglog_fit([1.0, 1.0, 4.0], [1.0, 1.1, 0.25], bootstrap=50)
+  assert two["note"].startswith("2 distinct x for 2 parameters") and two["bootstrap_failures"] > 0
+  assert gn.loglog_fit([2.0, 2.0], [1.0, 1.1])["note"] == "no fit: 1 distinct x, a line needs 2"
+  bad = gn.loglog_fit([1.0, 2.0], [1.0, 0.0], bootstrap=10)
+  assert bad["slope"] is None and bad["note"].startswith("no fit")

@@ -40,6 +40,9 @@ import jax
 from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import numpy as np
+from scipy import optimize
+
+from llm_math.analysis import intervals
 
 PyTree = Any
 
@@ -231,7 +234,8 @@ def minibatch_gradient_variance(grads_NxP: jax.Array, batch_sizes: Sequence[int]
 def loglog_slope(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
   """Least-squares fit log y = slope * log x + intercept; returns (slope, intercept).
 
-  For y = E|g_B - G|^2 against x = B with replacement the slope is -1.
+  For y = E|g_B - G|^2 against x = B with replacement the slope is -1. `loglog_fit` adds bootstrap
+  intervals and gives a note instead of an exception.
   """
   x_arr, y_arr = np.asarray(x, np.float64), np.asarray(y, np.float64)
   if x_arr.shape != y_arr.shape or x_arr.ndim != 1 or x_arr.size < 2:
@@ -241,6 +245,44 @@ def loglog_slope(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
     raise ValueError("x, y: expected strictly positive values for a log-log fit")
   slope, intercept = np.polyfit(np.log(x_arr), np.log(y_arr), 1)
   return float(slope), float(intercept)
+
+
+def loglog_fit(x: Sequence[float], y: Sequence[float], *, bootstrap: int = 0,
+               seed: int = 0) -> dict:
+  """`loglog_slope` as JSON values with percentile-bootstrap intervals over resampled (x, y) points.
+
+  Returns {'slope', 'intercept', 'ci95': {'slope', 'intercept': [lo, hi]} (None without a bootstrap
+  or when every refit failed), 'bootstrap_failures', 'note'}. Points that admit no line (fewer than
+  two distinct x, values <= 0) give None values and the reason as the note, not an exception; a
+  resample with fewer than two distinct x counts as a failed refit.
+  """
+  x_arr, y_arr = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  out = {"slope": None, "intercept": None, "ci95": None, "bootstrap_failures": 0, "note": None}
+  if x_arr.shape != y_arr.shape or x_arr.ndim != 1:
+    raise ValueError(f"x, y: expected equal 1-D shapes, got {x_arr.shape}, {y_arr.shape}")
+  if np.unique(x_arr).size < 2:
+    return {**out, "note": f"no fit: {np.unique(x_arr).size} distinct x, a line needs 2"}
+  if not (np.all(np.isfinite(x_arr)) and np.all(np.isfinite(y_arr)) and np.all(x_arr > 0)
+          and np.all(y_arr > 0)):
+    return {**out, "note": "no fit: a log-log line needs finite values > 0"}
+  slope, intercept = loglog_slope(x_arr, y_arr)
+  notes = []
+  if np.unique(x_arr).size == 2:
+    notes.append("2 distinct x for 2 parameters: the line passes through the points, with no "
+                 "residual left to check it")
+  ci95, failures = None, 0
+  if bootstrap:
+    def refit(idx):
+      if np.unique(x_arr[idx]).size < 2:
+        return None
+      s_i, i_i = loglog_slope(x_arr[idx], y_arr[idx])
+      return {"slope": s_i, "intercept": i_i}
+
+    boot = intervals.percentile_bootstrap(refit, x_arr.size, bootstrap, seed)
+    ci95, failures = boot["ci95"], boot["failures"]
+    notes.append(intervals.bootstrap_note(failures, bootstrap))
+  return {"slope": slope, "intercept": intercept, "ci95": ci95, "bootstrap_failures": failures,
+          "note": intervals.join_notes(*notes)}
 
 
 def batch_gradient_variance(loss_fn: Callable[[PyTree, PyTree], jax.Array], params: PyTree,
@@ -269,7 +311,7 @@ def batch_gradient_variance(loss_fn: Callable[[PyTree, PyTree], jax.Array], para
 
 def variance_law_record(loss_fn: Callable[[PyTree, PyTree], jax.Array], params: PyTree,
                         examples: PyTree, fresh_batches: Sequence[PyTree], num_resampled: int,
-                        key: jax.Array) -> dict:
+                        key: jax.Array, *, bootstrap: int = 0, seed: int = 0) -> dict:
   """The 1/B law of the mini-batch gradient variance at `params`, measured two ways (JSON values).
 
   Measured: E|g_B - G|^2 from independent mini-batches (`fresh_batches`, one [K, B, ...] batch set
@@ -279,7 +321,9 @@ def variance_law_record(loss_fn: Callable[[PyTree, PyTree], jax.Array], params: 
   For reference, `num_resampled` mini-batches re-drawn from the N per-example gradients follow
   tr(Sigma_pop)/B with replacement (by construction) and the finite-population law
   tr(Sigma_pop)/B (N - B)/(N - 1) without. B_simple = tr(Sigma) / |G|^2 with the unbiased
-  |G|^2 ~= |mean g_i|^2 - tr(Sigma_unbiased) / N.
+  |G|^2 ~= |mean g_i|^2 - tr(Sigma_unbiased) / N. With `bootstrap` > 0, 'ci95' holds the
+  percentile-bootstrap intervals of the slope and intercept over resampled (B, variance) points
+  (`loglog_fit`, resampling seeded by `seed`); 'note' is its note (None when nothing is doubtful).
   """
   grads_NxP = jnp.asarray(per_example_grad_matrix(loss_fn, params, examples))
   n, p = grads_NxP.shape
@@ -289,7 +333,8 @@ def variance_law_record(loss_fn: Callable[[PyTree, PyTree], jax.Array], params: 
 
   sizes = [int(jax.tree_util.tree_leaves(b)[0].shape[1]) for b in fresh_batches]
   measured = [batch_gradient_variance(loss_fn, params, b) for b in fresh_batches]
-  slope, intercept = loglog_slope(sizes, [v for v, _ in measured])
+  line = loglog_fit(sizes, [v for v, _ in measured], bootstrap=bootstrap, seed=seed)
+  slope, intercept = line["slope"], line["intercept"]
 
   resampled_sizes = [2**i for i in range(int(math.log2(n)))]  # 1, 2, ..., N/2
   k_with, k_without = jax.random.split(key)
@@ -302,7 +347,8 @@ def variance_law_record(loss_fn: Callable[[PyTree, PyTree], jax.Array], params: 
                 "stderr": [se for _, se in measured],
                 "num_batches": int(jax.tree_util.tree_leaves(fresh_batches[0])[0].shape[0]),
                 "predicted": expected_minibatch_variance(trace_unbiased, sizes).tolist()},
-      "slope": slope, "intercept": intercept,
+      "slope": slope, "intercept": intercept, "ci95": line["ci95"],
+      "bootstrap_failures": line["bootstrap_failures"], "note": line["note"],
       "resampled": {
           "batch_sizes": resampled_sizes, "num_batches": num_resampled,
           "variance_with_replacement": with_repl.tolist(),
@@ -463,10 +509,18 @@ def pooled_noise_scale(windows: dict, start: float = 0.0, stop: float = math.inf
 
 
 class TradeoffFit(NamedTuple):
-  """Fitted (S/S_min - 1)(E/E_min - 1) = 1 curve; b_crit = e_min / s_min."""
+  """Fitted (S/S_min - 1)(E/E_min - 1) = 1 curve; b_crit = e_min / s_min.
+
+  ci95: {'s_min', 'e_min', 'b_crit': [lo, hi]} percentile-bootstrap intervals, None without a
+  bootstrap (or when every refit failed); bootstrap_failures: refits skipped; note: one line on what
+  makes the fit doubtful, None when nothing does.
+  """
   s_min: float
   e_min: float
   b_crit: float
+  ci95: dict | None = None
+  bootstrap_failures: int = 0
+  note: str | None = None
 
 
 def steps_to_target(steps: Sequence[float], values: Sequence[float], target: float) -> float | None:
@@ -511,22 +565,27 @@ def tradeoff_steps_for_examples(examples: float | np.ndarray, s_min: float,
 
 
 def fit_steps_examples_tradeoff(batch_sizes: Sequence[float], steps: Sequence[float],
-                                refine: bool = True, max_iters: int = 100) -> TradeoffFit:
+                                refine: bool = True, max_iters: int = 100, *, bootstrap: int = 0,
+                                seed: int = 0) -> TradeoffFit:
   """Fits S_min, E_min to measured (B, S) pairs (steps S to reach a fixed loss at batch size B).
 
   Linearisation: (S/S_min - 1)(E/E_min - 1) = 1 with E = B S is 1 = S_min / S + E_min / E, linear in
   (S_min, E_min); solved by least squares (each equation is a relative residual of S). Refinement:
-  Levenberg-Marquardt on sum_i (log S_i - log(S_min + E_min / B_i))^2 over (log S_min, log E_min),
-  i.e. multiplicative errors in the measured steps and positive parameters.
+  `scipy.optimize.least_squares` (Levenberg-Marquardt) on
+  sum_i (log S_i - log(S_min + E_min / B_i))^2 over (log S_min, log E_min), i.e. multiplicative
+  errors in the measured steps and positive parameters.
 
   Args:
     batch_sizes: B_i > 0, at least two distinct values.
     steps: S_i > 0.
     refine: run the log-space refinement after the linear fit.
-    max_iters: maximum refinement iterations.
+    max_iters: evaluations of the residuals at most in the refinement.
+    bootstrap: number of bootstrap resamples of the (B, S) pairs (0: no intervals); each resample
+      is fitted the same way, and one with fewer than two distinct batch sizes counts as failed.
+    seed: seed of the resampling.
 
   Returns:
-    TradeoffFit(s_min, e_min, b_crit).
+    TradeoffFit(s_min, e_min, b_crit, ci95, bootstrap_failures, note).
   """
   b = np.asarray(batch_sizes, np.float64)
   s = np.asarray(steps, np.float64)
@@ -535,60 +594,92 @@ def fit_steps_examples_tradeoff(batch_sizes: Sequence[float], steps: Sequence[fl
                      f"sizes, got {b.shape}, {s.shape}")
   if np.any(b <= 0) or np.any(s <= 0):
     raise ValueError("batch_sizes, steps: expected strictly positive values")
+  if bootstrap < 0:
+    raise ValueError(f"bootstrap: expected >= 0, got {bootstrap}")
+  s_min, e_min, restarted = _fit_tradeoff_point(b, s, refine, max_iters)
+  notes = []
+  if np.unique(b).size == 2:
+    notes.append("2 distinct batch sizes for 2 parameters: the curve passes through them, with no "
+                 "residual left to check its shape")
+  if restarted and not refine:
+    notes.append("the linear fit left the positive quadrant: these are its restart values, not a "
+                 "fit")
+  b_crit = e_min / s_min
+  if not b.min() <= b_crit <= b.max():
+    notes.append(f"B_crit = {b_crit:.3g} lies outside the measured batch sizes "
+                 f"[{b.min():.3g}, {b.max():.3g}]: an extrapolation")
+  ci95, failures = None, 0
+  if bootstrap:
+    def refit(idx):
+      if np.unique(b[idx]).size < 2:
+        return None
+      s_i, e_i, _ = _fit_tradeoff_point(b[idx], s[idx], refine, max_iters)
+      return {"s_min": s_i, "e_min": e_i, "b_crit": e_i / s_i}
+
+    boot = intervals.percentile_bootstrap(refit, b.size, bootstrap, seed)
+    ci95, failures = boot["ci95"], boot["failures"]
+    notes.append(intervals.bootstrap_note(failures, bootstrap))
+    if ci95 is not None:
+      lo, hi = ci95["b_crit"]
+      if not lo > 0 or hi / lo > 100:
+        notes.append(f"B_crit undetermined: its 95% interval [{lo:.3g}, {hi:.3g}] spans more "
+                     "than a factor 100")
+  return TradeoffFit(float(s_min), float(e_min), float(b_crit), ci95, failures,
+                     intervals.join_notes(*notes))
+
+
+def _fit_tradeoff_point(b: np.ndarray, s: np.ndarray, refine: bool,
+                        max_iters: int) -> tuple[float, float, bool]:
+  """(S_min, E_min, whether the linear fit had to be restarted) for checked points."""
   e = b * s
   design = np.stack([1.0 / s, 1.0 / e], axis=1)
   (s_min, e_min), *_ = np.linalg.lstsq(design, np.ones_like(s), rcond=None)
   # Noise can push the linear solution out of the positive quadrant; restart from a safe point.
+  restarted = bool(s_min <= 0 or e_min <= 0)
   if s_min <= 0:
     s_min = 0.5 * s.min()
   if e_min <= 0:
     e_min = 0.5 * e.min()
   if refine:
     s_min, e_min = _refine_log_fit(b, s, s_min, e_min, max_iters)
-  return TradeoffFit(float(s_min), float(e_min), float(e_min / s_min))
+  return float(s_min), float(e_min), restarted
 
 
 def _refine_log_fit(b: np.ndarray, s: np.ndarray, s_min: float, e_min: float,
                     max_iters: int) -> tuple[float, float]:
-  """Levenberg-Marquardt on the log residuals of S = S_min + E_min / B in (log S_min, log E_min)."""
-  theta = np.log([s_min, e_min])
+  """Least squares on the log residuals of S = S_min + E_min / B in (log S_min, log E_min); the
+  start is kept if the refinement does not lower the cost."""
+  log_s = np.log(s)
 
   def residuals(th):
-    return np.log(np.exp(th[0]) + np.exp(th[1]) / b) - np.log(s)
+    return np.log(np.exp(th[0]) + np.exp(th[1]) / b) - log_s
 
-  cost = np.sum(residuals(theta) ** 2)
-  damping = 1e-3
-  for _ in range(max_iters):
-    s_hat, e_hat = np.exp(theta)
+  def jacobian(th):
+    s_hat, e_hat = np.exp(th)
     pred = s_hat + e_hat / b
-    jac = np.stack([s_hat / pred, e_hat / b / pred], axis=1)
-    r = np.log(pred) - np.log(s)
-    jtj, jtr = jac.T @ jac, jac.T @ r
-    improved = False
-    while damping < 1e10:
-      step = np.linalg.solve(jtj + damping * np.diag(np.diag(jtj) + 1e-12), -jtr)
-      new_cost = np.sum(residuals(theta + step) ** 2)
-      if new_cost <= cost:
-        theta, damping, improved = theta + step, damping / 3.0, True
-        break
-      damping *= 3.0
-    if not improved or np.max(np.abs(step)) < 1e-12 or cost - new_cost <= 1e-15 * max(cost, 1e-300):
-      if improved:
-        cost = new_cost
-      break
-    cost = new_cost
+    return np.stack([s_hat / pred, e_hat / b / pred], axis=1)
+
+  start = np.log([s_min, e_min])
+  with np.errstate(over="ignore"):
+    sol = optimize.least_squares(residuals, start, jac=jacobian, method="lm", x_scale="jac",
+                                 ftol=1e-15, xtol=1e-15, gtol=1e-15, max_nfev=max(max_iters, 1))
+    theta = sol.x if np.sum(residuals(sol.x) ** 2) <= np.sum(residuals(start) ** 2) else start
   return float(np.exp(theta[0])), float(np.exp(theta[1]))
 
 
-def tradeoff_record(batch_sizes: Sequence[float], steps: Sequence[float]) -> dict | None:
+def tradeoff_record(batch_sizes: Sequence[float], steps: Sequence[float], *, bootstrap: int = 0,
+                    seed: int = 0) -> dict | None:
   """`fit_steps_examples_tradeoff` of measured (B, S) pairs as JSON values, with the rms of the log
-  residuals log(S / S_fit); None with fewer than two distinct batch sizes."""
+  residuals log(S / S_fit), ci95 (None without a bootstrap), bootstrap_failures and note; None with
+  fewer than two distinct batch sizes."""
   if len(set(batch_sizes)) < 2:
     return None
-  fit = fit_steps_examples_tradeoff(batch_sizes, steps)
+  fit = fit_steps_examples_tradeoff(batch_sizes, steps, bootstrap=bootstrap, seed=seed)
   residual = np.log(np.asarray(steps, np.float64) / tradeoff_steps(batch_sizes, fit.s_min, fit.e_min))
   return {"s_min": fit.s_min, "e_min": fit.e_min, "b_crit": fit.b_crit,
-          "batch_sizes": list(batch_sizes), "rms_log_residual": float(np.sqrt(np.mean(residual**2)))}
+          "batch_sizes": list(batch_sizes),
+          "rms_log_residual": float(np.sqrt(np.mean(residual**2))), "ci95": fit.ci95,
+          "bootstrap_failures": fit.bootstrap_failures, "note": fit.note}
 
 
 def doubling_speedups(batch_sizes: Sequence[int], steps: Sequence[float],
