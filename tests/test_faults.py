@@ -181,7 +181,7 @@ def test_perplexity_never_overflows():
 @pytest.mark.parametrize("field,value,expected", [
     ("batch_size", 0, "expected a positive integer"),
     ("seq_len", 0, "expected a positive integer"),
-    ("num_steps", -5, "expected a positive integer"),
+    ("num_steps", -5, "expected a non-negative integer"),
     ("learning_rate", -1.0, "expected a positive number"),
     ("min_learning_rate", 1.0, "expected a number in [0, learning_rate"),
     ("warmup_steps", 13, "expected an integer in [0, num_steps=12]"),
