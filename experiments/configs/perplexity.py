@@ -45,7 +45,8 @@ def get_config() -> ml_collections.ConfigDict:
       qk_norm=False, attn_logit_softcap=0.0, logit_softcap=0.0, z_loss=0.0))
   c.seq_len = 64
 
-  # Optimization: AdamW, linear warmup then cosine decay to min_learning_rate.
+  # Optimization: AdamW, linear warmup then cosine decay to min_learning_rate ('cosine'), or held
+  # at learning_rate and decayed linearly over the last decay_fraction of the steps ('wsd').
   c.batch_size = 32  # Global batch (sequences per step, summed over all devices and processes).
   c.grad_accum_steps = 1  # Split each batch into this many micro-batches (same update, less memory).
   # Output projection + loss computed this many positions at a time (0 = all at once); divides
@@ -55,6 +56,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.learning_rate = 3e-3
   c.min_learning_rate = 3e-4
   c.warmup_steps = 100
+  c.schedule = "cosine"
+  c.decay_fraction = 0.2
   c.b1 = 0.9
   c.b2 = 0.99
   c.eps = 1e-8

@@ -86,10 +86,14 @@ _LEGACY_MODEL_VALUES = {"remat": {False: "none", True: "full"}}
 
 
 def with_new_model_defaults(saved: dict, current: dict) -> dict:
-  """`saved` with the model fields it predates (in `current`, not in `saved`) at the values
-  ModelConfig gives them by default, the values a run saved before such a field existed had, and
-  legacy values written as their current names (remat false -> 'none')."""
+  """`saved` with the training and model fields it predates (in `current`, not in `saved`) at the
+  values TrainConfig and ModelConfig give them by default, the values a run saved before such a
+  field existed had, and legacy values written as their current names (remat false -> 'none')."""
   from llm_math import model as model_lib  # pylint: disable=g-import-not-at-top
+  from llm_math import train_config  # pylint: disable=g-import-not-at-top
+  train_defaults = {f.name: f.default for f in dataclasses.fields(train_config.TrainConfig)}
+  saved = {**{k: train_defaults[k] for k in current if k not in saved and k in train_defaults},
+           **saved}  # Training fields a config gained later, at the values runs then had.
   if not isinstance(saved.get("model"), dict) or not isinstance(current.get("model"), dict):
     return saved
   defaults = {f.name: f.default for f in dataclasses.fields(model_lib.ModelConfig)
