@@ -7,7 +7,6 @@ flows back. User mistakes end with one line `error: ...` and exit status 2.
 """
 
 import errno
-import json
 import os
 import sys
 
@@ -95,10 +94,10 @@ def prepare_workdir(config, ignored=frozenset()) -> str:
   except OSError as e:
     raise UsageError(f"--workdir={workdir}: not a writable directory "
                      f"({e.strerror or e})") from None
-  if is_primary():
+  if studies.is_primary():
     _FAILED_START_UNDO.append(lambda: _undo_start(root, before))
   studies.save_config(config, workdir, f"--workdir={workdir} holds a run", ignored,
-                      write=is_primary())
+                      write=studies.is_primary())
   return workdir
 
 
@@ -106,7 +105,7 @@ def run_study(run, config, workdir: str) -> dict:
   """`run(config, workdir, log) -> results` once, or once per --seeds seed and their aggregate;
   then results.json, the figures and results.md are written (process 0) and the report printed."""
   from llm_math.studies import seeds as seeds_lib  # pylint: disable=g-import-not-at-top
-  log = (lambda *a: print(*a, flush=True)) if is_primary() else lambda *_: None
+  log = (lambda *a: print(*a, flush=True)) if studies.is_primary() else lambda *_: None
   if SEEDS.value:
     if SEED.value is not None:
       raise UsageError("--seed and --seeds: give one (--seeds runs the study once per seed)")
@@ -122,11 +121,6 @@ def run_study(run, config, workdir: str) -> dict:
   report = studies.write_results(workdir, results)
   log(report)
   return results
-
-
-def is_primary() -> bool:
-  """Only process 0 writes results, tables and figures."""
-  return studies.is_primary()
 
 
 _FAILED_START_UNDO = []

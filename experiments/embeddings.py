@@ -47,8 +47,8 @@ def main(argv):
   embeddings.check(trained, NUM_NEIGHBORS.value)
   out_dir = embeddings.prepare_output_dir(OUTPUT_DIR.value or os.path.join(workdir, "embeddings"))
   results = embeddings.run(trained, workdir, NUM_NEIGHBORS.value,
-                           print if common.is_primary() else lambda *_: None)
-  if common.is_primary():
+                           print if studies.is_primary() else lambda *_: None)
+  if studies.is_primary():
     print(studies.write_results(out_dir, results))
     print(f"wrote {os.path.join(out_dir, 'results.json')}, results.md, "
           f"{', '.join(results['figures'])} ({time.time() - start:.0f} s)")

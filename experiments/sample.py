@@ -22,6 +22,7 @@ For a run on the synthetic source, --prompt is a list of token ids ("3 1 4").
 from absl import flags
 
 from experiments import common
+from llm_math import studies
 from llm_math import files
 from llm_math import sampling_session
 from llm_math.errors import UsageError
@@ -56,7 +57,7 @@ def main(argv):
       num_samples=NUM_SAMPLES.value, seed=common.SEED.value if common.SEED.value is not None else 0,
       temperature=TEMPERATURE.value, top_k=TOP_K.value, top_p=TOP_P.value,
       compare_cache=COMPARE_CACHE.value, log=print)
-  if OUTPUT.value and common.is_primary():
+  if OUTPUT.value and studies.is_primary():
     try:
       files.write_json(OUTPUT.value, record, indent=2)  # Strict JSON: an infinite tokens/s is null.
     except OSError as e:

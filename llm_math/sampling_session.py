@@ -23,7 +23,6 @@ import numpy as np
 from llm_math import checkpoint
 from llm_math import files
 from llm_math import generate as generate_lib
-from llm_math import train as train_lib
 from llm_math.analysis import information
 from llm_math.errors import UsageError
 

@@ -20,7 +20,6 @@ from experiments.configs import compression as config_lib
 from llm_math import checkpoint
 from llm_math import evaluation
 from llm_math import model as model_lib
-from llm_math import train as train_lib
 from llm_math import train_config
 from llm_math.analysis import compression
 from llm_math.analysis import lora as lora_lib

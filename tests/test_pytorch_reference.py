@@ -13,7 +13,6 @@ from benchmarks.shapes import Shape
 from experiments.configs import perplexity as default_config
 from llm_math import flops as flops_lib
 from llm_math import model as model_lib
-from llm_math import train as train_lib
 from llm_math import train_config
 
 torch = pytest.importorskip("torch")

@@ -6,8 +6,6 @@ with 95% intervals over seeds) and logit_growth.png (the max attention logit, th
 and the output log Z against the step at a high learning rate, with and without each fix).
 """
 
-import os
-
 import matplotlib
 import matplotlib.ticker
 
