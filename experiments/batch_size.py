@@ -27,7 +27,7 @@ def main(argv):
   batch_size.check(config)
   workdir = common.prepare_workdir(config)
   studies.use_compilation_cache(workdir)
-  common.run_study(batch_size.run, config, workdir)
+  common.run_study(batch_size.run, config, workdir, batch_size.summarize_seeds)
 
 
 if __name__ == "__main__":

@@ -101,9 +101,10 @@ def prepare_workdir(config, ignored=frozenset()) -> str:
   return workdir
 
 
-def run_study(run, config, workdir: str) -> dict:
-  """`run(config, workdir, log) -> results` once, or once per --seeds seed and their aggregate;
-  then results.json, the figures and results.md are written (process 0) and the report printed."""
+def run_study(run, config, workdir: str, summarize=None) -> dict:
+  """`run(config, workdir, log) -> results` once, or once per --seeds seed and their aggregate
+  (passed through the study's `summarize`, see `seeds.run_seeds`); then results.json, the figures
+  and results.md are written (process 0) and the report printed."""
   from llm_math.studies import seeds as seeds_lib  # pylint: disable=g-import-not-at-top
   log = (lambda *a: print(*a, flush=True)) if studies.is_primary() else lambda *_: None
   if SEEDS.value:
@@ -115,7 +116,7 @@ def run_study(run, config, workdir: str) -> dict:
       raise UsageError(f"--seeds={','.join(SEEDS.value)}: expected integers, e.g. 0,1,2") from None
     if len(set(seeds)) != len(seeds):
       raise UsageError(f"--seeds={','.join(SEEDS.value)}: expected distinct seeds")
-    results = seeds_lib.run_seeds(run, config, workdir, seeds, log)
+    results = seeds_lib.run_seeds(run, config, workdir, seeds, log, summarize)
   else:
     results = run(config, workdir, log)
   report = studies.write_results(workdir, results)

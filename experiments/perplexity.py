@@ -54,7 +54,7 @@ def main(argv):
   _apply_sweep_flags(config)
   perplexity.check(config)
   workdir = common.prepare_workdir(config)
-  common.run_study(perplexity.run, config, workdir)
+  common.run_study(perplexity.run, config, workdir, perplexity.summarize_seeds)
 
 
 if __name__ == "__main__":

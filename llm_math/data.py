@@ -61,13 +61,16 @@ class Dataset:
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticTokenizer:
-  """Identity 'tokenizer' of the synthetic source: ids are symbols, one symbol = one character."""
+  """Identity 'tokenizer' of the synthetic source: ids are symbols, one symbol = one character, stored
+  as one byte."""
   vocab_size: int
   kind = "synthetic"
 
   @property
   def char_lengths(self):
     return np.ones(self.vocab_size, np.int32)
+
+  byte_lengths = char_lengths
 
   def decode(self, ids) -> str:
     return " ".join(map(str, np.asarray(ids).tolist()))

@@ -1,8 +1,8 @@
 """Tokenizers: characters, UTF-8 bytes, and SentencePiece (BPE or unigram) trained on the training split.
 
 Every tokenizer maps text <-> int32 ids and knows how many characters each id stands for
-(`char_lengths`), so a per-token NLL converts exactly to bits per character and models with different
-vocabularies are compared on one scale.
+(`char_lengths`) and how many UTF-8 bytes (`byte_lengths`), so a per-token NLL converts exactly to bits
+per character or per byte and models with different vocabularies are compared on one scale.
 """
 
 import io
@@ -30,6 +30,7 @@ class CharTokenizer:
     self._index = {c: i for i, c in enumerate(chars)}
     self.vocab_size = len(chars)
     self.char_lengths = np.ones(self.vocab_size, np.int32)
+    self.byte_lengths = np.array([len(c.encode("utf-8")) for c in chars], np.int32)
 
   @classmethod
   def train(cls, texts):
@@ -56,6 +57,7 @@ class ByteTokenizer:
   def __init__(self):
     b = np.arange(256)
     self.char_lengths = np.where((b >= 0x80) & (b < 0xC0), 0, 1).astype(np.int32)
+    self.byte_lengths = np.ones(256, np.int32)
 
   def encode(self, text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
@@ -81,17 +83,18 @@ class SentencePieceTokenizer:
     self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
     self.vocab_size = self.sp.get_piece_size()
     self.newline_id = self.sp.piece_to_id(_SP_NEWLINE)
-    lengths = []
+    lengths = []  # (characters, bytes) per piece
     for i in range(self.vocab_size):
       piece = self.sp.id_to_piece(i)
       if self.sp.is_byte(i):
         byte = int(piece[3:5], 16)
-        lengths.append(0 if 0x80 <= byte < 0xC0 else 1)
+        lengths.append((0 if 0x80 <= byte < 0xC0 else 1, 1))
       elif self.sp.is_control(i) or self.sp.is_unknown(i):
-        lengths.append(0)
+        lengths.append((0, 0))
       else:
-        lengths.append(len(piece.replace("\u2581", " ")))
-    self.char_lengths = np.asarray(lengths, np.int32)
+        text = piece.replace("\u2581", " ")
+        lengths.append((len(text), len(text.encode("utf-8"))))
+    self.char_lengths, self.byte_lengths = np.asarray(lengths, np.int32).reshape(-1, 2).T
 
   @classmethod
   def train(cls, text: str, vocab_size: int, model_type: str = "bpe"):

@@ -79,9 +79,11 @@ def test_writes_results_report_figures_and_one_workdir_per_run(one_device):
   assert [r["batch_size"] for r in results["sweep"]] == [8, 16]
   md = (workdir / "results.md").read_text()
   fit, ns, gv = results["fit"], results["noise_scale"], results["gradient_variance"]
-  assert f"**B_crit = {fit['b_crit']:.1f}**" in md
+  lo, hi = fit["ci95"]["b_crit"]  # The config's fit_bootstrap: every fit has its interval.
+  assert f"**B_crit = {fit['b_crit']:.1f} [{lo:.1f}, {hi:.1f}]**" in md
   assert f"**{ns['b_simple']:.1f}**; B_crit / B_simple = {fit['b_crit'] / ns['b_simple']:.2f}" in md
-  assert f"**{gv['slope']:.3f}** (theory -1" in md
+  lo, hi = gv["ci95"]["slope"]
+  assert f"**{gv['slope']:.3f} [{lo:.3f}, {hi:.3f}]** (theory -1" in md
   assert sorted(os.listdir(workdir / "runs")) == sorted(["pilot", "b8_lr0.002", "b16_lr0.002828"])
   for run in results["runs"]:
     config = json.loads((workdir / run["workdir"] / "config.json").read_text())
@@ -298,7 +300,8 @@ def test_degenerate_fits_are_notes_and_every_figure_draws(one_device, tmp_path):
   infinite, which results.json holds as null; no fit at all) still draw (every figure for the
   first, those that draw the fit for the others) and report, each with its notes."""
   workdir, results, _ = one_device
-  assert results["notes"] == study_lib.fit_notes(results["sweep"], results["fit"]) != []
+  notes = study_lib.fit_notes(results["sweep"], results["fit"])
+  assert notes and results["notes"][:len(notes)] == notes  # Then the bootstraps' own notes.
   results = copy.deepcopy(results)  # The module's other tests read the fixture's.
   assert all(f"- {note}" in (workdir / "results.md").read_text() for note in results["notes"])
   rising = gn.tradeoff_record([8, 16], [10.0, 10.5])  # E_min at its bound: ~1e-33, or exactly 0.

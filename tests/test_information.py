@@ -31,6 +31,8 @@ def test_units():
   assert info.bits_per_char(2 * info.LN2, tokens=3, chars=12) == pytest.approx(0.5)
   with pytest.raises(ValueError, match="chars"):
     info.bits_per_char(1.0, tokens=3, chars=0)
+  # 3 tokens of 2 nats over 12 bytes of UTF-8 text: 6 nats = 6 / ln 2 bits, / 12 bytes.
+  assert info.bits_per_byte(2.0, tokens=3, num_bytes=12) == pytest.approx(0.5 / info.LN2)
 
 
 @pytest.mark.parametrize("n", [1, 2, 10, 50257])

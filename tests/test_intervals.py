@@ -40,3 +40,11 @@ def test_failed_refits_are_skipped_and_counted():
   assert intervals.join_notes(None, "a", None, "b") == "a; b" and intervals.join_notes(None) is None
   with pytest.raises(ValueError, match="num_samples"):
     intervals.percentile_bootstrap(lambda idx: None, 5, 0)
+
+
+def test_paired_interval_is_the_t_interval_of_the_differences():
+  a, b = [1.0, 1.3, 1.1, 1.6], [0.9, 1.25, 1.0, 1.4]
+  out = intervals.paired_ci95(a, b)
+  assert out == {**intervals.mean_ci95(np.subtract(a, b).tolist()), "below": 0}
+  with pytest.raises(ValueError, match="one value per seed"):
+    intervals.paired_ci95([1.0, 2.0], [1.0])

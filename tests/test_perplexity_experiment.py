@@ -100,6 +100,7 @@ def test_baselines_are_scored_on_the_models_tokens():
   assert all(r["val_nll_nats"] > floor["val_nll_nats"] for r in records.values()
              if r["kind"] != "floor")
   assert floor["bits_per_char"] == pytest.approx(floor["val_nll_nats"] / np.log(2))
+  assert floor["bits_per_byte"] == pytest.approx(floor["bits_per_char"])  # one byte per symbol
 
 
 def _reset_contexts(positions, stream_len: int, window: int) -> np.ndarray:

@@ -108,7 +108,8 @@ def test_power_law_record_gives_a_note_instead_of_raising():
   n = np.geomspace(1e5, 1e9, 8)
   loss = scaling_laws.power_law(n, 400.0, 0.34, 1.7)
   rec = scaling_laws.power_law_record(n, loss, bootstrap=10)
-  assert set(rec) == {"a", "alpha", "c", "rms_log_residual", "ci95", "bootstrap_failures", "note"}
+  assert set(rec) == {"a", "alpha", "c", "rms_log_residual", "ci95", "bootstrap_failures", "note",
+                      "band"}
   assert rec["alpha"] == pytest.approx(0.34) and set(rec["ci95"]) == {"a", "alpha", "c"}
   bad = scaling_laws.power_law_record([1e6, 1e7], [3.0, 2.5])
   assert bad["alpha"] is None and bad["note"].startswith("no fit: n must hold at least 3 points")

@@ -41,3 +41,34 @@ def test_a_seed_without_a_number_is_left_out_of_its_interval():
 def test_one_seed_has_no_interval():
   out = seeds_lib.aggregate([_results(0, 1.0, [])], [0])
   assert out["records"][0]["val_nll_nats"] == 1.0 and "val_nll_nats_ci95" not in out["records"][0]
+
+
+def test_a_curve_is_averaged_point_by_point_with_an_interval_at_each_point():
+  per_seed = [{"curves": {"m": {"step": [0, 10], "val_nll": [3.0, nll]}}} for nll in (1.0, 1.2, 1.1)]
+  curve = seeds_lib.aggregate(per_seed, [0, 1, 2])["curves"]["m"]
+  assert curve["step"] == [0, 10] and curve["val_nll"] == [3.0, pytest.approx(1.1)]
+  assert curve["val_nll_ci95"][0] == [3.0, 3.0]  # The same on every seed: zero width.
+  assert curve["val_nll_ci95"][1][0] < 1.1 < curve["val_nll_ci95"][1][1]
+  assert curve["per_seed"] == {"val_nll": [[3.0, 1.0], [3.0, 1.2], [3.0, 1.1]]}
+
+
+def test_paired_comparisons_take_the_shared_seed_variation_out():
+  from llm_math.studies import perplexity  # pylint: disable=g-import-not-at-top
+  # Two models whose losses move together over seeds: unpaired intervals overlap, the paired
+  # difference (always 0.05) is certain.
+  small, big = [2.0, 2.3, 2.1], [1.95, 2.25, 2.05]
+  per_seed = [{"evaluations": {"char": {}}, "records": [
+      {"name": "d32", "kind": "model", "tokenizer": "char", "params": 10, "val_nll_nats": s},
+      {"name": "d64", "kind": "model", "tokenizer": "char", "params": 20, "val_nll_nats": b},
+      {"name": "KN 3-gram", "kind": "ngram", "tokenizer": "char", "params": 99,
+       "context": "equal", "val_nll_nats": 2.5}]} for s, b in zip(small, big)]
+  out = seeds_lib.aggregate(per_seed, [0, 1, 2])
+  d32, d64, _ = out["records"]
+  assert d64["val_nll_nats_ci95"][1] > d32["val_nll_nats_ci95"][0]  # Unpaired: they overlap.
+  paired = perplexity.paired_comparisons(out)
+  first = paired[0]
+  assert (first["a"], first["b"]) == ("d64", "d32") and first["below"] == 3
+  assert first["mean"] == pytest.approx(-0.05) and first["ci95"] == pytest.approx([-0.05, -0.05])
+  vs_ngram = [p for p in paired if p["b"] == "KN 3-gram"]
+  assert [p["a"] for p in vs_ngram] == ["d32", "d64"]
+  assert vs_ngram[0]["mean"] == pytest.approx(np.mean(small) - 2.5)

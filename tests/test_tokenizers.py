@@ -17,6 +17,7 @@ def test_char_round_trip_and_alphabet():
   assert tok.decode(ids) == TEXT
   assert tok.vocab_size == len(set(TEXT))
   assert tok.char_lengths.sum() == tok.vocab_size  # one character per id
+  assert tok.byte_lengths[ids].sum() == len(TEXT.encode("utf-8")) > len(TEXT)  # e-acute: 2 bytes
 
 
 def test_char_unknown_character_is_a_clear_error():
@@ -31,6 +32,7 @@ def test_byte_round_trip_and_char_count():
   assert len(ids) == len(TEXT.encode("utf-8")) > len(TEXT)
   assert tok.decode(ids) == TEXT
   assert tok.char_lengths[ids].sum() == len(TEXT)
+  assert tok.byte_lengths[ids].sum() == len(ids)
 
 
 @pytest.mark.parametrize("model_type", ["bpe", "unigram"])
@@ -41,8 +43,10 @@ def test_sentencepiece_round_trip_save_load(tmp_path, model_type):
   assert len(ids) < len(TEXT)  # merges happened
   assert tok.decode(ids) == TEXT
   assert tok.char_lengths[ids].sum() == len(TEXT)
+  assert tok.byte_lengths[ids].sum() == len(TEXT.encode("utf-8"))
   unseen = "\u4e2d\u6587 and new words\nline"
   assert tok.decode(tok.encode(unseen)) == unseen  # byte fallback
+  assert tok.byte_lengths[tok.encode(unseen)].sum() == len(unseen.encode("utf-8"))
   tok.save(str(tmp_path))
   again = tokenizers.load(str(tmp_path))
   np.testing.assert_array_equal(again.encode(TEXT), ids)

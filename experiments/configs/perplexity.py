@@ -93,6 +93,8 @@ def get_config() -> ml_collections.ConfigDict:
   # d_ff = 4 d); tokenizers 'char,sentencepiece:1000,...' ('' = the tokenizer field).
   c.train_transformer = True
   c.model_sizes = ""
+  # Percentile-bootstrap resamples behind the 95% interval of every fitted law (0: no intervals).
+  c.fit_bootstrap = 1000
   c.tokenizers = ""
 
   c.log_every = 100

@@ -51,6 +51,14 @@ def bits_per_char(nll_nats_per_token: float, tokens: int, chars: int) -> float:
   return nats_to_bits(nll_nats_per_token) * tokens / chars
 
 
+def bits_per_byte(nll_nats_per_token: float, tokens: int, num_bytes: int) -> float:
+  """Bits per UTF-8 byte of the scored text: BPB = (NLL_token / ln 2) * tokens / bytes, the figure
+  compared across tokenizers and across scripts (a character may be 1-4 bytes)."""
+  if num_bytes <= 0:
+    raise ValueError(f"num_bytes must be a positive count, got {num_bytes}")
+  return bits_per_char(nll_nats_per_token, tokens, num_bytes)
+
+
 def _check_same_shape(name_a: str, a: jax.Array, name_b: str, b: jax.Array) -> None:
   if jnp.shape(a) != jnp.shape(b):
     raise ValueError(

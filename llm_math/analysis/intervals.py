@@ -1,5 +1,6 @@
 """Intervals: the mean of numbers measured over seeds with its Student-t 95% interval (`mean_ci95`),
-and percentile-bootstrap 95% intervals of fitted parameters over resampled data points
+the paired interval of a difference measured on the same seeds (`paired_ci95`), and
+percentile-bootstrap 95% intervals of fitted parameters over resampled data points
 (`percentile_bootstrap`)."""
 
 import math
@@ -21,6 +22,17 @@ def mean_ci95(values) -> dict:
     return {"mean": mean, "ci95": None, "n": 1}
   half = float(stats.t.ppf(0.975, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
   return {"mean": mean, "ci95": [mean - half, mean + half], "n": int(x.size)}
+
+
+def paired_ci95(a, b) -> dict:
+  """The paired comparison of two quantities measured on the same seeds (a[i], b[i] from seed i):
+  {'mean', 'ci95', 'n'} of the differences a - b (`mean_ci95`), and 'below': on how many seeds
+  a < b. Pairing takes the seed-to-seed variation both share out of the interval."""
+  a_arr, b_arr = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if a_arr.shape != b_arr.shape or a_arr.ndim != 1:
+    raise ValueError(f"a, b: expected equal 1-D shapes (one value per seed), got {a_arr.shape}, "
+                     f"{b_arr.shape}")
+  return {**mean_ci95((a_arr - b_arr).tolist()), "below": int(np.sum(a_arr < b_arr))}
 
 
 def percentile_bootstrap(refit: Callable[[np.ndarray], Mapping[str, float] | None], num_points: int,

@@ -39,7 +39,9 @@ class PowerLawFit(NamedTuple):
 
   ci95: {'a', 'alpha', 'c': [lo, hi]} percentile-bootstrap intervals, None without a bootstrap (or
   when every refit failed); bootstrap_failures: refits skipped; note: one line on what makes the fit
-  doubtful, None when nothing does.
+  doubtful, None when nothing does; band: the fitted curve's pointwise 95% bootstrap band,
+  {'x': 40 sizes log-spaced from min N / 1.5 to max N x 1.5, 'lo', 'hi': percentiles of the
+  refits' L(x)}, None without intervals.
   """
   a: float
   alpha: float
@@ -48,6 +50,7 @@ class PowerLawFit(NamedTuple):
   ci95: dict | None = None
   bootstrap_failures: int = 0
   note: str | None = None
+  band: dict | None = None
 
   def predict(self, n) -> np.ndarray:
     """The fitted law at n (any shape)."""
@@ -142,13 +145,14 @@ def fit_power_law(n, loss, grid_size: int = 400, max_iter: int = 500, *, bootstr
   a, alpha, c, sse = _fit_power_law_point(n, loss, grid_size, max_iter)
   notes = []
   if np.unique(n).size == 3:
-    notes.append("3 distinct sizes for 3 parameters: the law passes through the points, with no "
-                 "residual left to check it")
+    notes.append("3 distinct sizes for 3 parameters: " + (
+        "the law passes through the points, with no residual left to check it" if n.size == 3 else
+        "nothing tests the shape of the law, only the scatter at each size"))
   if c <= 1e-9 * loss.min():
     notes.append("c at its bound 0")
   if alpha <= 0.0:
     notes.append(f"alpha = {alpha:.3g} <= 0: the loss does not fall with N")
-  ci95, failures = None, 0
+  ci95, failures, band = None, 0, None
   if bootstrap:
     def refit(idx):
       if np.unique(n[idx]).size < 3:
@@ -160,6 +164,12 @@ def fit_power_law(n, loss, grid_size: int = 400, max_iter: int = 500, *, bootstr
     ci95, failures = boot["ci95"], boot["failures"]
     notes.append(intervals.bootstrap_note(failures, bootstrap))
     if ci95 is not None:
+      x = np.geomspace(n.min() / 1.5, n.max() * 1.5, 40)
+      samples = boot["samples"]
+      curves_SxX = power_law(x[None, :], np.array(samples["a"])[:, None],
+                             np.array(samples["alpha"])[:, None], np.array(samples["c"])[:, None])
+      lo, hi = np.percentile(curves_SxX, [2.5, 97.5], axis=0)
+      band = {"x": x.tolist(), "lo": lo.tolist(), "hi": hi.tolist()}
       lmin = float(loss.min())
       if ci95["c"][0] <= 0.1 * lmin and ci95["c"][1] >= 0.9 * lmin:
         notes.append(f"c undetermined: its 95% interval [{ci95['c'][0]:.3g}, {ci95['c'][1]:.3g}] "
@@ -168,18 +178,19 @@ def fit_power_law(n, loss, grid_size: int = 400, max_iter: int = 500, *, bootstr
         notes.append(f"alpha's 95% interval [{ci95['alpha'][0]:.3g}, {ci95['alpha'][1]:.3g}] "
                      "reaches 0")
   return PowerLawFit(a=a, alpha=alpha, c=c, rms_log_residual=float(np.sqrt(sse / n.size)),
-                     ci95=ci95, bootstrap_failures=failures, note=intervals.join_notes(*notes))
+                     ci95=ci95, bootstrap_failures=failures, note=intervals.join_notes(*notes),
+                     band=band)
 
 
 def power_law_record(n, loss, *, bootstrap: int = 0, seed: int = 0) -> dict:
   """`fit_power_law` as JSON values: a, alpha, c, rms_log_residual, ci95 (None without a bootstrap),
-  bootstrap_failures and note. Points that admit no fit give None values and the reason as the note,
+  bootstrap_failures, note and band. Points that admit no fit give None values and the reason as the note,
   not an exception."""
   try:
     fit = fit_power_law(n, loss, bootstrap=bootstrap, seed=seed)
   except ValueError as e:
     return {"a": None, "alpha": None, "c": None, "rms_log_residual": None, "ci95": None,
-            "bootstrap_failures": 0, "note": f"no fit: {e}"}
+            "bootstrap_failures": 0, "note": f"no fit: {e}", "band": None}
   return fit._asdict()
 
 

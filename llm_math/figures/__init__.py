@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 from matplotlib import ticker  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 from llm_math import files  # pylint: disable=g-import-not-at-top,wrong-import-position
 from llm_math import reports  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -24,6 +26,35 @@ def draw_each(figures: dict, results: dict, workdir) -> list[str]:
   for name, plot in figures.items():
     plot(results, os.path.join(str(workdir), name))
   return list(figures)
+
+
+def error_bars(records: list[dict], key: str, transform=None):
+  """[2, n] matplotlib yerr of `records`' key from their `<key>_ci95` over seeds (`studies.seeds`),
+  through `transform` (e.g. np.exp) when given; None when no record has an interval."""
+  if not any(r.get(f"{key}_ci95") for r in records):
+    return None
+  f = transform or (lambda v: v)
+  err = [(f(r[key]) - f(r[f"{key}_ci95"][0]), f(r[f"{key}_ci95"][1]) - f(r[key]))
+         if r.get(f"{key}_ci95") else (0.0, 0.0) for r in records]
+  return np.asarray(err, float).T
+
+
+def band(ax, x, intervals_Xx2, transform=None, **kwargs) -> bool:
+  """Shades the 95% band of a curve (`<field>_ci95` of a multi-seed aggregate: [lo, hi] or None per
+  point) through `transform`; False when there is none to draw."""
+  if not intervals_Xx2 or not any(intervals_Xx2):
+    return False
+  lo_hi = np.array([iv if iv else (np.nan, np.nan) for iv in intervals_Xx2], float)
+  if transform:
+    lo_hi = transform(lo_hi)
+  ax.fill_between(np.asarray(x, float), lo_hi[:, 0], lo_hi[:, 1], alpha=kwargs.pop("alpha", 0.2),
+                  lw=0, **kwargs)
+  return True
+
+
+def seeds_note(results: dict) -> str:
+  """' (mean of n seeds, 95% bands/bars)' for a multi-seed aggregate, else ''."""
+  return f" (mean of {results['n_seeds']} seeds, 95% t-intervals)" if results.get("n_seeds") else ""
 
 
 def plain_log_ticks(axis):

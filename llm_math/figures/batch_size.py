@@ -18,7 +18,10 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from llm_math.figures import draw_each  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llm_math.figures import error_bars  # pylint: disable=g-import-not-at-top,wrong-import-position
 from llm_math.figures import save_figure  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llm_math.figures import seeds_note  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llm_math.reports import pm  # pylint: disable=g-import-not-at-top,wrong-import-position
 from llm_math.reports.batch_size import checkpoint_caption  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -78,12 +81,18 @@ def _b_crit(results) -> float | None:
 def _b_lines(ax, results, label=True):
   """Vertical reference lines at the fitted B_crit (`_b_crit`) and the measured B_simple."""
   b_crit, b_simple = _b_crit(results), results["noise_scale"]["b_simple"]
+  fit = results["fit"] or {}
   if b_crit:
     ax.axvline(b_crit, color="tab:red", ls="--", lw=1.2,
-               label=f"B_crit (fit) = {b_crit:.1f}" if label else None)
+               label=f"B_crit (fit) = {pm(fit, 'b_crit', '.1f')}" if label else None)
+    ci = (fit.get("ci95") or {}).get("b_crit")
+    if ci and all(_positive(v) for v in ci):
+      ax.axvspan(*ci, color="tab:red", alpha=0.08, lw=0,
+                 label="B_crit 95% bootstrap interval" if label else None)
   if b_simple:
     ax.axvline(b_simple, color="tab:purple", ls=":", lw=1.5,
-               label=f"B_simple (measured in training) = {b_simple:.1f}" if label else None)
+               label=f"B_simple (measured in training) = {pm(results['noise_scale'], 'b_simple', '.1f')}"
+               if label else None)
 
 
 def plot_tradeoff(results, path):
@@ -98,8 +107,14 @@ def plot_tradeoff(results, path):
   dense = np.geomspace(min(r["batch_size"] for r in sweep) / 2, max(r["batch_size"] for r in sweep) * 2,
                        200)
   fig, (ax_s, ax_e, ax_f) = plt.subplots(1, 3, figsize=(17, 5))
-  ax_s.loglog(b, s, "o", color="tab:blue", ms=7, label="measured (best lr per B)", zorder=5)
-  ax_e.loglog(b, e, "o", color="tab:blue", ms=7, label="measured (best lr per B)", zorder=5)
+  s_err = error_bars(reached, "steps_to_target")
+  measured = "measured (best lr per B)" + seeds_note(results)
+  ax_s.errorbar(b, s, yerr=s_err, fmt="o", color="tab:blue", ms=7, capsize=3, label=measured,
+                zorder=5)
+  ax_e.errorbar(b, e, yerr=None if s_err is None else s_err * b, fmt="o", color="tab:blue", ms=7,
+                capsize=3, label=measured, zorder=5)
+  ax_s.set(xscale="log", yscale="log")
+  ax_e.set(xscale="log", yscale="log")
   if len(b):
     ax_s.loglog(dense, s[0] * b[0] / dense, color="gray", ls=":", lw=1.3,
                 label=f"perfect scaling S ~ 1/B (through B={b[0]:g})")
@@ -112,9 +127,9 @@ def plot_tradeoff(results, path):
   s_min, e_min = fit.get("s_min"), fit.get("e_min")
   if all(isinstance(x, (int, float)) and math.isfinite(x) and x >= 0 for x in (s_min, e_min)):
     ax_s.loglog(dense, s_min + e_min / dense, color="tab:red", lw=1.5,
-                label=f"fit S_min (1 + B_crit/B): S_min={s_min:.0f}")
+                label=f"fit S_min (1 + B_crit/B): S_min = {pm(fit, 's_min', '.0f')}")
     ax_e.loglog(dense, e_min + s_min * dense, color="tab:red", lw=1.5,
-                label=f"fit E_min (1 + B/B_crit): E_min={e_min:,.0f}")
+                label=f"fit E_min (1 + B/B_crit): E_min = {pm(fit, 'e_min', ',.0f')}")
     # The frontier S = S_min / (1 - E_min / E) from just above E_min (from below the measured E
     # when E_min is off the plot) to past the largest measured E.
     low = e_min * 1.01 if _on_plot(e_min, e) else (e.min() if len(e) else 1.0) / 3
@@ -166,7 +181,7 @@ def plot_gradient_variance(results, path):
   ax.errorbar(b, var, yerr=2 * se, fmt="o", color="tab:blue", ms=7, capsize=3, zorder=5,
               label=f"measured: {fresh['num_batches']} fresh mini-batches per B (+- 2 s.e.)")
   ax.loglog(b, np.exp(gv["intercept"]) * b ** gv["slope"], color="tab:blue", lw=1.2,
-            label=f"least-squares fit: slope {gv['slope']:.3f}")
+            label=f"least-squares fit: slope {pm(gv, 'slope', '.3f')} (95% interval)")
   ax.loglog(b, pred, color="black", ls="--", lw=1.2,
             label=f"tr(Sigma) / B, slope -1 (tr from {gv['num_examples']} per-example gradients)")
   ax.loglog(b_rs, without, "s", color="tab:orange", ms=6, mfc="none",

@@ -18,10 +18,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from llm_math.figures import band  # pylint: disable=g-import-not-at-top,wrong-import-position
 from llm_math.figures import draw_each  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llm_math.figures import error_bars  # pylint: disable=g-import-not-at-top,wrong-import-position
 from llm_math.figures import plain_log_ticks  # pylint: disable=g-import-not-at-top,wrong-import-position
 from llm_math.figures import save_figure  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llm_math.figures import seeds_note  # pylint: disable=g-import-not-at-top,wrong-import-position
 from llm_math.reports import measurement_caption  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llm_math.reports import pm  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 LN2 = math.log(2.0)
 _STYLES = {"uniform": ("tab:gray", ":"), "unigram": ("tab:orange", "--"),
@@ -45,11 +49,14 @@ def plot_curves(results: dict, path: str):
   for name, curve in results["curves"].items():
     if curve.get("tokenizer", tokenizer) != tokenizer:
       continue
-    steps, nll = curve["step"], curve["val_nll"]
-    ax_nll.plot(steps, nll, marker="o", ms=3, label=name)
+    steps, nll, ci = curve["step"], curve["val_nll"], curve.get("val_nll_ci95")
+    line, = ax_nll.plot(steps, nll, marker="o", ms=3, label=name)
     ax_ppl.plot(steps, np.exp(nll), marker="o", ms=3, label=name)
+    band(ax_nll, steps, ci, color=line.get_color())
+    band(ax_ppl, steps, ci, np.exp, color=line.get_color())
     if floor:
       axes[2].plot(steps, np.asarray(nll) - floor["val_nll_nats"], marker="o", ms=3, label=name)
+      band(axes[2], steps, ci, lambda v: v - floor["val_nll_nats"], color=line.get_color())
   lines = [r for r in records if r["kind"] in ("baseline", "floor")]
   best = _best_ngram(records, tokenizer)
   if best and best["order"] > 1:
@@ -70,8 +77,9 @@ def plot_curves(results: dict, path: str):
     axes[2].legend(fontsize=8)
   for ax in axes:
     ax.grid(alpha=0.3, which="both")
-  ax_nll.legend(fontsize=7, loc="upper right")
-  fig.suptitle(f"{results['data']} [{tokenizer}]\n{measurement_caption(ev)}", fontsize=10)
+  ax_nll.legend(fontsize=7, loc="best")
+  fig.suptitle(f"{results['data']} [{tokenizer}]{seeds_note(results)}\n{measurement_caption(ev)}",
+               fontsize=10)
   save_figure(fig, path)
 
 
@@ -164,12 +172,17 @@ def plot_scaling(results: dict, path: str):
     for ax, key, axis in ((axes[0], "params", "params"), (axes[1], "train_flops", "compute")):
       x = np.array([r[key] for r in models], float)
       y = np.array([r["val_nll_nats"] for r in models])
-      ax.scatter(x, y, zorder=3, label=f"Transformers [{tokenizer}]")
-      if fit:
-        f = fit[axis]
+      ax.errorbar(x, y, yerr=error_bars(models, "val_nll_nats"), fmt="o", capsize=3, zorder=3,
+                  label=f"Transformers [{tokenizer}]{seeds_note(results)}")
+      f = fit and fit[axis]
+      if f and f["alpha"] is not None:
         grid = np.geomspace(x.min() / 1.5, x.max() * 1.5, 100)
-        ax.plot(grid, f["a"] * grid ** -f["alpha"] + f["c"], "--",
-                label=f"fit {f['a']:.3g} x^-{f['alpha']:.3f} + {f['c']:.3f}")
+        line, = ax.plot(grid, f["a"] * grid ** -f["alpha"] + f["c"], "--",
+                        label=f"fit a x^-alpha + c: alpha = {pm(f, 'alpha', '.3f')}, "
+                        f"c = {pm(f, 'c', '.3f')}")
+        if f.get("band") and band(ax, f["band"]["x"], list(zip(f["band"]["lo"], f["band"]["hi"])),
+                                  color=line.get_color(), alpha=0.15):
+          line.set_label(line.get_label() + "\n(band: 95% bootstrap of the fit)")
         if f["c"] > 1e-3 * y.min():  # A c at (or rounding-close to) its bound 0 has no log-axis place.
           ax.axhline(f["c"], color="gray", ls=":", lw=1, label=f"fitted irreducible c = {f['c']:.3f}")
       for r in results["records"]:

@@ -36,6 +36,32 @@ def interval(stat: dict, spec: str = ".3f") -> str:
   return f"{format(stat['mean'], spec)} ± {format(half, spec)} ({stat['n']} seeds)"
 
 
+def pm(record: dict | None, key: str, spec: str, missing: str = "-") -> str:
+  """record[key] with its 95% interval: 'mean ± half-width' over seeds when a multi-seed aggregate
+  gave it `<key>_ci95` (`studies.seeds`), else 'value [lo, hi]' when it is a fitted parameter with a
+  bootstrap interval (record["ci95"][key]), else the value alone; `missing` for None."""
+  value = None if record is None else record.get(key)
+  if value is None:
+    return missing
+  seeds = record.get(f"{key}_ci95")
+  if seeds:
+    return f"{format(value, spec)} ± {format((seeds[1] - seeds[0]) / 2, spec.lstrip('+'))}"
+  boot = (record.get("ci95") or {}) if isinstance(record.get("ci95"), dict) else {}
+  if boot.get(key):
+    lo, hi = boot[key]
+    return f"{format(value, spec)} [{format(lo, spec)}, {format(hi, spec)}]"
+  return format(value, spec)
+
+
+def seeds_caption(results: dict) -> str | None:
+  """How a multi-seed aggregate's intervals read, None for one seed."""
+  if not results.get("n_seeds"):
+    return None
+  return (f"Mean over {results['n_seeds']} seeds ({', '.join(map(str, results['seeds']))}); "
+          "'± h' is the half-width of the Student-t 95% interval over seeds, '[lo, hi]' a "
+          "percentile-bootstrap 95% interval of a fit; seeds/seed_<s>/results.md has each seed.")
+
+
 def report(results: dict) -> str:
   """results.md of the study that wrote `results` (its module is picked by results["experiment"],
   see `study_module`)."""

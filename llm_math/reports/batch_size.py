@@ -2,13 +2,15 @@
 
 from llm_math.reports import fmt
 from llm_math.reports import markdown_table
+from llm_math.reports import pm
+from llm_math.reports import seeds_caption
 
 
 def checkpoint_caption(gv) -> str:
   """Which run the gradient variance was measured at (results["gradient_variance"]["checkpoint"])."""
   c = gv["checkpoint"]
   return (f"best run at B={c['batch_size']}, lr {c['best_learning_rate']:.2e}, step "
-          f"{c['stopped_at_step']}, validation loss {c['final_val_nll']:.4f}")
+          f"{c['stopped_at_step']:.0f}, validation loss {c['final_val_nll']:.4f}")
 
 
 def _protocol(results) -> list[str]:
@@ -45,13 +47,14 @@ def _sweep_table(results) -> list[str]:
   for prev, r in zip([None] + sweep[:-1], sweep):
     gap = r["generalization_gap"]  # None in a results.json where it was NaN (a diverged run)
     rows.append([r["batch_size"], f"{r['best_learning_rate']:.2e}", len(r["learning_rates_tried"]),
-                 f"{r['steps_to_target']:.1f}" if r["reached"] else f"> {r['stopped_at_step']}",
-                 fmt(r["examples_to_target"], ",.0f"),
+                 pm(r, "steps_to_target", ".1f") if r["reached"] else f"> {r['stopped_at_step']}",
+                 pm(r, "examples_to_target", ",.0f"),
                  f"{prev['steps_to_target'] / r['steps_to_target']:.2f}x"
                  if prev and prev["reached"] and r["reached"] and r["steps_to_target"] else "-",
-                 fmt(r["final_train_nll"], ".4f"), fmt(r["final_val_nll"], ".4f"), fmt(gap, "+.4f"),
-                 fmt(r["hessian_top_eigenvalue"], ".3g"), fmt(r["epsilon_sharpness"], ".3g"),
-                 fmt(r["b_simple"], ".1f"), fmt(r["b_simple_late"], ".1f")])
+                 pm(r, "final_train_nll", ".4f"), pm(r, "final_val_nll", ".4f"),
+                 pm(r, "generalization_gap", "+.4f"),
+                 pm(r, "hessian_top_eigenvalue", ".3g"), pm(r, "epsilon_sharpness", ".3g"),
+                 pm(r, "b_simple", ".1f"), pm(r, "b_simple_late", ".1f")])
     if floors:  # The gap the true model has on the same tokens, taken off.
       rows[-1].insert(9, fmt(None if gap is None else gap - (floors["val"] - floors["train"]), "+.4f"))
   if floors:
@@ -80,15 +83,16 @@ def _fit_and_regimes(results) -> list[str]:
     lines += [
         f"**Fit** (McCandlish et al. 2018, S = S_min (1 + B_crit/B), E = E_min (1 + B/B_crit), "
         "least squares on log S): "
-        f"S_min = {fmt(fit['s_min'], '.1f')} steps, E_min = {fmt(fit['e_min'], ',.0f')} sequences, "
-        f"**B_crit = {fmt(b_crit, '.1f')}** sequences (rms log residual "
-        f"{fmt(fit['rms_log_residual'], '.3f')}).",
+        f"S_min = {pm(fit, 's_min', '.1f')} steps, E_min = {pm(fit, 'e_min', ',.0f')} sequences, "
+        f"**B_crit = {pm(fit, 'b_crit', '.1f')}** sequences (rms log residual "
+        f"{fmt(fit['rms_log_residual'], '.3f')}; [lo, hi]: 95% bootstrap intervals"
+        + (f"; fitted on {fit['points']}" if fit.get("points") else "") + ").",
         "", f"**B_simple** measured during training (two-batch estimator every step, B_small = B / "
         f"{results['config']['noise_microbatches']} micro-batches, B_big = B; |G|^2 and tr(Sigma) "
         f"averaged over the steps of each B's best run, ratio last; median over B): "
-        f"**{fmt(ns['b_simple'], '.1f')}**; B_crit / B_simple = "
+        f"**{pm(ns, 'b_simple', '.1f')}**; B_crit / B_simple = "
         f"{fmt(ratio, '.2f')}. Over the second half of the steps only (near the target): "
-        f"{fmt(ns['b_simple_late'], '.1f')}.", ""]
+        f"{pm(ns, 'b_simple_late', '.1f')}.", ""]
   if reg:
     sm, lg = reg["small"], reg["large"]
     words = (f"**Regimes.** Small B: doubling B from {sm['from']} to {sm['to']} cuts the steps to "
@@ -113,7 +117,7 @@ def _variance(results) -> list[str]:
           in zip(fresh["batch_sizes"], fresh["variance"], fresh["stderr"], fresh["predicted"])]
   return [
       f"**Gradient variance vs B** at a fixed checkpoint ({checkpoint_caption(gv)}): fitted log-log slope "
-      f"**{gv['slope']:.3f}** (theory -1, |slope + 1| = {abs(gv['slope'] + 1):.3f}). For each B, "
+      f"**{pm(gv, 'slope', '.3f')}** (theory -1, |slope + 1| = {abs(gv['slope'] + 1):.3f}). For each B, "
       f"{fresh['num_batches']} independent mini-batches of fresh training windows; E|g_B - G|^2 is "
       "the unbiased sample variance of their gradients (no reference G needed). Prediction "
       f"tr(Sigma)/B from {gv['num_examples']} separate per-example gradients (one window each): "
@@ -133,7 +137,8 @@ def _variance(results) -> list[str]:
 def report(results: dict) -> str:
   """results.md: the protocol, the notes on the fits, the sweep table, the fit and regimes, the
   gradient variance law."""
-  lines = (_protocol(results) + _notes(results) + _sweep_table(results) + _fit_and_regimes(results) + _variance(results)
-           + [f"{results['runs_total']} training runs, {results['examples_total']:,} training "
+  lines = (_protocol(results) + ([seeds_caption(results), ""] if seeds_caption(results) else [])
+           + _notes(results) + _sweep_table(results) + _fit_and_regimes(results) + _variance(results)
+           + [f"{results['runs_total']} training runs, {results['examples_total']:,.0f} training "
               f"sequences in all; {results['wall_time_s']:.0f} s wall."])
   return "\n".join(lines) + "\n"

@@ -18,7 +18,16 @@ from llm_math.errors import UsageError
 # Config fields that may change when a run is resumed (they do not change what was trained so far).
 RESUMABLE_FIELDS = {"num_steps", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints",
                     "eval_batch_size", "mesh", "ngram", "train_transformer", "max_loss_factor",
-                    "stop_check_every", "layer_stats", "checkpoint_schedule"}
+                    "stop_check_every", "layer_stats", "checkpoint_schedule", "fit_bootstrap"}
+
+
+def fit_bootstrap(config) -> int:
+  """config.fit_bootstrap: the bootstrap resamples behind every fitted law's 95% interval (0: no
+  intervals); a one-line UsageError unless an integer >= 0."""
+  n = config.get("fit_bootstrap", 0)
+  if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+    raise UsageError(f"--config.fit_bootstrap={n!r}: expected an integer >= 0 (0: no intervals)")
+  return n
 
 
 class Interrupted(Exception):

@@ -45,6 +45,7 @@ from llm_math import model as model_lib
 from llm_math import optimizer as optimizer_lib
 from llm_math import sharding
 from llm_math import studies
+from llm_math.studies import seeds as seeds_lib
 from llm_math import train as train_lib
 from llm_math import train_config
 from llm_math.analysis import gradient_noise as gn
@@ -103,6 +104,7 @@ def check(config):
     need(config[name] > 0, name, "> 0")
   for name in ("lr_tune_factor", "eval_growth"):
     need(config[name] > 1, name, "> 1")
+  studies.fit_bootstrap(config)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,7 +284,7 @@ def variance_record(study: Study, params, key: jax.Array) -> dict:
   fresh = [tuple(x.reshape(v.fresh_batches, b, c.seq_len) for x in
                  draw(v.fresh_batches * b, _FRESH_BATCH_STEP + i)) for i, b in enumerate(sizes)]
   return gn.variance_law_record(study.loss, params, draw(v.num_examples, _PER_EXAMPLE_STEP), fresh,
-                                v.num_batches, key)
+                                v.num_batches, key, bootstrap=studies.fit_bootstrap(c), seed=c.seed)
 
 
 def _finite(x) -> bool:
@@ -337,6 +339,25 @@ def fit_notes(sweep: list[dict], fit: dict | None) -> list[str]:
   return notes
 
 
+def summarize_seeds(results: dict) -> dict:
+  """A multi-seed aggregate with the trade-off S = S_min + E_min / B refitted on every (B, seed)
+  point that reached its seed's target (the bootstrap resamples those points), in place of the mean
+  of each seed's fitted S_min, E_min and B_crit."""
+  n = results["n_seeds"]
+  points = [(row["batch_size"], s) for row in results["sweep"]
+            for s in seeds_lib.per_seed_values(row, "steps_to_target", n) or []
+            if _finite(s) and s > 0]
+  b, steps = [p[0] for p in points], [p[1] for p in points]
+  fit = gn.tradeoff_record(b, steps, bootstrap=results["config"].get("fit_bootstrap", 0), seed=0)
+  notes = fit_notes(results["sweep"], fit)  # The notes of each seed's own fit are in its results.
+  if fit is not None:
+    fit["points"] = (f"{len(points)} points: each batch size on each of {n} seeds that reached "
+                     "its target (each seed's own pilot target)")
+    if fit.get("note"):
+      notes.append(f"trade-off fit: {fit['note']}")
+  return {**results, "fit": fit, "notes": notes}
+
+
 def run(config, workdir: str, log=print) -> dict:
   """The whole sweep on `config` (checked by `check`): trains (or reuses) every run, measures, fits;
   the results (see the module docstring)."""
@@ -360,9 +381,12 @@ def run(config, workdir: str, log=print) -> dict:
                                                           "stopped_at_step", "final_val_nll")}
       log(f"gradient variance at the best run of B={b}: log-log slope {variance['slope']:.3f}")
   b, s = fit_points(sweep)
-  fit = gn.tradeoff_record(b, s)
+  fit = gn.tradeoff_record(b, s, bootstrap=studies.fit_bootstrap(config), seed=config.seed)
   median = lambda k: float(np.median([r[k] for r in sweep if r[k]])) if any(r[k] for r in sweep) else None
   notes = fit_notes(sweep, fit)
+  for what, record in (("trade-off fit", fit), ("gradient-variance slope", variance)):
+    if record and record.get("note"):
+      notes.append(f"{what}: {record['note']}")
   if median("b_simple") is None:
     notes.append("no B_simple: no best run measured a positive |G|^2")
   for note in notes:

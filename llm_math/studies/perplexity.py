@@ -5,8 +5,8 @@ the study scores, on the same validation tokens with the same context per token:
 models of `evaluation.reference_nlls` (uniform, add-one unigram and, on the synthetic source, the
 true model), n-gram models counted on the training split (`llm_math.analysis.ngram`), and one
 Transformer per size of config.model_sizes ('' = the config's model), each trained (or resumed) by
-`train.train`. Every row is a record (`record`): NLL in nats/token, perplexity, bits/token and
-bits/char, which puts different tokenizers on one scale. With 3 or more sizes, power laws L(N) and
+`train.train`. Every row is a record (`record`): NLL in nats/token, perplexity, bits/token,
+bits/char and bits per UTF-8 byte, which put different tokenizers on one scale. With 3 or more sizes, power laws L(N) and
 L(C) are fitted over the models of each tokenizer (`fit_scaling`).
 
 A sweep (several sizes or tokenizers) keeps each tokenizer's data in tokenizers/<tokenizer>/ and
@@ -17,6 +17,7 @@ trains in the workdir itself.
 import json
 import os
 import time
+from typing import NamedTuple
 
 import jax
 
@@ -25,7 +26,9 @@ from llm_math import evaluation
 from llm_math import files
 from llm_math import studies
 from llm_math import train as train_lib
+from llm_math.studies import seeds as seeds_lib
 from llm_math.analysis import information
+from llm_math.analysis import intervals
 from llm_math.analysis import ngram
 from llm_math.analysis import scaling_laws
 from llm_math.errors import UsageError
@@ -110,6 +113,7 @@ def check(config):
   ngram_methods(config.ngram)
   ngram_orders(config.ngram)
   ngram_train_tokens(0, config.ngram)
+  studies.fit_bootstrap(config)
 
 
 def is_sweep(config) -> bool:
@@ -140,28 +144,37 @@ def model_name(size: tuple[int, int] | None, tokenizer: str, several_tokenizers:
           + (f" [{tokenizer}]" if several_tokenizers else ""))
 
 
-def record(name: str, kind: str, nll: float, n_tokens: int, n_chars: int, tokenizer: str,
-           **extra) -> dict:
-  """One row of the results: a model's mean NLL (nats/token) on `n_tokens` tokens spanning `n_chars`
-  characters, with its perplexity, bits/token and bits/char; `extra` fields added."""
+class Scored(NamedTuple):
+  """What a validation score covers: tokens, and the characters and UTF-8 bytes of their text."""
+  tokens: int
+  chars: int
+  bytes: int
+
+
+def record(name: str, kind: str, nll: float, scored: Scored, tokenizer: str, **extra) -> dict:
+  """One row of the results: a model's mean NLL (nats/token) on the `scored` tokens, with its
+  perplexity, bits/token, bits/char and bits/byte; `extra` fields added."""
   return {"name": name, "kind": kind, "tokenizer": tokenizer, "val_nll_nats": float(nll),
-          "tokens_scored": int(n_tokens), "val_ppl": information.perplexity(nll),
+          "tokens_scored": scored.tokens, "val_ppl": information.perplexity(nll),
           "bits_per_token": information.nats_to_bits(nll),
-          "bits_per_char": information.bits_per_char(nll, n_tokens, n_chars), **extra}
+          "bits_per_char": information.bits_per_char(nll, scored.tokens, scored.chars),
+          "bits_per_byte": information.bits_per_byte(nll, scored.tokens, scored.bytes), **extra}
 
 
-def scored_counts(dataset, windows) -> tuple[int, int]:
-  """(tokens, characters) scored by `windows` of the validation split."""
+def scored_counts(dataset, windows) -> Scored:
+  """The tokens scored by `windows` of the validation split, with their characters and bytes."""
   positions, _ = windows.scored()
-  return len(positions), int(dataset.tokenizer.char_lengths[dataset.val_ids[positions]].sum())
+  ids = dataset.val_ids[positions]
+  tok = dataset.tokenizer
+  return Scored(len(positions), int(tok.char_lengths[ids].sum()), int(tok.byte_lengths[ids].sum()))
 
 
 def reference_records(dataset, windows, tokenizer: str) -> list[dict]:
   """The records of `evaluation.reference_nlls` (REFERENCE_ROWS): uniform (PPL = |V|), the add-one
   unigram (|V| - 1 parameters) and, for the synthetic source, its floor and entropy rate."""
-  n_tokens, n_chars = scored_counts(dataset, windows)
+  scored = scored_counts(dataset, windows)
   params = {"unigram": dataset.vocab_size - 1}
-  return [record(*REFERENCE_ROWS[key], nll, n_tokens, n_chars, tokenizer, params=params.get(key, 0))
+  return [record(*REFERENCE_ROWS[key], nll, scored, tokenizer, params=params.get(key, 0))
           for key, nll in evaluation.reference_nlls(dataset, windows).items()]
 
 
@@ -175,7 +188,7 @@ def ngram_records(dataset, windows, tokenizer: str, ngram_config) -> list[dict]:
   of the validation stream.
   """
   positions, contexts = windows.scored()
-  _, n_chars = scored_counts(dataset, windows)
+  scored = scored_counts(dataset, windows)
   if ngram_config.window:
     # The same positions, each with the context it has in windows of W over the Transformer's stream
     # (one window when the stream is shorter: no reset within it).
@@ -197,7 +210,7 @@ def ngram_records(dataset, windows, tokenizer: str, ngram_config) -> list[dict]:
       for context, ctx in ((equal, contexts_w), ("full left context", positions)):
         nll_M = ngram.score_at(model, dataset.val_ids, positions, ctx)
         records.append(record(f"{label} {order}-gram ({context})", "ngram", nll_M.mean(),
-                              nll_M.size, n_chars, tokenizer, params=table_size, method=method,
+                              scored, tokenizer, params=table_size, method=method,
                               order=order, train_tokens=fit_tokens,
                               context="full" if context.startswith("full") else "equal"))
   return records
@@ -217,7 +230,7 @@ def train_models(config, dataset, windows, tokenizer: str, workdir: str, sweep: 
   """Trains (or reuses) one Transformer per size of config.model_sizes, in models/<tokenizer>/
   d<D>_L<L>/ of `workdir` when `sweep`, else in `workdir`; returns (records, {name: curve}), a
   curve being the validation NLL at each evaluation step with its elapsed training time."""
-  n_tokens, n_chars = scored_counts(dataset, windows)
+  scored = scored_counts(dataset, windows)
   several_tokenizers = len(parse_tokenizers(config.tokenizers, "", 0)) > 1
   records, curves = [], {}
   for size in parse_model_sizes(config.model_sizes) or [None]:
@@ -230,7 +243,7 @@ def train_models(config, dataset, windows, tokenizer: str, workdir: str, sweep: 
     result = studies.completed(train_lib.train(cfg, dataset, run_dir, windows=windows, log=log))
     train_tokens = result.final_step * cfg.batch_size * cfg.seq_len
     records.append(record(
-        name, "model", result.val_curve[-1][1], n_tokens, n_chars, tokenizer,
+        name, "model", result.val_curve[-1][1], scored, tokenizer,
         params=result.params, d_model=cfg.model.d_model, num_layers=cfg.model.num_layers,
         flops_per_token=result.flops_per_token, train_steps=result.final_step,
         train_tokens=train_tokens, train_flops=result.flops_per_token * train_tokens,
@@ -241,22 +254,64 @@ def train_models(config, dataset, windows, tokenizer: str, workdir: str, sweep: 
   return records, curves
 
 
-def fit_scaling(records: list[dict]) -> dict:
+def fit_scaling(records: list[dict], bootstrap: int = 0, seed: int = 0) -> dict:
   """{tokenizer: {"params": fit, "compute": fit}}: L(N) and L(C) power laws
-  (`scaling_laws.fit_power_law`, fit = {a, alpha, c, rms_log_residual}) over the model records of
-  each tokenizer with at least 3 distinct parameter counts."""
+  (`scaling_laws.power_law_record`: a, alpha, c, rms_log_residual, and with `bootstrap` > 0 their
+  percentile-bootstrap 95% intervals over resampled models, ci95, with a note on what makes a fit
+  doubtful) over the model records of each tokenizer with at least 3 distinct parameter counts."""
   fits = {}
   for tokenizer in sorted({r["tokenizer"] for r in records if r["kind"] == "model"}):
     models = [r for r in records if r["kind"] == "model" and r["tokenizer"] == tokenizer]
     if len({r["params"] for r in models}) < 3:
       continue
     loss = [r["val_nll_nats"] for r in models]
-    fits[tokenizer] = {}
-    for axis, key in (("params", "params"), ("compute", "train_flops")):
-      f = scaling_laws.fit_power_law([r[key] for r in models], loss)
-      fits[tokenizer][axis] = {"a": f.a, "alpha": f.alpha, "c": f.c,
-                               "rms_log_residual": f.rms_log_residual}
+    fits[tokenizer] = {
+        axis: scaling_laws.power_law_record([r[key] for r in models], loss, bootstrap=bootstrap,
+                                            seed=seed)
+        for axis, key in (("params", "params"), ("compute", "train_flops"))}
   return fits
+
+
+def paired_comparisons(results: dict) -> list[dict]:
+  """Paired comparisons over the seeds of a multi-seed aggregate (`seeds.run_seeds`), per tokenizer:
+  each model against the next smaller one, against the best count-based model with at most the
+  models' context (lowest mean NLL of those n-grams and the unigram) and against the floor on the synthetic source. Each is {'tokenizer',
+  'a', 'b', 'field': 'val_nll_nats', and `intervals.paired_ci95` of a - b: 'mean', 'ci95', 'n',
+  'below' (seeds on which a scored lower)}."""
+  n = results["n_seeds"]
+  out = []
+  for tokenizer in results["evaluations"]:
+    recs = [r for r in results["records"] if r["tokenizer"] == tokenizer]
+    models = sorted((r for r in recs if r["kind"] == "model"), key=lambda r: r["params"])
+    counted = [r for r in recs if r["kind"] in ("ngram", "baseline") and r["params"]
+               and r.get("context") != "full"]  # On equal terms: at most the models' context.
+    pairs = list(zip(models[1:], models[:-1]))
+    if counted:
+      best = min(counted, key=lambda r: r["val_nll_nats"])
+      pairs += [(m, best) for m in models]
+    pairs += [(m, r) for m in models for r in recs if r["name"].startswith("floor")]
+    for a, b in pairs:
+      stat = intervals.paired_ci95(seeds_lib.per_seed_values(a, "val_nll_nats", n),
+                                   seeds_lib.per_seed_values(b, "val_nll_nats", n))
+      out.append({"tokenizer": tokenizer, "a": a["name"], "b": b["name"],
+                  "field": "val_nll_nats", **stat})
+  return out
+
+
+def summarize_seeds(results: dict) -> dict:
+  """A multi-seed aggregate with its paired comparisons (`paired_comparisons`) and the power laws
+  refitted on every (model, seed) point (`fit_scaling`: the bootstrap resamples those points), in
+  place of the mean of each seed's fitted parameters, which is no fit of anything."""
+  n = results["n_seeds"]
+  pooled = [{**r, "val_nll_nats": v}
+            for r in results["records"] if r["kind"] == "model"
+            for v in seeds_lib.per_seed_values(r, "val_nll_nats", n)]
+  bootstrap = results["config"].get("fit_bootstrap", 0)
+  fits = fit_scaling(pooled, bootstrap, seed=0)
+  for fit in fits.values():
+    for f in fit.values():
+      f["points"] = f"{len(pooled)} points: each model on each of {n} seeds"
+  return {**results, "paired": paired_comparisons(results), "power_law": fits}
 
 
 def run(config, workdir: str, log=print) -> dict:
@@ -290,12 +345,14 @@ def run(config, workdir: str, log=print) -> dict:
       model_records, curves = train_models(config, dataset, windows, tokenizer, workdir, sweep, log)
       records += model_records
       results["curves"].update(curves)
+    scored = scored_counts(dataset, windows)
     results["evaluations"][tokenizer] = {
         "split": "validation", **windows.describe(), "vocab_size": dataset.vocab_size,
-        "chars_scored": scored_counts(dataset, windows)[1],
+        "chars_scored": scored.chars, "bytes_scored": scored.bytes,
         "stride": config.eval_stride or config.seq_len, "seq_len": config.seq_len, **train_tokens}
     results["records"] += records
     results["data"] = dataset.description.split(" (")[0] if sweep else dataset.description
-  results["power_law"] = fit_scaling(results["records"])
+  results["power_law"] = fit_scaling(results["records"], studies.fit_bootstrap(config),
+                                       config.seed)
   results["config"] = json.loads(config.to_json_best_effort())
   return results

@@ -7,7 +7,9 @@ other (workdir/seeds/seed_<s>/). The aggregate keeps the single-seed layout, so 
 read it as they read one seed; at every dict of it, each number that differs between seeds is
 replaced by its mean and gains `<field>_ci95` = [lo, hi] (Student t over seeds,
 `analysis.intervals.mean_ci95`), and the dict gains `n_seeds` and `per_seed` {field: [value per
-seed]}. Numbers equal in every seed (a parameter count, a step) stay as they are.
+seed]}. A list of numbers (a curve: the validation loss at each evaluation) is averaged point by
+point, its `<field>_ci95` a list of intervals. Numbers equal in every seed (a parameter count, a
+step) stay as they are.
 """
 
 import math
@@ -24,9 +26,11 @@ def seed_workdir(workdir, seed: int) -> str:
   return os.path.join(str(workdir), SEEDS_DIR, f"seed_{seed}")
 
 
-def run_seeds(run, config, workdir, seeds, log=print) -> dict:
+def run_seeds(run, config, workdir, seeds, log=print, summarize=None) -> dict:
   """`run(config, workdir, log) -> results` for each seed (config.seed = seed) in its own workdir,
-  whose results, report and figures are written there; the aggregate over seeds (`aggregate`)."""
+  whose results, report and figures are written there; the aggregate over seeds (`aggregate`),
+  passed through the study's `summarize(aggregate) -> aggregate` when it has one (paired comparisons
+  of its models over the same seeds, fits refitted on every seed's points)."""
   per_seed = []
   for seed in seeds:
     c = config.copy_and_resolve_references()
@@ -36,7 +40,16 @@ def run_seeds(run, config, workdir, seeds, log=print) -> dict:
     results = run(c, directory, log)
     studies.write_results(directory, results)
     per_seed.append(results)
-  return aggregate(per_seed, [int(s) for s in seeds])
+  out = aggregate(per_seed, [int(s) for s in seeds])
+  return summarize(out) if summarize else out
+
+
+def per_seed_values(record: dict, key: str, n_seeds: int) -> list | None:
+  """record[key] on each of the `n_seeds` seeds of an aggregate: its `per_seed` list, or the one
+  value repeated when it was the same on every seed; None when the record has no such number."""
+  if key in (record.get("per_seed") or {}):
+    return record["per_seed"][key]
+  return None if record.get(key) is None else [record[key]] * n_seeds
 
 
 def aggregate(per_seed: list[dict], seeds: list[int]) -> dict:
@@ -51,6 +64,12 @@ def aggregate(per_seed: list[dict], seeds: list[int]) -> dict:
 
 def _is_number(v) -> bool:
   return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def _is_series(column: list) -> bool:
+  """Lists of numbers of one length (a curve per seed): averaged point by point."""
+  return (all(isinstance(v, (list, tuple)) and v and all(_is_number(x) for x in v) for v in column)
+          and len({len(v) for v in column}) == 1)
 
 
 def _varies(values: list) -> bool:
@@ -69,6 +88,10 @@ def _merge(values: list):
       elif all(_is_number(v) for v in column) and _varies(column):
         stat = intervals.mean_ci95(column)
         out[key], out[f"{key}_ci95"], varying[key] = stat["mean"], stat["ci95"], column
+      elif _is_series(column) and any(_varies(list(items)) for items in zip(*column)):
+        stats = [intervals.mean_ci95(items) for items in zip(*column)]
+        out[key], out[f"{key}_ci95"] = [s["mean"] for s in stats], [s["ci95"] for s in stats]
+        varying[key] = column
       else:
         out[key] = _merge(column)
     if varying:
