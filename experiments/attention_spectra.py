@@ -27,7 +27,7 @@ def main(argv):
   attention_spectra.check(config)
   workdir = common.prepare_workdir(config)
   studies.use_compilation_cache(workdir)
-  common.run_study(attention_spectra.run, config, workdir)
+  common.run_study(attention_spectra.run, config, workdir, attention_spectra.summarize_seeds)
 
 
 if __name__ == "__main__":

@@ -153,6 +153,16 @@ def _spectra_report(results: dict) -> list[str]:
               "(next-token val NLL scores contexts 1..T, so it stays above it).", ""]
   lines += ["Per layer (means over heads and analysed windows), initialization -> end:", ""]
   rows = []
+  if results.get("per_layer_seeds"):
+    lines[-2] = (f"Per layer (means over heads and analysed windows), initialization -> end; mean "
+                 f"over {results['n_seeds']} seeds ± the half-width of its Student-t 95% interval:")
+    for name, ends in results["per_layer_seeds"].items():
+      for l, (s0, s1) in enumerate(zip(ends["first"]["layers"], ends["last"]["layers"])):
+        pair = lambda key, spec: (f"{reports.pm(s0, key, spec)} -> {reports.pm(s1, key, spec)}"
+                                  if key in s1 else "n/a")
+        rows.append([name, l + 1, *(pair(key, spec) for _, key, spec in _PER_LAYER),
+                     pair("qk_norm", ".3g"), pair("zhai_bound", ".3f")])
+    runs = {}
   for name, run in runs.items():
     s0, s1 = run["snapshots"][0], run["snapshots"][-1]
     pair = lambda key, spec, l: f"{np.mean(s0[key][l]):{spec}} -> {np.mean(s1[key][l]):{spec}}"

@@ -5,6 +5,8 @@ import math
 
 from llm_math.reports import fmt
 from llm_math.reports import markdown_table
+from llm_math.reports import pm
+from llm_math.reports import seeds_caption
 
 
 def _caption(ev: dict) -> str:
@@ -19,15 +21,15 @@ def _references_line(what: str, refs: dict) -> str:
 
 
 def _pct(r: dict) -> str:
-  return fmt(r["ppl_change_pct"], "+.2f") + "%"
+  return pm(r, "ppl_change_pct", "+.2f") + "%"
 
 
 def _svd_section(s: dict, base: dict) -> list[str]:
   recs = s["records"]
   rows = [[r["method"], f"{r['setting']:g}", f"{r['singular_values_kept']:.3f}",
            f"{r['energy_kept']:.4f}", f"{r['relative_error']:.4f}",
-           f"{r['params_factored'] / r['params_dense']:.3f}", f"{r['val_nll']:.4f}",
-           fmt(r["val_ppl"], ".3f"), _pct(r)] for r in recs]
+           f"{r['params_factored'] / r['params_dense']:.3f}", pm(r, "val_nll", ".4f"),
+           pm(r, "val_ppl", ".3f"), _pct(r)] for r in recs]
   lines = ["", "## Perplexity vs rank (SVD truncation)", "",
            f"Matrices `{s['pattern']}` ({len(s['spectra'])} of them) replaced by their best rank-r "
            "approximation; 'uniform' keeps the same fraction of min(in, out) in every matrix, "
@@ -53,7 +55,7 @@ def _svd_section(s: dict, base: dict) -> list[str]:
 
 def _quant_section(q: dict, base: dict) -> list[str]:
   rows = [[r["scheme"], f"{r['bits_per_param']:.3f}", f"{r['bytes']:,}", f"{r['model_bytes']:,}",
-           f"{r['relative_error']:.4f}", f"{r['val_nll']:.4f}", fmt(r["val_ppl"], ".3f"),
+           f"{r['relative_error']:.4f}", pm(r, "val_nll", ".4f"), pm(r, "val_ppl", ".3f"),
            _pct(r)] for r in q["records"]]
   lines = ["", "## Perplexity vs quantization scheme", "",
            f"Symmetric absmax round-to-nearest of the {q['params_quantized']:,} parameters in "
@@ -82,8 +84,8 @@ def _lora_section(lo: dict, data: str) -> list[str]:
            f"{100 * r['trainable_params'] / lo['params_total']:.2f}%",
            (f"{r['adapted_params'] / r['trainable_params']:.0f}x ({r['adapted_matrices']} matrices)"
             if r["kind"] == "lora" else "-"),
-           fmt(r.get("share_of_full_gain"), ".0%"), f"{r['val_nll']:.4f}",
-           fmt(r["val_ppl"], ".3f")] for r in lo["runs"]]
+           fmt(r.get("share_of_full_gain"), ".0%"), pm(r, "val_nll", ".4f"),
+           pm(r, "val_ppl", ".3f")] for r in lo["runs"]]
   lines = ["", "## LoRA transfer: quality vs rank", "",
            f"Pretrained on {data}, fine-tuned on {lo['target']}"
            + ("; changed: " + ", ".join(f"{k} {a:g} -> {b:g}" for k, (a, b) in changes.items())
@@ -161,8 +163,10 @@ def report(results: dict) -> str:
   ev, base = results["evaluation"], results["base"]
   lines = [f"# Compression of a Transformer LM: {ev['data']}", "",
            f"Base model: {base['params']:,} parameters, {base['origin']}, step {base['step']}; "
-           f"float32 validation NLL {base['val_nll']:.4f} nats, perplexity {base['val_ppl']:.3f}.",
+           f"float32 validation NLL {pm(base, 'val_nll', '.4f')} nats, perplexity "
+           f"{pm(base, 'val_ppl', '.3f')}.",
            f"Measured on the {_caption(ev)}.",
+           *([seeds_caption(results)] if seeds_caption(results) else []),
            _references_line("References on the same tokens", results["references"])]
   if "svd" in results:
     lines += _svd_section(results["svd"], base)

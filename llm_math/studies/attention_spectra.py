@@ -56,6 +56,7 @@ from llm_math import sharding
 from llm_math import studies
 from llm_math import train
 from llm_math import train_config
+from llm_math.analysis import intervals
 from llm_math.analysis import spectra
 from llm_math.errors import UsageError
 
@@ -296,6 +297,38 @@ def first_independent_windows(config, val_ids: np.ndarray) -> data_lib.EvalWindo
   stride and sampling come from eval_max_tokens, eval_stride and eval_sample_every."""
   return data_lib.eval_windows(val_ids[: config.spectra.eval_windows * config.seq_len + 1],
                                config.seq_len)
+
+
+# The per-layer statistics (means over heads) a multi-seed aggregate gives intervals, first and last
+# snapshot of every tracked run (`summarize_seeds`).
+PER_LAYER_KEYS = ("mean_row_entropy", "mean_normalized_row_entropy", "spectral_gap",
+                  "second_eigenvalue_modulus", "effective_rank", "sink_mass", "stationary_sink_mass",
+                  "zhai_bound")
+
+
+def summarize_seeds(results: dict, per_seed: list[dict]) -> dict:
+  """A multi-seed aggregate with results["per_layer_seeds"] = {run: {"first" | "last": [per layer
+  {stat: mean over seeds, stat_ci95: Student-t 95% interval}]}} of each seed's mean over heads at the
+  run's first and last snapshot (PER_LAYER_KEYS, and the largest head's sigma, qk_norm), and the
+  final validation NLL of each run with its interval."""
+  out = {}
+  for name in results["runs"]:
+    out[name] = {}
+    for which, index in (("first", 0), ("last", -1)):
+      snaps = [r["runs"][name]["snapshots"][index] for r in per_seed]
+      layers = []
+      for l in range(len(snaps[0]["mean_row_entropy"])):
+        row = {}
+        for key, reduce in [(k, np.mean) for k in PER_LAYER_KEYS] + [("qk_norm", np.max)]:
+          if snaps[0].get(key) is None:
+            continue
+          stat = intervals.mean_ci95([float(reduce(s[key][l])) for s in snaps])
+          row[key], row[f"{key}_ci95"] = stat["mean"], stat["ci95"]
+        layers.append(row)
+      stat = intervals.mean_ci95([s["val_nll"] for s in snaps if s.get("val_nll") is not None])
+      out[name][which] = {"layers": layers, "val_nll": stat["mean"], "val_nll_ci95": stat["ci95"],
+                          "step": snaps[0]["step"]}
+  return {**results, "per_layer_seeds": out}
 
 
 def run(config, workdir: str, log=print) -> dict:

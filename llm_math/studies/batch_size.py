@@ -339,10 +339,11 @@ def fit_notes(sweep: list[dict], fit: dict | None) -> list[str]:
   return notes
 
 
-def summarize_seeds(results: dict) -> dict:
+def summarize_seeds(results: dict, per_seed: list[dict] | None = None) -> dict:
   """A multi-seed aggregate with the trade-off S = S_min + E_min / B refitted on every (B, seed)
   point that reached its seed's target (the bootstrap resamples those points), in place of the mean
-  of each seed's fitted S_min, E_min and B_crit."""
+  of each seed's fitted S_min, E_min and B_crit. (The aggregate's `per_seed` lists suffice.)"""
+  del per_seed
   n = results["n_seeds"]
   points = [(row["batch_size"], s) for row in results["sweep"]
             for s in seeds_lib.per_seed_values(row, "steps_to_target", n) or []

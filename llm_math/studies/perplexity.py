@@ -298,10 +298,12 @@ def paired_comparisons(results: dict) -> list[dict]:
   return out
 
 
-def summarize_seeds(results: dict) -> dict:
+def summarize_seeds(results: dict, per_seed: list[dict] | None = None) -> dict:
   """A multi-seed aggregate with its paired comparisons (`paired_comparisons`) and the power laws
   refitted on every (model, seed) point (`fit_scaling`: the bootstrap resamples those points), in
-  place of the mean of each seed's fitted parameters, which is no fit of anything."""
+  place of the mean of each seed's fitted parameters, which is no fit of anything. (The aggregate's
+  `per_seed` lists suffice: `per_seed` results are not read.)"""
+  del per_seed
   n = results["n_seeds"]
   pooled = [{**r, "val_nll_nats": v}
             for r in results["records"] if r["kind"] == "model"

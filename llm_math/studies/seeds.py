@@ -29,8 +29,8 @@ def seed_workdir(workdir, seed: int) -> str:
 def run_seeds(run, config, workdir, seeds, log=print, summarize=None) -> dict:
   """`run(config, workdir, log) -> results` for each seed (config.seed = seed) in its own workdir,
   whose results, report and figures are written there; the aggregate over seeds (`aggregate`),
-  passed through the study's `summarize(aggregate) -> aggregate` when it has one (paired comparisons
-  of its models over the same seeds, fits refitted on every seed's points)."""
+  passed through the study's `summarize(aggregate, per_seed_results) -> aggregate` when it has one
+  (paired comparisons of its models over the same seeds, fits refitted on every seed's points)."""
   per_seed = []
   for seed in seeds:
     c = config.copy_and_resolve_references()
@@ -41,7 +41,7 @@ def run_seeds(run, config, workdir, seeds, log=print, summarize=None) -> dict:
     studies.write_results(directory, results)
     per_seed.append(results)
   out = aggregate(per_seed, [int(s) for s in seeds])
-  return summarize(out) if summarize else out
+  return summarize(out, per_seed) if summarize else out
 
 
 def per_seed_values(record: dict, key: str, n_seeds: int) -> list | None:
