@@ -3,7 +3,7 @@
   python -m experiments.redraw --workdir=DIR
 
 DIR is the --workdir of any study (experiments/perplexity.py, batch_size.py, attention_spectra.py,
-compression.py, embeddings.py, stability.py); the study is read from results.json.
+compression.py, embeddings.py, stability.py, scaling_law.py); the study is read from results.json.
 """
 
 import argparse

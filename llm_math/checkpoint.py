@@ -394,6 +394,37 @@ def saved_steps(workdir, directories=(ROLLING, SNAPSHOTS)) -> list[int]:
   return sorted(steps)
 
 
+def copy_step(source_workdir, step: int, target_workdir) -> str:
+  """Copies rolling checkpoint `step` of the run in `source_workdir` into the rolling checkpoints
+  of `target_workdir`, where `train.fit` resumes from it as from a step of its own; returns its path.
+
+  The copy is made under a temporary name in `target_workdir` (the same filesystem as its
+  checkpoints/) and renamed to checkpoints/<step> once whole, so an interrupted copy is never taken
+  for a step; what an earlier interrupted copy of this step left is removed first. The step's
+  fingerprint travels with it, so the restore checks the copied bytes. Process 0 copies; with several
+  processes, every one returns once the step is in place.
+  """
+  source = files.path(source_workdir) / ROLLING / str(step)
+  target_dir = files.path(target_workdir) / ROLLING
+  if sharding.is_primary():
+    name = f"copy_of_step_{step}"
+    for stale in files.path(target_workdir).iterdir():
+      if stale.name.startswith(f".{name}.tmp."):
+        stale.rmtree(missing_ok=True)
+    tmp = files.temp_path(files.path(target_workdir) / name)
+    try:
+      files.copy_tree(source, tmp)
+      target_dir.mkdir(parents=True, exist_ok=True)
+      tmp.rename(target_dir / str(step))
+    except BaseException:
+      tmp.rmtree(missing_ok=True)
+      raise
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f"checkpoint step {step} copied to {target_workdir}")
+  return str(target_dir / str(step))
+
+
 def load_params(workdir, step: int | None = None, log=print):
   """(params, step) of a training run's checkpoint (default: the newest intact rolling one; a
   given step is read from the rolling checkpoints or the log-spaced snapshots), as numpy.

@@ -96,6 +96,18 @@ def _write_file(target: epath.Path, data: str | bytes):
     target.write_bytes(data)
 
 
+def copy_tree(source: PathLike, target: PathLike):
+  """Copies the directory `source` to `target` (which must not exist) file by file, through epath
+  (local disk or an object store). Not atomic: copy to a `temp_path` and rename it into place."""
+  src, dst = path(source), path(target)
+  dst.mkdir(parents=True)
+  for item in src.iterdir():
+    if item.is_dir():
+      copy_tree(item, dst / item.name)
+    else:
+      item.copy(dst / item.name)
+
+
 def write_text(p: PathLike, text: str):
   """Writes `text` to `p`, atomically where the filesystem can rename (local disk)."""
   _write(p, text)

@@ -64,7 +64,7 @@ def test_configs_are_data_only():
   from llm_math import sharding  # pylint: disable=g-import-not-at-top
   from experiments.configs import perplexity as config_file  # pylint: disable=g-import-not-at-top
   for name in ("perplexity", "size_sweep", "tinyshakespeare_cpu", "tinyshakespeare_gpu",
-               "english_pd"):
+               "english_pd", "scaling_law"):
     tree = ast.parse(open(os.path.join(helpers.REPO, "experiments", "configs", f"{name}.py")).read())
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names} | {
         n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
