@@ -27,7 +27,7 @@ def main(argv):
   scaling_law.check(config)
   workdir = common.prepare_workdir(config, ignored=scaling_law.GRID_FIELDS)
   studies.use_compilation_cache(workdir)
-  common.run_study(scaling_law.run, config, workdir)
+  common.run_study(scaling_law.run, config, workdir, scaling_law.summarize_seeds)
 
 
 if __name__ == "__main__":

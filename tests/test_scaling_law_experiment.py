@@ -11,6 +11,7 @@ from llm_math import checkpoint
 from llm_math import reports
 from llm_math import studies
 from llm_math import train
+from llm_math.analysis import scaling_laws as scaling_laws_lib
 from llm_math.errors import UsageError
 from llm_math.figures import scaling_law as figures_lib
 from llm_math.studies import perplexity
@@ -162,3 +163,27 @@ def test_cli_bad_budgets_is_one_line(tmp_path):
   assert errors == ["error: --config.budgets='400,200': expected increasing positive step counts "
                     "such as '500,1000,2000'"], proc.stderr
   assert "Traceback" not in proc.stderr and not (tmp_path / "w").exists()
+
+
+def test_seeds_refit_the_law_on_every_seeds_points():
+  """Over seeds the law is refitted on each (N, D) run of each seed (48 points for 4 x 4 x 3),
+  not averaged over each seed's fit: on a known law with seed noise it recovers the law."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  law = {"e_irr": 1.0, "a": 50.0, "alpha": 0.4, "b": 80.0, "beta": 0.35}
+  rng = np.random.default_rng(0)
+  records = []
+  for n in (2e4, 6e4, 2e5, 6e5):
+    for d in (5e5, 1e6, 2e6, 4e6):
+      truth = float(scaling_laws_lib.chinchilla_law(n, d, **law))
+      values = (truth * np.exp(rng.normal(0, 0.002, 3))).tolist()
+      records.append({"name": f"{n:g} {d:g}", "params": n, "tokens": d, "flops": 6 * n * d,
+                      "run": "trunk", "val_nll_nats": float(np.mean(values)),
+                      "per_seed": {"val_nll_nats": values}, "n_seeds": 3})
+  aggregate = {"records": records, "n_seeds": 3, "seeds": [0, 1, 2], "notes": [],
+               "config": {"fit_bootstrap": 20}}
+  out = scaling_law.summarize_seeds(aggregate)
+  fit = out["fit"]
+  assert fit["num_points"] == 48 and fit["points"].startswith("48 points")
+  assert fit["alpha"] == pytest.approx(0.4, abs=0.05) and fit["beta"] == pytest.approx(0.35, abs=0.05)
+  assert set(fit["ci95"]) == {"E", "A", "alpha", "B", "beta"}
+  assert out["compute_optimal"]["a"] == pytest.approx(0.35 / 0.75, abs=0.05)

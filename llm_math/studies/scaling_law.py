@@ -51,6 +51,7 @@ from llm_math import train_config
 from llm_math.analysis import scaling_laws
 from llm_math.errors import UsageError
 from llm_math.studies import perplexity
+from llm_math.studies import seeds as seeds_lib
 
 # Fields that choose the grid and the fit, not how one run trains: a run's directory ignores them,
 # so the grid may grow around the runs it has.
@@ -109,10 +110,7 @@ def check(config):
   decay starts after the warmup ends, and no later than the trunk's)."""
   perplexity.parse_model_sizes(config.model_sizes)
   budgets = parse_budgets(config.budgets)
-  bootstrap = config.get("fit_bootstrap")
-  if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
-    raise UsageError(f"--config.fit_bootstrap={bootstrap!r}: expected an integer >= 0 (0 = no "
-                     "intervals)")
+  studies.fit_bootstrap(config)
   if config.schedule != "wsd":
     raise UsageError(f"--config.schedule={config.schedule!r}: the scaling-law study branches its "
                      "budgets off one trunk, which needs 'wsd'")
@@ -198,7 +196,7 @@ def train_size(config, dataset, windows, size, budgets: list[int], workdir: str,
                log=print) -> list[dict]:
   """The records of one model size, in budget order: a branch per smaller budget, then the trunk
   (the largest budget), which trains first."""
-  n_tokens, n_chars = perplexity.scored_counts(dataset, windows)
+  scored = perplexity.scored_counts(dataset, windows)
   cfg = perplexity.size_config(config, size)
   name = f"d{cfg.model.d_model}_L{cfg.model.num_layers}"
   trunk_cfg = trunk_config(cfg, budgets)
@@ -220,8 +218,7 @@ def train_size(config, dataset, windows, size, budgets: list[int], workdir: str,
     r = runs[steps]
     tokens = steps * cfg.batch_size * cfg.seq_len
     records.append(perplexity.record(
-        f"{name} {steps} steps", "model", r["val_nll"], n_tokens, n_chars,
-        tokenizer_name(config, dataset), size=name, d_model=cfg.model.d_model,
+        f"{name} {steps} steps", "model", r["val_nll"], scored, tokenizer_name(config, dataset), size=name, d_model=cfg.model.d_model,
         num_layers=cfg.model.num_layers, params=r["params"], steps=steps, tokens=tokens,
         flops=6.0 * r["params"] * tokens, run=r["run"],
         run_dir=os.path.join("models", name, r["run_dir"]),
@@ -273,6 +270,28 @@ def coverage_note(records: list[dict], optimal: dict) -> str | None:
           "allocation extrapolates the fitted law")
 
 
+def fit_notes(records: list[dict], fit: dict, optimal: dict) -> list[str]:
+  """The notes on a fit, one line each (compute_optimal repeats the fit's), and `coverage_note`."""
+  notes = list(dict.fromkeys(part for note in (fit.get("note"), optimal.get("note")) if note
+                             for part in note.split("; ")))
+  return notes + [n for n in [coverage_note(records, optimal)] if n]
+
+
+def summarize_seeds(results: dict, per_seed: list[dict] | None = None) -> dict:
+  """A multi-seed aggregate with the law refitted on every (N, D, seed) point (the bootstrap
+  resamples those points), in place of the mean of each seed's fitted parameters, which is no fit
+  of anything. (The aggregate's `per_seed` lists suffice.)"""
+  del per_seed
+  n = results["n_seeds"]
+  pooled = [{**r, "val_nll_nats": v} for r in results["records"]
+            for v in seeds_lib.per_seed_values(r, "val_nll_nats", n)]
+  fit, optimal = fit_law(pooled, results["config"].get("fit_bootstrap", 0), seed=0)
+  fit["points"] = f"{len(pooled)} points: each (N, D) run on each of {n} seeds"
+  notes = fit_notes(results["records"], fit, optimal)
+  notes += [note for note in results.get("notes") or [] if "trained from step 0" in note]
+  return {**results, "fit": fit, "compute_optimal": optimal, "notes": notes}
+
+
 def run(config, workdir: str, log=print) -> dict:
   """Trains (or reuses) the grid's runs and fits the law; the results (see the module docstring)."""
   check(config)
@@ -288,16 +307,15 @@ def run(config, workdir: str, log=print) -> dict:
   fit, optimal = fit_law(records, config.fit_bootstrap, config.seed)
   log(f"fit: E {_g(fit['E'])}, A {_g(fit['A'])}, alpha {_g(fit['alpha'])}, B {_g(fit['B'])}, "
       f"beta {_g(fit['beta'])}; N* ~ C^{_g(optimal['a'])}, D* ~ C^{_g(optimal['b'])}")
-  _, n_chars = perplexity.scored_counts(dataset, windows)
+  scored = perplexity.scored_counts(dataset, windows)
   tc = train_config.train_config(config)
   # One line each; compute_optimal repeats the fit's notes.
-  notes = list(dict.fromkeys(part for note in (fit.get("note"), optimal.get("note")) if note
-                             for part in note.split("; ")))
-  notes += [n for n in [coverage_note(records, optimal)] if n]
+  notes = fit_notes(records, fit, optimal)
   notes += [f"{r['name']}: no trunk checkpoint at its branch point, trained from step 0"
             for r in records if r["run"] == "scratch"]
   return {"experiment": "scaling_law", "data": dataset.description,
-          "evaluation": {"split": "validation", **windows.describe(), "chars_scored": n_chars,
+          "evaluation": {"split": "validation", **windows.describe(), "chars_scored": scored.chars,
+                         "bytes_scored": scored.bytes,
                          "seq_len": tc.seq_len, "stride": tc.eval_stride or tc.seq_len,
                          "vocab_size": dataset.vocab_size},
           "references": evaluation.reference_nlls(dataset, windows),
