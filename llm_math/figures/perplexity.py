@@ -18,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from llm_math.analysis import intervals  # pylint: disable=g-import-not-at-top,wrong-import-position
 from llm_math.figures import band  # pylint: disable=g-import-not-at-top,wrong-import-position
 from llm_math.figures import draw_each  # pylint: disable=g-import-not-at-top,wrong-import-position
 from llm_math.figures import error_bars  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -38,6 +39,19 @@ def _best_ngram(records, tokenizer):
   return min(grams, key=lambda r: r["val_nll_nats"]) if grams else None
 
 
+def _excess_over_floor(results: dict, curve: dict, floor: dict) -> tuple:
+  """(NLL - floor at each evaluation, its 95% intervals or None): over seeds, the difference is
+  taken seed by seed (each seed's data has its own floor), so the interval is the paired one."""
+  n = results.get("n_seeds")
+  runs = (curve.get("per_seed") or {}).get("val_nll")
+  floors = (floor.get("per_seed") or {}).get("val_nll_nats")
+  if not (n and runs):
+    return np.asarray(curve["val_nll"]) - floor["val_nll_nats"], None
+  excess_SxT = np.asarray(runs) - np.asarray(floors or [floor["val_nll_nats"]] * n)[:, None]
+  stats = [intervals.mean_ci95(column.tolist()) for column in excess_SxT.T]
+  return np.array([s["mean"] for s in stats]), [s["ci95"] for s in stats]
+
+
 def plot_curves(results: dict, path: str):
   """Validation loss and perplexity over training for the first tokenizer's models."""
   tokenizer = next(iter(results["evaluations"]))
@@ -55,8 +69,9 @@ def plot_curves(results: dict, path: str):
     band(ax_nll, steps, ci, color=line.get_color())
     band(ax_ppl, steps, ci, np.exp, color=line.get_color())
     if floor:
-      axes[2].plot(steps, np.asarray(nll) - floor["val_nll_nats"], marker="o", ms=3, label=name)
-      band(axes[2], steps, ci, lambda v: v - floor["val_nll_nats"], color=line.get_color())
+      excess, excess_ci = _excess_over_floor(results, curve, floor)
+      axes[2].plot(steps, excess, marker="o", ms=3, label=name)
+      band(axes[2], steps, excess_ci, color=line.get_color())
   lines = [r for r in records if r["kind"] in ("baseline", "floor")]
   best = _best_ngram(records, tokenizer)
   if best and best["order"] > 1:
@@ -73,7 +88,9 @@ def plot_curves(results: dict, path: str):
   if floor:
     axes[2].axhline(0.05, color="tab:red", ls=":", lw=1.2, label="0.05 nats")
     axes[2].set(xlabel="training step", ylabel="validation NLL - floor (nats, log scale)",
-                yscale="log", title="Excess loss over the true model")
+                yscale="log", title="Excess loss over the true model" + (
+                    "\n(band: 95% t-interval of the per-seed excess)" if results.get("n_seeds")
+                    else ""))
     axes[2].legend(fontsize=8)
   for ax in axes:
     ax.grid(alpha=0.3, which="both")
