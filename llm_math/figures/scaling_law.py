@@ -22,9 +22,11 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from llm_math.figures import draw_each  # pylint: disable=g-import-not-at-top,wrong-import-position
-from llm_math.reports.scaling_law import count  # pylint: disable=g-import-not-at-top,wrong-import-position
-from llm_math.reports import measurement_caption  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llm_math.figures import error_bars  # pylint: disable=g-import-not-at-top,wrong-import-position
 from llm_math.figures import save_figure  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llm_math.figures import seeds_note  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llm_math.reports import measurement_caption  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llm_math.reports.scaling_law import count  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 ISOFLOP_CURVES = 5
 PARAMS = ("E", "A", "alpha", "B", "beta")
@@ -178,8 +180,10 @@ def plot_fit(results: dict, path: str):
     for i, value in enumerate(groups):
       color = plt.cm.viridis(0.9 * i / max(len(groups) - 1, 1))
       sel = other == value
-      ax.plot(x[sel], loss[sel], marker="o", ls="none", ms=7, color=color, mec="black", mew=0.5,
-              label=f"{fmt_label(value)} (measured)")
+      yerr = error_bars([r for r, keep in zip(results["records"], sel) if keep], "val_nll_nats")
+      ax.errorbar(x[sel], loss[sel], yerr=yerr, marker="o", ls="none", ms=7, color=color,
+                  mec="black", mew=0.5, capsize=3,
+                  label=f"{fmt_label(value)} (measured{seeds_note(results)})")
       if predict is not None:
         grid = _span(x, 1.5)
         curve = predict(grid, value) if x_name.startswith("parameters") else predict(value, grid)

@@ -3,6 +3,8 @@
 from llm_math.reports import fmt
 from llm_math.reports import markdown_table
 from llm_math.reports import measurement_caption
+from llm_math.reports import pm
+from llm_math.reports import seeds_caption
 
 
 def bracket(value, ci, spec: str = ".3g") -> str:
@@ -38,7 +40,7 @@ def loss_grid(results: dict) -> list[str]:
   for size in sizes(records):
     by_steps = {r["steps"]: r for r in records if r["size"] == size}
     rows.append([size, f"{next(iter(by_steps.values()))['params']:,}"]
-                + [fmt(by_steps[s]["val_nll_nats"] if s in by_steps else None, ".4f")
+                + [pm(by_steps.get(s), "val_nll_nats", ".4f")
                    for s in budgets])
   return markdown_table(header, rows)
 
@@ -51,7 +53,7 @@ def run_table(results: dict) -> list[str]:
       ["run", "N", "steps", "D (tokens)", "C = 6ND (FLOPs)", "val NLL (nats/token)", "bits/char",
        "trained as", "steps trained here", "wall (s)"],
       [[r["name"], f"{r['params']:,}", r["steps"], f"{r['tokens']:,}", f"{r['flops']:.3g}",
-        f"{r['val_nll_nats']:.4f}", f"{r['bits_per_char']:.4f}", how(r), r["steps_trained"],
+        pm(r, "val_nll_nats", ".4f"), pm(r, "bits_per_char", ".4f"), how(r), r["steps_trained"],
         fmt(r.get("wall_time_s"), ".0f")] for r in results["records"]])
 
 
@@ -105,6 +107,7 @@ def report(results: dict) -> str:
   trained = sum(r["steps_trained"] for r in records)
   scratch = sum(r["steps"] for r in records)
   lines = [f"# Scaling law L(N, D): {results['data']}", "",
+           *([seeds_caption(results), ""] if seeds_caption(results) else []),
            f"Measured on the {measurement_caption(ev)}; {ev.get('chars_scored', 0):,} characters; "
            "every run is scored on the same windows. N counts every parameter (embeddings "
            f"included), D = steps x {results.get('tokens_per_step', '?'):,} tokens, C = 6ND. Each "
