@@ -72,3 +72,13 @@ def test_paired_comparisons_take_the_shared_seed_variation_out():
   vs_ngram = [p for p in paired if p["b"] == "KN 3-gram"]
   assert [p["a"] for p in vs_ngram] == ["d32", "d64"]
   assert vs_ngram[0]["mean"] == pytest.approx(np.mean(small) - 2.5)
+
+
+def test_reports_print_both_kinds_of_interval_and_iterate_only_measured_fields():
+  from llm_math import reports  # pylint: disable=g-import-not-at-top
+  rec = {"x": 1.0, "x_ci95": [0.9, 1.1], "y": 2.0, "ci95": {"y": [1.5, 2.5]}, "z": 3.0,
+         "per_seed": {"x": [0.95, 1.0, 1.05]}, "n_seeds": 3}
+  assert reports.pm(rec, "x", "+.2f") == "+1.00 ± 0.10"  # Over seeds: mean ± half-width.
+  assert reports.pm(rec, "y", ".1f") == "2.0 [1.5, 2.5]"  # A fit's bootstrap interval.
+  assert reports.pm(rec, "z", ".1f") == "3.0" and reports.pm(rec, "w", ".1f") == "-"
+  assert reports.fields(rec) == {"x": 1.0, "y": 2.0, "ci95": {"y": [1.5, 2.5]}, "z": 3.0}

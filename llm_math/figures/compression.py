@@ -21,6 +21,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from llm_math.figures import draw_each  # pylint: disable=g-import-not-at-top,wrong-import-position
 from llm_math.figures import save_figure  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llm_math.reports import fields  # pylint: disable=g-import-not-at-top,wrong-import-position
 from llm_math.reports import measurement_caption  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _REFERENCE_STYLES = {"floor": ("black", "-", "floor (true model)"),
@@ -95,7 +96,7 @@ def plot_svd(results: dict, path: str):
   axes[0].set_title("Perplexity vs rank (SVD truncation of every kernel)")
   axes[1].set_title("Perplexity vs the parameters the factors would take")
   ax = axes[2]
-  for p, s in svd["spectra"].items():
+  for p, s in fields(svd["spectra"]).items():
     s = np.asarray(s)
     shape = svd["matrix_shapes"][p]
     ax.plot(np.arange(1, len(s) + 1) / len(s), s / s[0], lw=1.2,

@@ -53,6 +53,13 @@ def pm(record: dict | None, key: str, spec: str, missing: str = "-") -> str:
   return format(value, spec)
 
 
+def fields(d: dict) -> dict:
+  """`d` without what a multi-seed aggregate adds beside its numbers (`<field>_ci95`, per_seed,
+  n_seeds): for iterating a dict keyed by names (references, matrices, timings)."""
+  return {k: v for k, v in d.items()
+          if not (k.endswith("_ci95") or k in ("per_seed", "n_seeds"))}
+
+
 def seeds_caption(results: dict) -> str | None:
   """How a multi-seed aggregate's intervals read, None for one seed."""
   if not results.get("n_seeds"):

@@ -3,6 +3,7 @@ every table and the sentences the numbers support."""
 
 import math
 
+from llm_math.reports import fields
 from llm_math.reports import fmt
 from llm_math.reports import markdown_table
 from llm_math.reports import pm
@@ -16,8 +17,8 @@ def _caption(ev: dict) -> str:
 
 
 def _references_line(what: str, refs: dict) -> str:
-  return f"{what}: " + ", ".join(f"{k} {v:.4f} nats (ppl {math.exp(v):.3f})"
-                                 for k, v in refs.items()) + "."
+  return f"{what}: " + ", ".join(f"{k} {pm(refs, k, '.4f')} nats (ppl {math.exp(v):.3f})"
+                                 for k, v in fields(refs).items()) + "."
 
 
 def _pct(r: dict) -> str:
@@ -177,5 +178,5 @@ def report(results: dict) -> str:
   if "distill" in results:
     lines += _distill_section(results["distill"])
   lines += ["", f"Wall time: {results['wall_time_s']:.0f} s (" + ", ".join(
-      f"{k} {v:.0f} s" for k, v in results["timings_s"].items()) + ")."]
+      f"{k} {v:.0f} s" for k, v in fields(results["timings_s"]).items()) + ")."]
   return "\n".join(lines) + "\n"
