@@ -182,6 +182,13 @@ def plot_gradient_variance(results, path):
               label=f"measured: {fresh['num_batches']} fresh mini-batches per B (+- 2 s.e.)")
   ax.loglog(b, np.exp(gv["intercept"]) * b ** gv["slope"], color="tab:blue", lw=1.2,
             label=f"least-squares fit: slope {pm(gv, 'slope', '.3f')} (95% interval)")
+  slope_ci = (gv.get("ci95") or {}).get("slope")
+  if slope_ci:  # Lines of the interval's slopes through the fit at the geometric-mean B.
+    pivot = float(np.exp(np.mean(np.log(b))))
+    at_pivot = np.exp(gv["intercept"]) * pivot ** gv["slope"]
+    lines_2xB = np.array([at_pivot * (b / pivot) ** k for k in slope_ci])
+    ax.fill_between(b, lines_2xB.min(0), lines_2xB.max(0), color="tab:blue", alpha=0.15, lw=0,
+                    label="slopes of its 95% interval, through the fit at the geometric-mean B")
   ax.loglog(b, pred, color="black", ls="--", lw=1.2,
             label=f"tr(Sigma) / B, slope -1 (tr from {gv['num_examples']} per-example gradients)")
   ax.loglog(b_rs, without, "s", color="tab:orange", ms=6, mfc="none",
