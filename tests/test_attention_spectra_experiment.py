@@ -366,6 +366,7 @@ def test_rerun_with_another_config_is_a_one_line_error(one_device):
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~1 min; the size sweep and batch-size 8-device runs cover the sharded path by default.
 def test_eight_devices_agree_with_one(one_device, tmp_path):
   # Rolling checkpoints only: the headline numbers do not read the log-spaced snapshots (their
   # restore onto other meshes is tested with the checkpoints), and 8 devices save them slowly.

@@ -317,6 +317,7 @@ def _assert_same_headline(a: dict, b: dict, rtol: float):
   helpers.assert_same_numbers(a, b, pct, rtol=0.0, atol=10 * rtol)
 
 
+@pytest.mark.slow  # ~40 s; the size sweep and batch-size 8-device runs cover the sharded path by default.
 def test_eight_devices_match_one_device(run, tmp_path):
   helpers.run_study("compression", tmp_path, TINY + ["--mesh=data:2,fsdp:2,tensor:2"], devices=8)
   _assert_same_headline(run[1], helpers.results(tmp_path), rtol=1e-4)

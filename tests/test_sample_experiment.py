@@ -230,6 +230,7 @@ train_lib.train(config, dataset, {workdir!r}, log=lambda _: None)
 """
 
 
+@pytest.mark.slow  # ~50 s: a 2-device training in a subprocess, then reading it on one.
 def test_a_run_trained_on_two_devices_is_read_on_one_and_nothing_is_moved(run_dir, tmp_path):
   """Training splits the CPU into one device per core by default; sample and embeddings read on one
   device. The checkpoint is restored into the reader's own layout, and the run's files stay as they

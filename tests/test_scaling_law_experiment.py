@@ -18,6 +18,8 @@ from llm_math.studies import perplexity
 from llm_math.studies import scaling_law
 from tests import helpers
 
+# One worker builds the module's grid once (pytest.ini: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("scaling_law")
 BUDGETS = [10, 20]  # Steps; the decay of 10 steps starts at 8, where its branch leaves the trunk.
 
 
