@@ -139,6 +139,6 @@ def report(results: dict) -> str:
   gradient variance law."""
   lines = (_protocol(results) + ([seeds_caption(results), ""] if seeds_caption(results) else [])
            + _notes(results) + _sweep_table(results) + _fit_and_regimes(results) + _variance(results)
-           + [f"{results['runs_total']} training runs, {results['examples_total']:,.0f} training "
-              f"sequences in all; {results['wall_time_s']:.0f} s wall."])
+           + [f"{pm(results, 'runs_total', '.0f')} training runs, {pm(results, 'examples_total', ',.0f')} training "
+              f"sequences in all; {pm(results, 'wall_time_s', '.0f')} s wall."])
   return "\n".join(lines) + "\n"
