@@ -345,10 +345,9 @@ def summarize_seeds(results: dict, per_seed: list[dict] | None = None) -> dict:
   of each seed's fitted S_min, E_min and B_crit. (The aggregate's `per_seed` lists suffice.)"""
   del per_seed
   n = results["n_seeds"]
-  points = [(row["batch_size"], s) for row in results["sweep"]
-            for s in seeds_lib.per_seed_values(row, "steps_to_target", n) or []
-            if _finite(s) and s > 0]
-  b, steps = [p[0] for p in points], [p[1] for p in points]
+  points = [r for r in seeds_lib.pooled(results["sweep"], "steps_to_target", n)
+            if _finite(r["steps_to_target"]) and r["steps_to_target"] > 0]
+  b, steps = [r["batch_size"] for r in points], [r["steps_to_target"] for r in points]
   fit = gn.tradeoff_record(b, steps, bootstrap=results["config"].get("fit_bootstrap", 0), seed=0)
   notes = fit_notes(results["sweep"], fit)  # The notes of each seed's own fit are in its results.
   if fit is not None:

@@ -305,9 +305,8 @@ def summarize_seeds(results: dict, per_seed: list[dict] | None = None) -> dict:
   `per_seed` lists suffice: `per_seed` results are not read.)"""
   del per_seed
   n = results["n_seeds"]
-  pooled = [{**r, "val_nll_nats": v}
-            for r in results["records"] if r["kind"] == "model"
-            for v in seeds_lib.per_seed_values(r, "val_nll_nats", n)]
+  pooled = seeds_lib.pooled([r for r in results["records"] if r["kind"] == "model"],
+                            "val_nll_nats", n)
   bootstrap = results["config"].get("fit_bootstrap", 0)
   fits = fit_scaling(pooled, bootstrap, seed=0)
   for fit in fits.values():

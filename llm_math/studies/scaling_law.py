@@ -283,8 +283,7 @@ def summarize_seeds(results: dict, per_seed: list[dict] | None = None) -> dict:
   of anything. (The aggregate's `per_seed` lists suffice.)"""
   del per_seed
   n = results["n_seeds"]
-  pooled = [{**r, "val_nll_nats": v} for r in results["records"]
-            for v in seeds_lib.per_seed_values(r, "val_nll_nats", n)]
+  pooled = seeds_lib.pooled(results["records"], "val_nll_nats", n)
   fit, optimal = fit_law(pooled, results["config"].get("fit_bootstrap", 0), seed=0)
   fit["points"] = f"{len(pooled)} points: each (N, D) run on each of {n} seeds"
   notes = fit_notes(results["records"], fit, optimal)

@@ -52,6 +52,12 @@ def per_seed_values(record: dict, key: str, n_seeds: int) -> list | None:
   return None if record.get(key) is None else [record[key]] * n_seeds
 
 
+def pooled(records: list[dict], key: str, n_seeds: int) -> list[dict]:
+  """One record per (record, seed) of an aggregate's `records`, with `key` at that seed's value
+  (`per_seed_values`; records without it are left out): the points a fit over every seed takes."""
+  return [{**r, key: v} for r in records for v in per_seed_values(r, key, n_seeds) or []]
+
+
 def aggregate(per_seed: list[dict], seeds: list[int]) -> dict:
   """One results dict from the results of each seed (same study, same config but the seed)."""
   if len(per_seed) != len(seeds) or not per_seed:
